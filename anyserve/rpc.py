@@ -1,0 +1,110 @@
+"""Names and byte-level helpers shared by every gRPC hop.
+
+anyserve forwards serialized KServe messages between hops without parsing them
+(DESIGN.md section 11). The method paths, metadata keys and the few helpers that
+build or inspect serialized messages directly live here, so the API server, the
+replica and the client agree on them.
+"""
+
+from __future__ import annotations
+
+# Triton's service name: tritonclient dials these paths.
+SERVICE = "inference.GRPCInferenceService"
+SERVER_LIVE = f"/{SERVICE}/ServerLive"
+SERVER_READY = f"/{SERVICE}/ServerReady"
+MODEL_READY = f"/{SERVICE}/ModelReady"
+SERVER_METADATA = f"/{SERVICE}/ServerMetadata"
+MODEL_METADATA = f"/{SERVICE}/ModelMetadata"
+MODEL_INFER = f"/{SERVICE}/ModelInfer"
+MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
+
+# Request metadata (gRPC keys are lower-case; HTTP headers use the same names).
+REQUEST_ID = "x-request-id"
+# Set by a replica that sends a request back through the API server.
+DELEGATED_FROM = "x-delegated-from"
+# Comma-separated replica ids a delegated request has already visited.
+VISITED = "x-anyserve-visited"
+# Capabilities on the current context.call chain ("type=chat>type=embed").
+CALL_CHAIN = "x-anyserve-call-chain"
+AUTHORIZATION = "authorization"
+
+# Response parameter naming the replica that served a request.
+SERVED_BY = "anyserve_served_by"
+# Parameter of an in-band stream error carrying its gRPC status code name.
+ERROR_CODE = "anyserve_error_code"
+
+# gRPC message size limit on every hop (requests carry tensors).
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def grpc_options(max_message: int = DEFAULT_MAX_MESSAGE) -> list[tuple[str, int]]:
+    """Channel/server options used on every anyserve hop."""
+    return [
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.max_receive_message_length", max_message),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def wrap_stream_response(infer_response: bytes) -> bytes:
+    """Serialized ``ModelStreamInferResponse{infer_response=<bytes>}`` built by
+    concatenation, without parsing the response (field 2, length-delimited)."""
+    return b"\x12" + _varint(len(infer_response)) + infer_response
+
+
+def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def peek_string_field(buf: bytes | memoryview, field: int) -> str:
+    """Read a top-level string field of a serialized message without parsing the
+    rest (used for ``model_name``, field 1, and ``id``, field 3, of a
+    ModelInferRequest). Returns "" when absent; raises ValueError when the bytes
+    are not a well-formed message.
+    """
+    pos = 0
+    end = len(buf)
+    found = ""
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 2:
+            length, pos = _read_varint(buf, pos)
+            if number == field:
+                found = bytes(buf[pos : pos + length]).decode("utf-8", "replace")
+            pos += length
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > end:
+            raise ValueError("truncated message")
+    return found
