@@ -1,0 +1,36 @@
+"""anyserve: capability-routed model serving in plain Python.
+
+The public API::
+
+    from anyserve import AnyServe, Context, Stream, ObjRef, Client
+
+    app = AnyServe()
+
+    @app.capability(type="chat", model="demo")
+    def chat(request, context):
+        return "hello"
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from anyserve import objects
+from anyserve.app import AnyServe
+from anyserve.capability import Capability
+from anyserve.context import Context, Stream, StreamClosed, call, current
+from anyserve.objects import ObjectStore, ObjRef
+
+__all__ = [
+    "AnyServe",
+    "Capability",
+    "Context",
+    "ObjRef",
+    "ObjectStore",
+    "Stream",
+    "StreamClosed",
+    "__version__",
+    "call",
+    "current",
+    "objects",
+]

@@ -108,3 +108,28 @@ def peek_string_field(buf: bytes | memoryview, field: int) -> str:
         if pos > end:
             raise ValueError("truncated message")
     return found
+
+
+def stream_error(message: str, code_name: str, request_id: str = "") -> bytes:
+    """Serialized in-band stream error: ``error_message`` plus the status code name
+    in ``infer_response.parameters[ERROR_CODE]`` (so an HTTP edge can pick a status)."""
+    from anyserve.proto import InferParameter, ModelInferResponse, ModelStreamInferResponse
+
+    response = ModelStreamInferResponse(
+        error_message=message,
+        infer_response=ModelInferResponse(
+            id=request_id, parameters={ERROR_CODE: InferParameter(string_param=code_name)}
+        ),
+    )
+    return response.SerializeToString()
+
+
+def forwardable(metadata: object) -> dict[str, str]:
+    """The request metadata that travels with a request to the next hop: every
+    ``x-*`` key (capability query, request id, hop list, call chain). grpc
+    internals, binary (``-bin``) values and credentials stay behind."""
+    out: dict[str, str] = {}
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key.startswith("x-") and not key.endswith("-bin") and isinstance(value, str):
+            out[key] = value
+    return out

@@ -1,0 +1,154 @@
+"""The dispatcher: from an incoming request to the worker that runs it.
+
+It decides which handler serves a request (capability query from metadata, else
+the model name; the endpoint decides the kind, DESIGN.md section 9), picks the
+least busy worker of that handler, and relays frames. Payloads stay serialized:
+the dispatcher never parses a request or a response.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+from anyserve import rpc
+from anyserve.app import HandlerInfo
+from anyserve.capability import Capability, query_from_headers
+from anyserve.errors import InvalidArgument, NotFound, from_code_name
+from anyserve.replica.manager import Manager
+
+log = logging.getLogger("anyserve.dispatcher")
+
+
+class Delegator(Protocol):
+    """Sends a request this replica cannot serve back through the API server."""
+
+    def allowed(self, metadata: Mapping[str, str]) -> bool: ...
+
+    async def unary(self, payload: bytes, metadata: Mapping[str, str], timeout: float) -> bytes: ...
+
+    def stream(
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float
+    ) -> AsyncIterator[bytes]: ...
+
+
+class Dispatcher:
+    """Routes calls to handlers and their workers."""
+
+    def __init__(
+        self, handlers: list[HandlerInfo], manager: Manager, delegator: Delegator | None = None
+    ) -> None:
+        self.handlers = handlers
+        self.manager = manager
+        self.delegator = delegator
+
+    # -- resolution ------------------------------------------------------------
+
+    def resolve(self, query: Mapping[str, str], model_name: str, *, stream: bool) -> HandlerInfo:
+        """The handler for a request, or NotFound saying why there is none.
+
+        Capability headers win over the model name. Stream requests prefer
+        stream handlers and fall back to unary ones; a unary request that only
+        a stream handler matches is told to use the streaming endpoint.
+        """
+        if query:
+            scored = [(h.capability.extra_keys(query), h) for h in self.handlers if h.capability.matches(query)]
+            wanted = str(Capability(query))
+        elif model_name:
+            # A closer name match (model over type) scores lower.
+            scored = []
+            for h in self.handlers:
+                rank = h.capability.serves_name(model_name)
+                if rank:
+                    scored.append(((2 - rank) * 100 + len(h.capability), h))
+            wanted = f"model {model_name!r}"
+        else:
+            raise InvalidArgument("no capability metadata (x-capability-*) and no model_name")
+        if not scored:
+            raise NotFound(f"no handler for {wanted} on this replica")
+        kinds = [True, False] if stream else [False]
+        for kind in kinds:
+            of_kind = [(score, h) for score, h in scored if h.stream is kind]
+            if of_kind:
+                return min(of_kind, key=lambda item: item[0])[1]
+        raise NotFound(
+            f"{wanted} is served by a streaming handler; use ModelStreamInfer or /infer/stream"
+        )
+
+    def _route(self, payload: bytes, metadata: Mapping[str, str], *, stream: bool) -> HandlerInfo:
+        query = query_from_headers(metadata.items())
+        model_name = ""
+        if not query:
+            try:
+                model_name = rpc.peek_string_field(payload, 1)
+            except ValueError as exc:
+                raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+        return self.resolve(query, model_name, stream=stream)
+
+    # -- calls -----------------------------------------------------------------
+
+    async def unary(self, payload: bytes, metadata: Mapping[str, str], timeout: float) -> bytes:
+        """Run a unary call; returns the serialized ModelInferResponse.
+
+        Raises the anyserve error the worker (or delegation) answered with.
+        """
+        try:
+            handler = self._route(payload, metadata, stream=False)
+        except NotFound:
+            if self.delegator is not None and self.delegator.allowed(metadata):
+                return await self.delegator.unary(payload, metadata, timeout)
+            raise
+        slot = await self.manager.acquire(handler.name)
+        call_id, sink = slot.open_call(payload, stream=False, metadata=metadata, timeout=timeout)
+        done = False
+        try:
+            await slot.drain_writer()
+            header, body = await sink.next()
+            done = True
+            if header.WhichOneof("kind") == "error":
+                raise from_code_name(header.error.code, header.error.message)
+            return body
+        finally:
+            slot.close_call(call_id, cancel=not done)
+
+    async def stream(
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float
+    ) -> AsyncIterator[bytes]:
+        """Run a streaming call; yields serialized ModelStreamInferResponse messages.
+
+        Leaving the iteration early (the client went away) cancels the handler.
+        Raises the anyserve error that ended the call.
+        """
+        try:
+            handler = self._route(payload, metadata, stream=True)
+        except NotFound:
+            if self.delegator is not None and self.delegator.allowed(metadata):
+                async for chunk in self.delegator.stream(payload, metadata, timeout):
+                    yield chunk
+                return
+            raise
+        slot = await self.manager.acquire(handler.name)
+        call_id, sink = slot.open_call(
+            payload, stream=handler.stream, metadata=metadata, timeout=timeout
+        )
+        done = False
+        try:
+            await slot.drain_writer()
+            while True:
+                header, body = await sink.next()
+                kind = header.WhichOneof("kind")
+                if kind == "chunk":
+                    yield body
+                elif kind == "end":
+                    done = True
+                    if not handler.stream:
+                        # A unary handler served on the streaming endpoint.
+                        yield rpc.wrap_stream_response(body)
+                    return
+                elif kind == "error":
+                    done = True
+                    raise from_code_name(header.error.code, header.error.message)
+        finally:
+            slot.close_call(call_id, cancel=not done)
+

@@ -1,0 +1,493 @@
+"""Worker processes: starting, supervising, draining and stopping them.
+
+The manager owns every worker process of a replica. Each handler has one or
+more *slots*; a slot keeps one worker process alive (restarting it with
+exponential backoff after a crash) until it is stopped. A slot whose worker
+crash-loops (``CRASH_LIMIT`` crashes in ``CRASH_WINDOW`` seconds) is marked
+failed and left alone until it is started again by command.
+
+Dispatcher and worker talk over a Unix socketpair created per process and
+inherited by the child (no socket files, so nothing to clean up and nothing
+another user could connect to). A worker that dies fails its in-flight calls at
+once with UNAVAILABLE naming its exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import anyio
+
+from anyserve import wire
+from anyserve._proto import worker_pb2 as wpb
+from anyserve.app import HandlerInfo
+from anyserve.errors import AnyServeError, NotFound, Overloaded, Unavailable
+
+log = logging.getLogger("anyserve.manager")
+
+CRASH_LIMIT = 5
+CRASH_WINDOW = 60.0
+BACKOFF_START = 0.1
+BACKOFF_MAX = 5.0
+
+
+class State(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class WorkerConfig:
+    """How to start workers (shared by every slot of a replica)."""
+
+    app: str
+    app_dir: str | None = None
+    replica_id: str = ""
+    object_store: str | None = None
+    api_server: str | None = None
+    max_frame: int = wire.DEFAULT_MAX_FRAME
+    start_timeout: float = 120.0
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class CallSink:
+    """Frames of one call, from the connection reader to the waiting dispatcher."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[wpb.Header, bytes] | AnyServeError] = asyncio.Queue()
+
+    async def next(self) -> tuple[wpb.Header, bytes]:
+        """The next frame; raises the error that ended the call instead."""
+        item = await self.queue.get()
+        if isinstance(item, AnyServeError):
+            raise item
+        return item
+
+
+class Slot:
+    """One worker process position of a handler, kept alive by the supervisor."""
+
+    def __init__(self, worker_id: str, handler: HandlerInfo) -> None:
+        self.id = worker_id
+        self.handler = handler
+        self.state = State.STOPPED
+        self.pid: int | None = None
+        self.inflight = 0
+        self.restarts = 0
+        self.last_exit: str = ""
+        self.failure: str = ""
+        self.wanted = False
+        # Set while the slot is READY, FAILED or STOPPED: waiters re-check state.
+        self.ready = asyncio.Event()
+        self.ready.set()
+        # Set once the supervisor has let go of the slot (stopped or failed).
+        self.stopped = asyncio.Event()
+        self.stopped.set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.crashes: deque[float] = deque()
+        self._writer: asyncio.StreamWriter | None = None
+        self._calls: dict[int, CallSink] = {}
+        self._next_call = 1
+        self._stop_requested = asyncio.Event()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able row for /registry and ``anyserve workers list``."""
+        return {
+            "id": self.id,
+            "handler": self.handler.name,
+            "capability": self.handler.capability.to_dict(),
+            "pid": self.pid,
+            "state": self.state.value,
+            "inflight": self.inflight,
+            "restarts": self.restarts,
+            "error": self.failure or None,
+        }
+
+    # -- calls -------------------------------------------------------------
+
+    def open_call(
+        self, payload: bytes, *, stream: bool, metadata: Mapping[str, str], timeout: float
+    ) -> tuple[int, CallSink]:
+        """Send a Call frame; raises Unavailable when the worker is not ready."""
+        writer = self._writer
+        if writer is None or self.state is not State.READY:
+            raise Unavailable(f"worker {self.id} is {self.state.value}")
+        call_id = self._next_call
+        self._next_call += 1
+        sink = CallSink()
+        self._calls[call_id] = sink
+        self.inflight += 1
+        self.idle.clear()
+        call = wpb.Call(stream=stream, timeout=timeout, metadata=metadata)
+        wire.write_frame(writer, wpb.Header(call_id=call_id, call=call), payload)
+        return call_id, sink
+
+    async def drain_writer(self) -> None:
+        """Wait while the socket buffer to the worker is full (backpressure)."""
+        writer = self._writer
+        if writer is not None:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+
+    def close_call(self, call_id: int, *, cancel: bool) -> None:
+        """Forget a call; tell the worker to cancel it when it has not finished."""
+        if self._calls.pop(call_id, None) is None:
+            return
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+        writer = self._writer
+        if cancel and writer is not None and not writer.is_closing():
+            wire.write_frame(writer, wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
+
+    def _fail_calls(self, error: AnyServeError) -> None:
+        for sink in self._calls.values():
+            sink.queue.put_nowait(error)
+
+    async def _read_loop(self, reader: asyncio.StreamReader, max_frame: int) -> None:
+        while True:
+            header, payload = await wire.read_frame(reader, max_frame)
+            sink = self._calls.get(header.call_id)
+            if sink is not None:
+                sink.queue.put_nowait((header, payload))
+
+
+class Manager:
+    """Starts, supervises and stops the worker processes of one replica.
+
+    Use inside a task group: ``await tg.start(manager.run)``; cancel the group to
+    stop every worker. ``on_change`` is called (synchronously) whenever a
+    worker's state changes, so registration can follow.
+    """
+
+    def __init__(
+        self,
+        handlers: list[HandlerInfo],
+        config: WorkerConfig,
+        *,
+        resources: Mapping[str, float] | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.handlers = {h.name: h for h in handlers}
+        self.config = config
+        self.resources = dict(resources or {})
+        self.on_change = on_change or (lambda: None)
+        self.slots: dict[str, list[Slot]] = {h.name: [] for h in handlers}
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the preloaded handlers' workers, report started once they are
+        ready (or failed), then supervise until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            preload = [h for h in self.handlers.values() if h.preload and h.workers > 0]
+            for handler in preload:
+                self.start_handler(handler.name)
+            for handler in preload:
+                for slot in self.slots[handler.name]:
+                    while slot.state is State.STARTING:
+                        await slot.ready.wait()
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def start_handler(self, name: str, count: int | None = None) -> list[Slot]:
+        """Start ``count`` more workers for handler ``name`` (default: its
+        ``workers``, at least one) and return their slots; failed slots are
+        restarted. Raises NotFound for an unknown handler."""
+        handler = self._handler(name)
+        assert self._tg is not None, "Manager.run() is not running"
+        slots = self.slots[name]
+        started: list[Slot] = []
+        for slot in slots:
+            if not slot.wanted:
+                started.append(slot)
+        want = count if count is not None else max(handler.workers, 1)
+        while len(started) < want:
+            slot = Slot(f"{name}-{len(slots)}", handler)
+            slots.append(slot)
+            started.append(slot)
+        for slot in started[:want]:
+            slot.wanted = True
+            slot.failure = ""
+            slot.crashes.clear()
+            slot.state = State.STARTING
+            slot.ready.clear()
+            slot.stopped.clear()
+            slot._stop_requested = asyncio.Event()
+            self._tg.start_soon(self._supervise, slot, name=f"supervise {slot.id}")
+        self.on_change()
+        return started[:want]
+
+    async def stop_worker(self, worker_id: str, *, drain: bool = True) -> Slot:
+        """Stop one worker: it takes no new calls, in-flight calls finish (up to
+        the drain timeout when ``drain``), then the process exits."""
+        slot = self.slot(worker_id)
+        if not slot.wanted:
+            return slot
+        slot.wanted = False
+        if slot.state is State.READY:
+            slot.state = State.DRAINING
+        self.on_change()
+        if drain:
+            with anyio.move_on_after(self.config.drain_timeout):
+                await slot.idle.wait()
+        slot._stop_requested.set()
+        await slot.stopped.wait()
+        return slot
+
+    async def stop_handler(self, name: str, *, drain: bool = True) -> None:
+        """Stop every worker of a handler (concurrently)."""
+        async with anyio.create_task_group() as tg:
+            for slot in self.slots[self._handler(name).name]:
+                tg.start_soon(lambda s=slot: self.stop_worker(s.id, drain=drain))
+
+    def slot(self, worker_id: str) -> Slot:
+        for slots in self.slots.values():
+            for slot in slots:
+                if slot.id == worker_id:
+                    return slot
+        raise NotFound(f"no worker {worker_id!r} on this replica")
+
+    def _handler(self, name: str) -> HandlerInfo:
+        try:
+            return self.handlers[name]
+        except KeyError:
+            raise NotFound(f"no handler {name!r}; this replica has {sorted(self.handlers)}") from None
+
+    # -- choosing a worker ----------------------------------------------------
+
+    def pick(self, name: str) -> Slot | None:
+        """The least busy ready worker of a handler, or None."""
+        best: Slot | None = None
+        for slot in self.slots.get(name, ()):
+            if slot.state is State.READY and (best is None or slot.inflight < best.inflight):
+                best = slot
+        return best
+
+    async def acquire(self, name: str) -> Slot:
+        """A ready worker for handler ``name``, waiting for one that is starting.
+
+        Raises Unavailable when every worker of the handler failed or none is
+        running, and Overloaded when all ready workers are at max_concurrency
+        × 4 in flight (a bounded queue).
+        """
+        while True:
+            slot = self.pick(name)
+            if slot is not None:
+                limit = slot.handler.max_concurrency * 4
+                if slot.inflight >= limit:
+                    raise Overloaded(f"handler {name} has {slot.inflight} calls queued", 1.0)
+                return slot
+            starting = [s for s in self.slots.get(name, ()) if s.wanted and s.state is not State.FAILED]
+            if not starting:
+                failed = [s for s in self.slots.get(name, ()) if s.state is State.FAILED]
+                if failed:
+                    raise Unavailable(f"handler {name} failed: {failed[0].failure}")
+                raise Unavailable(f"handler {name} has no running worker")
+            await _wait_any([s.ready for s in starting])
+
+    # -- supervision ---------------------------------------------------------
+
+    def _command(self, slot: Slot, fd: int) -> list[str]:
+        cfg = self.config
+        cmd = [
+            sys.executable,
+            "-m",
+            "anyserve.replica.worker",
+            "--app",
+            cfg.app,
+            "--handler",
+            slot.handler.name,
+            "--fd",
+            str(fd),
+            "--worker-id",
+            slot.id,
+            "--replica-id",
+            cfg.replica_id,
+            "--max-frame",
+            str(cfg.max_frame),
+            "--log-level",
+            cfg.log_level,
+        ]
+        if cfg.app_dir:
+            cmd += ["--app-dir", cfg.app_dir]
+        if cfg.object_store:
+            cmd += ["--object-store", cfg.object_store]
+        if cfg.api_server:
+            cmd += ["--api-server", cfg.api_server]
+        return cmd
+
+    async def _supervise(self, slot: Slot) -> None:
+        backoff = BACKOFF_START
+        try:
+            while slot.wanted:
+                started = time.monotonic()
+                reason = await self._run_once(slot)
+                if not slot.wanted:
+                    break
+                # A crash: fail fast if it keeps happening, else back off and restart.
+                now = time.monotonic()
+                slot.crashes.append(now)
+                while slot.crashes and now - slot.crashes[0] > CRASH_WINDOW:
+                    slot.crashes.popleft()
+                if len(slot.crashes) >= CRASH_LIMIT:
+                    slot.state = State.FAILED
+                    slot.wanted = False
+                    slot.failure = f"crashed {len(slot.crashes)} times in {CRASH_WINDOW:.0f}s; last: {reason}"
+                    log.error("worker %s marked failed: %s", slot.id, slot.failure)
+                    slot.ready.set()
+                    self.on_change()
+                    return
+                if now - started > 10 * BACKOFF_MAX:
+                    backoff = BACKOFF_START
+                log.warning("worker %s %s; restarting in %.1fs", slot.id, reason, backoff)
+                slot.state = State.STARTING
+                slot.ready.clear()
+                slot.restarts += 1
+                self.on_change()
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        finally:
+            if slot.state is not State.FAILED:
+                slot.state = State.STOPPED
+            slot.pid = None
+            slot.ready.set()
+            slot.stopped.set()
+            self.on_change()
+
+    async def _run_once(self, slot: Slot) -> str:
+        """Run one worker process until it exits; return why it ended."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._command(slot, child.fileno()),
+                pass_fds=(child.fileno(),),
+                env={**os.environ, **self.config.env},
+            )
+        finally:
+            child.close()
+        slot.pid = proc.pid
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
+        reason = "stopped"
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_stop() -> None:
+                    await slot._stop_requested.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_stop)
+                try:
+                    with anyio.fail_after(self.config.start_timeout):
+                        header, _ = await wire.read_frame(reader, self.config.max_frame)
+                    if header.WhichOneof("kind") != "hello":
+                        raise wire.ConnectionClosed("worker did not say hello")
+                    slot._writer = writer
+                    slot.state = State.READY
+                    slot.ready.set()
+                    log.info("worker %s (pid %d) ready for %s", slot.id, proc.pid, slot.handler.name)
+                    self.on_change()
+                    await slot._read_loop(reader, self.config.max_frame)
+                except TimeoutError:
+                    reason = f"did not start within {self.config.start_timeout:.0f}s"
+                except (wire.ConnectionClosed, AnyServeError):
+                    pass
+                tg.cancel_scope.cancel()
+        finally:
+            slot._writer = None
+            if slot.state is State.READY:
+                slot.state = State.DRAINING
+                slot.ready.clear()
+            writer.close()
+            with anyio.CancelScope(shield=True):
+                code = await _reap(proc)
+            if reason == "stopped" and slot.wanted:
+                reason = _exit_text(code)
+            slot.last_exit = _exit_text(code)
+            slot._fail_calls(
+                Unavailable(f"worker {slot.id} (pid {proc.pid}) {_exit_text(code)}")
+            )
+            slot._calls.clear()
+            slot.inflight = 0
+            slot.idle.set()
+        return reason
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "exited"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+async def _reap(proc: asyncio.subprocess.Process, grace: float = 5.0) -> int | None:
+    """Wait for the process; terminate, then kill it if it lingers."""
+    for action in (None, proc.terminate, proc.kill):
+        if action is not None:
+            with contextlib.suppress(ProcessLookupError):
+                action()
+        with anyio.move_on_after(grace):
+            return await proc.wait()
+    return proc.returncode
+
+
+async def _wait_any(events: list[asyncio.Event]) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def describe_app(app: str, app_dir: str | None = None, timeout: float = 120.0) -> tuple[str, list[HandlerInfo]]:
+    """Import the app in a throwaway worker process and return its handlers.
+
+    Raises RuntimeError with the import error when the app cannot be loaded.
+    """
+    cmd = [sys.executable, "-m", "anyserve.replica.worker", "--describe", "--app", app]
+    if app_dir:
+        cmd += ["--app-dir", app_dir]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        with anyio.fail_after(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(f"cannot load app {app!r}:\n" + "\n".join(tail))
+    data = json.loads(out)
+    return str(data["name"]), [HandlerInfo.from_dict(h) for h in data["handlers"]]

@@ -1,0 +1,265 @@
+"""The worker process: imports the user's app and runs one handler's calls.
+
+Started by the replica's manager as ``python -m anyserve.replica.worker`` (a
+fresh interpreter, never a fork of the gRPC-holding replica). It inherits one end
+of a Unix socketpair from the manager, says Hello on it, then serves Call frames
+concurrently until the connection closes — so a worker never outlives its replica.
+
+``--describe`` instead prints the app's handlers as JSON and exits: the replica
+learns what to route without importing user code into its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from anyserve import codec, rpc, wire
+from anyserve._proto import worker_pb2 as wpb
+from anyserve.app import Handler, load_app
+from anyserve.context import Caller, Context, StreamClosed
+from anyserve.errors import AnyServeError, InvalidArgument
+from anyserve.objects import ObjectStore
+from anyserve.proto import InferParameter, ModelInferRequest
+
+log = logging.getLogger("anyserve.worker")
+
+# Exit code when the app cannot be imported or the handler is unknown.
+EXIT_BAD_APP = 3
+
+
+@dataclass
+class _Call:
+    context: Context
+    scope: anyio.CancelScope
+
+
+class WorkerServer:
+    """Serves one handler's calls arriving on one dispatcher connection."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        replica_id: str = "",
+        store: ObjectStore | None = None,
+        caller: Caller | None = None,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.handler = handler
+        self.reader = reader
+        self.writer = writer
+        self.replica_id = replica_id
+        self.store = store
+        self.caller = caller
+        self.max_frame = max_frame
+        self.limiter = anyio.CapacityLimiter(handler.info.max_concurrency)
+        self.calls: dict[int, _Call] = {}
+        self._served_by = InferParameter(string_param=replica_id)
+
+    async def serve(self) -> None:
+        """Read frames until the dispatcher closes the connection."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    header, payload = await wire.read_frame(self.reader, self.max_frame)
+                except wire.ConnectionClosed:
+                    break
+                kind = header.WhichOneof("kind")
+                if kind == "call":
+                    tg.start_soon(self._run, header.call_id, header.call, payload)
+                elif kind == "cancel":
+                    self._cancel(header.call_id)
+                else:
+                    log.warning("ignoring unexpected %s frame from the dispatcher", kind)
+            # The replica is gone: nobody can receive results any more.
+            tg.cancel_scope.cancel()
+
+    def _cancel(self, call_id: int) -> None:
+        call = self.calls.get(call_id)
+        if call is not None:
+            # The flag makes a sync handler's next stream.send() raise; the
+            # scope cancels an async handler at its next await.
+            call.context.cancelled = True
+            call.scope.cancel()
+
+    def _send(self, header: wpb.Header, payload: bytes = b"") -> None:
+        wire.write_frame(self.writer, header, payload)
+
+    async def _run(self, call_id: int, call: wpb.Call, payload: bytes) -> None:
+        info = self.handler.info
+        try:
+            request = ModelInferRequest.FromString(payload)
+        except Exception as exc:  # protobuf raises DecodeError, a plain Exception
+            self._error(call_id, InvalidArgument(f"malformed ModelInferRequest: {exc}"))
+            return
+        metadata = dict(call.metadata)
+        context = Context(
+            request_id=metadata.get(rpc.REQUEST_ID) or request.id,
+            metadata=metadata,
+            capability=info.capability,
+            limiter=self.limiter,
+            is_sync=self.handler.is_sync,
+            timeout=call.timeout,
+            store=self.store,
+            caller=self.caller,
+            replica_id=self.replica_id,
+        )
+        raw = len(request.raw_input_contents) > 0
+        results: list[Any] = []
+        first = True
+
+        async def emit_stream(chunk: Any) -> None:
+            nonlocal first
+            if context.cancelled:
+                raise StreamClosed("the caller has gone")
+            response = codec.to_stream_response(chunk, request)
+            if response.HasField("infer_response"):
+                if raw:
+                    codec.use_raw_outputs(response.infer_response)
+                if first and self.replica_id:
+                    response.infer_response.parameters[rpc.SERVED_BY].CopyFrom(self._served_by)
+                first = False
+            self._send(wpb.Header(call_id=call_id, chunk=wpb.Chunk()), response.SerializeToString())
+            await self.writer.drain()
+
+        async def emit_unary(value: Any) -> None:
+            if results:
+                raise RuntimeError("a unary handler must produce exactly one response")
+            results.append(value)
+
+        emit = emit_stream if call.stream else emit_unary
+        scope = anyio.CancelScope()
+        self.calls[call_id] = _Call(context, scope)
+        tokens = context.bind()
+        try:
+            with scope:
+                await self.handler.run(request, context, emit)
+            if scope.cancelled_caught:
+                return  # the dispatcher already answered the caller
+            if call.stream:
+                self._send(wpb.Header(call_id=call_id, end=wpb.End()))
+            else:
+                if not results:
+                    raise RuntimeError("the handler produced no response")
+                response = codec.to_infer_response(results[0], request)
+                if raw:
+                    codec.use_raw_outputs(response)
+                if self.replica_id:
+                    response.parameters[rpc.SERVED_BY].CopyFrom(self._served_by)
+                self._send(wpb.Header(call_id=call_id, end=wpb.End()), response.SerializeToString())
+            await self.writer.drain()
+        except StreamClosed:
+            pass
+        except AnyServeError as exc:
+            self._error(call_id, exc)
+        except Exception as exc:
+            log.warning(
+                "handler %s raised on request %s:\n%s",
+                info.name,
+                context.request_id,
+                "".join(traceback.format_exception(exc)),
+            )
+            self._error(call_id, AnyServeError(_describe(exc)))
+        finally:
+            Context.unbind(tokens)
+            del self.calls[call_id]
+
+    def _error(self, call_id: int, exc: AnyServeError) -> None:
+        error = wpb.Error(code=exc.grpc_code.name, message=exc.message)
+        self._send(wpb.Header(call_id=call_id, error=error))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _serve(args: argparse.Namespace, handler: Handler) -> None:
+    store = ObjectStore(args.object_store) if args.object_store else None
+    caller: Caller | None = None
+    if args.api_server:
+        from anyserve.calls import ApiCaller
+
+        caller = ApiCaller(args.api_server, token=os.environ.get("ANYSERVE_TOKEN"))
+    sock = socket.socket(fileno=args.fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
+    hello = wpb.Hello(worker_id=args.worker_id, pid=os.getpid(), handler=handler.info.name)
+    wire.write_frame(writer, wpb.Header(hello=hello))
+    await writer.drain()
+    server = WorkerServer(
+        handler,
+        reader,
+        writer,
+        replica_id=args.replica_id,
+        store=store,
+        caller=caller,
+        max_frame=args.max_frame,
+    )
+    try:
+        await server.serve()
+    finally:
+        writer.close()
+        if caller is not None:
+            await caller.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m anyserve.replica.worker``."""
+    parser = argparse.ArgumentParser(prog="anyserve.replica.worker")
+    parser.add_argument("--app", required=True)
+    parser.add_argument("--app-dir", default=None)
+    parser.add_argument("--describe", action="store_true")
+    parser.add_argument("--handler")
+    parser.add_argument("--fd", type=int, help="inherited Unix socket to the dispatcher")
+    parser.add_argument("--worker-id", default="")
+    parser.add_argument("--replica-id", default="")
+    parser.add_argument("--object-store", default=None)
+    parser.add_argument("--api-server", default=None)
+    parser.add_argument("--max-frame", type=int, default=wire.DEFAULT_MAX_FRAME)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s worker {args.worker_id or '-'} %(name)s: %(message)s",
+    )
+    # Ctrl-C in a terminal reaches the whole process group; the replica decides
+    # when workers stop (after draining), so the worker ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        app = load_app(args.app, args.app_dir)
+        handler = None if args.describe else app.handler(args.handler)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(EXIT_BAD_APP)
+    if handler is None:
+        json.dump({"name": app.name, "handlers": app.describe()}, sys.stdout)
+        sys.stdout.flush()
+        return
+    anyio.run(_serve, args, handler, backend_options=event_loop_options())
+
+
+def event_loop_options() -> dict[str, Any]:
+    """anyio backend options: uvloop when it is installed (the ``fast`` extra)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Length-prefixed frames between the dispatcher and a worker (Unix socket).
+
+A frame is ``u32 header_len | u32 payload_len | Header | payload`` (big-endian
+lengths). The header is a small ``anyserve.worker.Header`` protobuf; the payload
+is opaque bytes (a serialized KServe message) and is never parsed here, so large
+tensors cross the socket with no re-encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from anyserve._proto import worker_pb2 as wpb
+from anyserve.errors import PayloadTooLarge
+
+PREFIX = struct.Struct(">II")
+# Default ceiling on header + payload; matches the gRPC message limit.
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+# Headers are tiny; a large one means a corrupt or hostile stream.
+MAX_HEADER = 1024 * 1024
+
+Header = wpb.Header
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the socket (cleanly or by dying)."""
+
+
+async def read_frame(
+    reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME
+) -> tuple[wpb.Header, bytes]:
+    """Read one frame. Raises ConnectionClosed at end of stream and
+    PayloadTooLarge when the announced size is over ``max_frame``."""
+    try:
+        prefix = await reader.readexactly(PREFIX.size)
+        header_len, payload_len = PREFIX.unpack(prefix)
+        if header_len > MAX_HEADER or header_len + payload_len > max_frame:
+            raise PayloadTooLarge(
+                f"frame of {header_len + payload_len} bytes is over the {max_frame}-byte limit"
+            )
+        header = wpb.Header.FromString(await reader.readexactly(header_len))
+        payload = await reader.readexactly(payload_len) if payload_len else b""
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        raise ConnectionClosed(str(exc) or "connection closed") from None
+    return header, payload
+
+
+def encode_frame(header: wpb.Header, payload: bytes = b"") -> list[bytes]:
+    """The byte pieces of one frame, for ``StreamWriter.writelines``."""
+    head = header.SerializeToString()
+    return [PREFIX.pack(len(head), len(payload)), head, payload]
+
+
+def write_frame(writer: asyncio.StreamWriter, header: wpb.Header, payload: bytes = b"") -> None:
+    """Queue one frame on ``writer`` (call ``await writer.drain()`` for backpressure).
+
+    The pieces go in one ``writelines`` call with no await in between, so frames
+    written by concurrent tasks never interleave.
+    """
+    writer.writelines(encode_frame(header, payload))
