@@ -15,7 +15,7 @@ from typing import Protocol
 from anyserve import rpc
 from anyserve.app import HandlerInfo
 from anyserve.capability import Capability, query_from_headers
-from anyserve.errors import InvalidArgument, NotFound, from_code_name
+from anyserve.errors import InvalidArgument, NotFound, Overloaded, from_code_name
 from anyserve.replica.manager import Manager
 
 log = logging.getLogger("anyserve.dispatcher")
@@ -95,11 +95,13 @@ class Dispatcher:
         """
         try:
             handler = self._route(payload, metadata, stream=False)
-        except NotFound:
+            slot = await self.manager.acquire(handler.name)
+        except (NotFound, Overloaded):
+            # Nothing here can serve it (no handler, stopped, or no room to
+            # start it): hand it back to the API server for another replica.
             if self.delegator is not None and self.delegator.allowed(metadata):
                 return await self.delegator.unary(payload, metadata, timeout)
             raise
-        slot = await self.manager.acquire(handler.name)
         call_id, sink = slot.open_call(payload, stream=False, metadata=metadata, timeout=timeout)
         done = False
         try:
@@ -122,13 +124,13 @@ class Dispatcher:
         """
         try:
             handler = self._route(payload, metadata, stream=True)
-        except NotFound:
+            slot = await self.manager.acquire(handler.name)
+        except (NotFound, Overloaded):
             if self.delegator is not None and self.delegator.allowed(metadata):
                 async for chunk in self.delegator.stream(payload, metadata, timeout):
                     yield chunk
                 return
             raise
-        slot = await self.manager.acquire(handler.name)
         call_id, sink = slot.open_call(
             payload, stream=handler.stream, metadata=metadata, timeout=timeout
         )

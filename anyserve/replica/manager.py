@@ -25,6 +25,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -194,7 +195,10 @@ class Manager:
         self.resources = dict(resources or {})
         self.on_change = on_change or (lambda: None)
         self.slots: dict[str, list[Slot]] = {h.name: [] for h in handlers}
+        # Handlers stopped by command: not started on demand until started again.
+        self.disabled: set[str] = set()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._load_lock = anyio.Lock()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -203,9 +207,20 @@ class Manager:
         ready (or failed), then supervise until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            preload = [h for h in self.handlers.values() if h.preload and h.workers > 0]
-            for handler in preload:
-                self.start_handler(handler.name)
+            preload = []
+            for handler in self.handlers.values():
+                if not handler.preload or handler.workers == 0:
+                    continue
+                if self.fits(handler, count=handler.workers):
+                    self.start_handler(handler.name)
+                    preload.append(handler)
+                else:
+                    log.warning(
+                        "not preloading %s: it needs %s per worker and the replica has %s free",
+                        handler.name,
+                        dict(handler.resources),
+                        self.free(),
+                    )
             for handler in preload:
                 for slot in self.slots[handler.name]:
                     while slot.state is State.STARTING:
@@ -213,12 +228,85 @@ class Manager:
             task_status.started()
             await anyio.sleep_forever()
 
+    # -- resources -------------------------------------------------------------
+
+    def _used(self, exclude: AbstractSet[str] = frozenset()) -> dict[str, float]:
+        used: dict[str, float] = {}
+        for slots in self.slots.values():
+            for slot in slots:
+                if slot.wanted and slot.id not in exclude:
+                    for key, amount in slot.handler.resources.items():
+                        used[key] = used.get(key, 0.0) + amount
+        return used
+
+    def free(self) -> dict[str, float]:
+        """What the replica's declared ``--resources`` have left."""
+        used = self._used()
+        return {key: total - used.get(key, 0.0) for key, total in self.resources.items()}
+
+    def fits(
+        self, handler: HandlerInfo, count: int = 1, exclude: AbstractSet[str] = frozenset()
+    ) -> bool:
+        """Whether ``count`` more workers of ``handler`` fit in the declared
+        resources (a replica that declares none has no limit)."""
+        if not self.resources or not handler.resources:
+            return True
+        used = self._used(exclude)
+        return all(
+            used.get(key, 0.0) + need * count <= self.resources.get(key, 0.0) + 1e-9
+            for key, need in handler.resources.items()
+        )
+
+    def _idle_victims(self, handler: HandlerInfo) -> list[Slot] | None:
+        """Idle workers of other handlers whose stopping makes room, or None."""
+        chosen: set[str] = set()
+        victims: list[Slot] = []
+        for name, slots in self.slots.items():
+            if name == handler.name:
+                continue
+            for slot in slots:
+                if self.fits(handler, exclude=chosen):
+                    return victims
+                overlaps = any(k in handler.resources for k in slot.handler.resources)
+                if slot.state is State.READY and slot.inflight == 0 and overlaps:
+                    chosen.add(slot.id)
+                    victims.append(slot)
+        return victims if self.fits(handler, exclude=chosen) else None
+
+    async def load(self, name: str) -> None:
+        """Start a handler's workers on demand, stopping idle workers of other
+        handlers when resources are short ("switching" capability).
+
+        Raises Overloaded (retry later) when it does not fit and no idle worker
+        can make room, NotFound for a handler stopped by command.
+        """
+        handler = self._handler(name)
+        async with self._load_lock:
+            if any(s.wanted for s in self.slots[name]):
+                return
+            if name in self.disabled:
+                raise NotFound(f"handler {name} is stopped on this replica")
+            if not self.fits(handler):
+                victims = self._idle_victims(handler)
+                if victims is None:
+                    raise Overloaded(
+                        f"cannot start {name}: it needs {dict(handler.resources)}, "
+                        f"{self.free()} is free and no idle worker can make room",
+                        retry_after=1.0,
+                    )
+                for victim in victims:
+                    log.info("stopping idle worker %s to make room for %s", victim.id, name)
+                    await self.stop_worker(victim.id, drain=True, disable=False)
+            log.info("starting %s on demand", name)
+            self.start_handler(name)
+
     def start_handler(self, name: str, count: int | None = None) -> list[Slot]:
         """Start ``count`` more workers for handler ``name`` (default: its
         ``workers``, at least one) and return their slots; failed slots are
         restarted. Raises NotFound for an unknown handler."""
         handler = self._handler(name)
         assert self._tg is not None, "Manager.run() is not running"
+        self.disabled.discard(name)
         slots = self.slots[name]
         started: list[Slot] = []
         for slot in slots:
@@ -241,13 +329,17 @@ class Manager:
         self.on_change()
         return started[:want]
 
-    async def stop_worker(self, worker_id: str, *, drain: bool = True) -> Slot:
+    async def stop_worker(self, worker_id: str, *, drain: bool = True, disable: bool = True) -> Slot:
         """Stop one worker: it takes no new calls, in-flight calls finish (up to
-        the drain timeout when ``drain``), then the process exits."""
+        the drain timeout when ``drain``), then the process exits. With
+        ``disable`` (a stop by command) the handler is not started on demand
+        again once its last worker is gone."""
         slot = self.slot(worker_id)
         if not slot.wanted:
             return slot
         slot.wanted = False
+        if disable and not any(s.wanted for s in self.slots[slot.handler.name]):
+            self.disabled.add(slot.handler.name)
         if slot.state is State.READY:
             slot.state = State.DRAINING
         self.on_change()
@@ -258,11 +350,14 @@ class Manager:
         await slot.stopped.wait()
         return slot
 
-    async def stop_handler(self, name: str, *, drain: bool = True) -> None:
-        """Stop every worker of a handler (concurrently)."""
-        async with anyio.create_task_group() as tg:
-            for slot in self.slots[self._handler(name).name]:
-                tg.start_soon(lambda s=slot: self.stop_worker(s.id, drain=drain))
+    def loadable(self, name: str) -> bool:
+        """True when a request may start this handler on demand."""
+        slots = self.slots.get(name, [])
+        return (
+            name not in self.disabled
+            and not any(s.wanted for s in slots)
+            and not any(s.state is State.FAILED for s in slots)
+        )
 
     def slot(self, worker_id: str) -> Slot:
         for slots in self.slots.values():
@@ -288,11 +383,13 @@ class Manager:
         return best
 
     async def acquire(self, name: str) -> Slot:
-        """A ready worker for handler ``name``, waiting for one that is starting.
+        """A ready worker for handler ``name``: waits for one that is starting and
+        starts a loadable handler on demand (callers bound the wait with their
+        deadline).
 
-        Raises Unavailable when every worker of the handler failed or none is
-        running, and Overloaded when all ready workers are at max_concurrency
-        × 4 in flight (a bounded queue).
+        Raises Unavailable when the handler failed (crash loop), NotFound when
+        it was stopped by command, Overloaded when it cannot be started for lack
+        of resources or all its workers have max_concurrency × 4 calls queued.
         """
         while True:
             slot = self.pick(name)
@@ -301,12 +398,14 @@ class Manager:
                 if slot.inflight >= limit:
                     raise Overloaded(f"handler {name} has {slot.inflight} calls queued", 1.0)
                 return slot
-            starting = [s for s in self.slots.get(name, ()) if s.wanted and s.state is not State.FAILED]
+            slots = self.slots.get(name, [])
+            starting = [s for s in slots if s.wanted]
             if not starting:
-                failed = [s for s in self.slots.get(name, ()) if s.state is State.FAILED]
+                failed = [s for s in slots if s.state is State.FAILED]
                 if failed:
                     raise Unavailable(f"handler {name} failed: {failed[0].failure}")
-                raise Unavailable(f"handler {name} has no running worker")
+                await self.load(name)
+                continue
             await _wait_any([s.ready for s in starting])
 
     # -- supervision ---------------------------------------------------------

@@ -25,6 +25,7 @@ from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.app import HandlerInfo
 from anyserve.errors import AnyServeError, NotFound
 from anyserve.objects import ObjectStore
+from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
 from anyserve.replica.manager import Manager, State, WorkerConfig, describe_app
 
@@ -102,7 +103,8 @@ class Replica:
         )
         self.dispatcher = Dispatcher(self.handlers, self.manager)
         servicer = _Servicer(self)
-        server.add_generic_rpc_handlers((servicer.generic_handler(),))
+        admin = AdminServicer(self.manager, self.replica_id, cfg.token)
+        server.add_generic_rpc_handlers((servicer.generic_handler(), admin.generic_handler()))
         self.server = server
         async with anyio.create_task_group() as tg:
             await tg.start(self.manager.run)
