@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +35,7 @@ import anyio.to_thread
 from anyserve.capability import Capability
 from anyserve.context import Context, Stream
 
-Emit = Callable[[Any], Awaitable[None]]
+Emit = Callable[[Any], Coroutine[Any, Any, None]]
 Runner = Callable[[Any, Context, Emit], Awaitable[None]]
 
 # Threads per worker for sync handlers when max_concurrency is not given.
@@ -153,7 +153,7 @@ class AnyServe:
         cap = Capability(capability)
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
-            handler_name = name or getattr(func, "__name__", "handler")
+            handler_name = str(name or getattr(func, "__name__", "handler"))
             if handler_name in self._handlers:
                 raise ValueError(f"duplicate handler name {handler_name!r}; pass name=...")
             run, is_sync = _normalise(func, stream)
@@ -281,7 +281,9 @@ def load_app(spec: str, app_dir: str | None = None) -> AnyServe:
     try:
         app = getattr(module, attr)
     except AttributeError:
-        raise ValueError(f"app {spec!r}: module {module_part!r} has no attribute {attr!r}") from None
+        raise ValueError(
+            f"app {spec!r}: module {module_part!r} has no attribute {attr!r}"
+        ) from None
     if not isinstance(app, AnyServe):
         raise ValueError(f"app {spec!r} is a {type(app).__name__}, not an AnyServe")
     return app

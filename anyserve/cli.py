@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 import anyio
 import typer
@@ -55,13 +56,18 @@ def _event_loop_options() -> dict[str, object]:
 
 @app.command()
 def start(
-    app_spec: Annotated[str, typer.Option("--app", help="The app to serve: module:attr or file.py:attr.")],
+    app_spec: Annotated[
+        str, typer.Option("--app", help="The app to serve: module:attr or file.py:attr.")
+    ],
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one).")] = 50051,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     api_server: Annotated[
-        str | None, typer.Option(help="API server URL to register with, e.g. http://localhost:8080.")
+        str | None,
+        typer.Option(help="API server URL to register with, e.g. http://localhost:8080."),
     ] = None,
-    replica_id: Annotated[str | None, typer.Option(help="Name in the registry (default host-port).")] = None,
+    replica_id: Annotated[
+        str | None, typer.Option(help="Name in the registry (default host-port).")
+    ] = None,
     advertise: Annotated[
         str | None, typer.Option(help="host:port others dial (needed when binding 0.0.0.0).")
     ] = None,
@@ -73,7 +79,8 @@ def start(
         str | None, typer.Option(help="What this replica has, e.g. gpu=1,mem=16.")
     ] = None,
     token: Annotated[
-        str | None, typer.Option(envvar="ANYSERVE_TOKEN", help="Shared secret for registration and admin.")
+        str | None,
+        typer.Option(envvar="ANYSERVE_TOKEN", help="Shared secret for registration and admin."),
     ] = None,
     grace: Annotated[float, typer.Option(help="Seconds to drain calls on shutdown.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
@@ -100,14 +107,14 @@ def start(
     _run_until_signal(Replica(config).run)
 
 
-def _run_until_signal(serve: object) -> None:
+def _run_until_signal(serve: Callable[..., Coroutine[Any, Any, Any]]) -> None:
     """Run ``serve`` (an anyio task function) until SIGINT/SIGTERM, then let it
     shut down gracefully."""
     import signal
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
-            await tg.start(serve)  # type: ignore[arg-type]
+            await tg.start(serve)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     logging.getLogger("anyserve").info(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -187,7 +187,7 @@ class Stream:
 
     __slots__ = ("_context", "_emit")
 
-    def __init__(self, emit: Callable[[Any], Awaitable[None]], context: Context) -> None:
+    def __init__(self, emit: Callable[[Any], Coroutine[Any, Any, None]], context: Context) -> None:
         self._emit = emit
         self._context = context
 

@@ -99,3 +99,14 @@ class GrpcClient:
         return self._stream(
             iter(requests), metadata=self._metadata(capability, metadata), timeout=timeout
         )
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Poll ``predicate()`` until it is true; raises TimeoutError after ``timeout``.
+
+    For conditions that live in another process (a file a worker writes, a
+    registry entry), where no event can be awaited.
+    """
+    with anyio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - the condition lives in another process
+            await anyio.sleep(interval)

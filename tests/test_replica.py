@@ -15,7 +15,7 @@ from anyserve import codec
 from anyserve.proto import ModelInferRequest
 from anyserve.replica.manager import State
 from anyserve.replica.server import Replica
-from anyserve.testing import GrpcClient, start_replica
+from anyserve.testing import GrpcClient, start_replica, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +49,9 @@ def output(response: object, name: str = "text_output") -> object:
     [("sync", b"sync:hi"), ("sync1", b"sync1:hi"), ("async", b"async:hi")],
 )
 async def test_unary_forms(client: GrpcClient, form: str, expected: bytes) -> None:
-    response = await client.infer(text_request("hi", "req-7"), capability={"type": "echo", "form": form})
+    response = await client.infer(
+        text_request("hi", "req-7"), capability={"type": "echo", "form": form}
+    )
     assert response.id == "req-7"
     assert output(response) == expected
 
@@ -63,7 +65,9 @@ async def test_stream_forms(client: GrpcClient, form: str) -> None:
     assert {m.infer_response.id for m in chunks} == {"s1"}
 
 
-async def test_first_chunk_arrives_before_handler_finishes(client: GrpcClient, tmp_path: Path) -> None:
+async def test_first_chunk_arrives_before_handler_finishes(
+    client: GrpcClient, tmp_path: Path
+) -> None:
     gate = tmp_path / "gate"
     call = client.stream(text_request(str(gate)), capability={"type": "gen", "form": "gated"})
     first = await call.read()
@@ -176,23 +180,34 @@ async def test_metadata_rpcs(replica: Replica) -> None:
     from anyserve import proto, rpc
 
     async with GrpcClient(replica.endpoint) as client:
+
         def unary(path: str, req: object, resp: object) -> object:
             return client.channel.unary_unary(
-                path, request_serializer=req.SerializeToString, response_deserializer=resp.FromString  # type: ignore[attr-defined]
+                path,
+                request_serializer=req.SerializeToString,
+                response_deserializer=resp.FromString,  # type: ignore[attr-defined]
             )
 
-        live = await unary(rpc.SERVER_LIVE, proto.ServerLiveRequest, proto.ServerLiveResponse)(proto.ServerLiveRequest())  # type: ignore[operator]
+        live = await unary(rpc.SERVER_LIVE, proto.ServerLiveRequest, proto.ServerLiveResponse)(
+            proto.ServerLiveRequest()
+        )  # type: ignore[operator]
         assert live.live
-        ready = await unary(rpc.SERVER_READY, proto.ServerReadyRequest, proto.ServerReadyResponse)(proto.ServerReadyRequest())  # type: ignore[operator]
+        ready = await unary(rpc.SERVER_READY, proto.ServerReadyRequest, proto.ServerReadyResponse)(
+            proto.ServerReadyRequest()
+        )  # type: ignore[operator]
         assert ready.ready
-        meta = await unary(rpc.SERVER_METADATA, proto.ServerMetadataRequest, proto.ServerMetadataResponse)(proto.ServerMetadataRequest())  # type: ignore[operator]
+        meta = await unary(
+            rpc.SERVER_METADATA, proto.ServerMetadataRequest, proto.ServerMetadataResponse
+        )(proto.ServerMetadataRequest())  # type: ignore[operator]
         assert meta.name == "anyserve"
         model_ready = unary(rpc.MODEL_READY, proto.ModelReadyRequest, proto.ModelReadyResponse)
         assert (await model_ready(proto.ModelReadyRequest(name="slow"))).ready  # type: ignore[operator]
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await model_ready(proto.ModelReadyRequest(name="missing"))  # type: ignore[operator]
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
-        model_meta = unary(rpc.MODEL_METADATA, proto.ModelMetadataRequest, proto.ModelMetadataResponse)
+        model_meta = unary(
+            rpc.MODEL_METADATA, proto.ModelMetadataRequest, proto.ModelMetadataResponse
+        )
         assert (await model_meta(proto.ModelMetadataRequest(name="echo"))).name == "echo"  # type: ignore[operator]
 
 
@@ -211,9 +226,7 @@ async def test_killed_worker_fails_call_then_comes_back(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(call_hang)
-        with anyio.fail_after(10):
-            while not marker.exists() or not marker.read_text():
-                await anyio.sleep(0.01)
+        await wait_until(lambda: marker.exists() and marker.read_text())
         pid = int(marker.read_text())
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -222,9 +235,7 @@ async def test_killed_worker_fails_call_then_comes_back(
     assert "SIGKILL" in failure[0].details() and "-9" in failure[0].details()
 
     slot = replica.manager.slots["hang"][0]
-    with anyio.fail_after(10):
-        while slot.state is not State.READY or slot.pid == pid:
-            await anyio.sleep(0.02)
+    await wait_until(lambda: slot.state is State.READY and slot.pid != pid)
     assert slot.restarts == 1
     response = await client.infer(text_request("x"), capability={"type": "slow"})
     assert output(response) == b"done"
@@ -237,14 +248,14 @@ async def test_killed_worker_fails_call_then_comes_back(
 
 
 @pytest.mark.parametrize("form", ["async", "sync"])
-async def test_cancelled_stream_stops_handler(client: GrpcClient, tmp_path: Path, form: str) -> None:
+async def test_cancelled_stream_stops_handler(
+    client: GrpcClient, tmp_path: Path, form: str
+) -> None:
     marker = tmp_path / "ticker"
     call = client.stream(text_request(str(marker)), capability={"type": "ticker", "form": form})
     for _ in range(3):
         assert (await call.read()).error_message == ""
     call.cancel()
     stopped = marker.with_suffix(".stopped")
-    with anyio.fail_after(1.0):
-        while not stopped.exists():
-            await anyio.sleep(0.01)
+    await wait_until(stopped.exists, timeout=1.0)
     assert stopped.read_text() == form

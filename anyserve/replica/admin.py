@@ -50,7 +50,8 @@ class AdminServicer:
     def generic_handler(self) -> grpc.GenericRpcHandler:
         def typed(fn: Any, req: Any) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=req.FromString,
+                fn,
+                request_deserializer=req.FromString,
                 response_serializer=apb.WorkersReply.SerializeToString,
             )
 

@@ -53,7 +53,11 @@ class Dispatcher:
         a stream handler matches is told to use the streaming endpoint.
         """
         if query:
-            scored = [(h.capability.extra_keys(query), h) for h in self.handlers if h.capability.matches(query)]
+            scored = [
+                (h.capability.extra_keys(query), h)
+                for h in self.handlers
+                if h.capability.matches(query)
+            ]
             wanted = str(Capability(query))
         elif model_name:
             # A closer name match (model over type) scores lower.
@@ -153,4 +157,3 @@ class Dispatcher:
                     raise from_code_name(header.error.code, header.error.message)
         finally:
             slot.close_call(call_id, cancel=not done)
-

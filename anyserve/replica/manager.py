@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import anyio
@@ -45,7 +45,7 @@ BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
 
 
-class State(str, Enum):
+class State(StrEnum):
     STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
@@ -199,34 +199,54 @@ class Manager:
         self.disabled: set[str] = set()
         self._tg: anyio.abc.TaskGroup | None = None
         self._load_lock = anyio.Lock()
+        self._stopping = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Start the preloaded handlers' workers, report started once they are
-        ready (or failed), then supervise until cancelled."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            preload = []
-            for handler in self.handlers.values():
-                if not handler.preload or handler.workers == 0:
-                    continue
-                if self.fits(handler, count=handler.workers):
-                    self.start_handler(handler.name)
-                    preload.append(handler)
-                else:
-                    log.warning(
-                        "not preloading %s: it needs %s per worker and the replica has %s free",
-                        handler.name,
-                        dict(handler.resources),
-                        self.free(),
-                    )
-            for handler in preload:
-                for slot in self.slots[handler.name]:
-                    while slot.state is State.STARTING:
-                        await slot.ready.wait()
-            task_status.started()
-            await anyio.sleep_forever()
+        ready (or failed), then supervise until :meth:`stop` is called.
+
+        Shielded from outside cancellation on purpose: the replica must drain
+        its calls before the workers go, so only ``stop()`` ends this.
+        """
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                preload = []
+                for handler in self.handlers.values():
+                    if not handler.preload or handler.workers == 0:
+                        continue
+                    if self.fits(handler, count=handler.workers):
+                        self.start_handler(handler.name)
+                        preload.append(handler)
+                    else:
+                        log.warning(
+                            "not preloading %s: it needs %s per worker and the replica has %s free",
+                            handler.name,
+                            dict(handler.resources),
+                            self.free(),
+                        )
+                with anyio.move_on_after(self.config.start_timeout + 1):
+                    for handler in preload:
+                        for slot in self.slots[handler.name]:
+                            while slot.state is State.STARTING and not self._stopping.is_set():
+                                await slot.ready.wait()
+                task_status.started()
+                await self._stopping.wait()
+                for slots in self.slots.values():
+                    for slot in slots:
+                        slot.wanted = False
+                tg.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Stop every worker (their connections close, the processes exit)."""
+        self._stopping.set()
+        for slots in self.slots.values():
+            for slot in slots:
+                slot.ready.set()
 
     # -- resources -------------------------------------------------------------
 
@@ -329,7 +349,9 @@ class Manager:
         self.on_change()
         return started[:want]
 
-    async def stop_worker(self, worker_id: str, *, drain: bool = True, disable: bool = True) -> Slot:
+    async def stop_worker(
+        self, worker_id: str, *, drain: bool = True, disable: bool = True
+    ) -> Slot:
         """Stop one worker: it takes no new calls, in-flight calls finish (up to
         the drain timeout when ``drain``), then the process exits. With
         ``disable`` (a stop by command) the handler is not started on demand
@@ -370,7 +392,9 @@ class Manager:
         try:
             return self.handlers[name]
         except KeyError:
-            raise NotFound(f"no handler {name!r}; this replica has {sorted(self.handlers)}") from None
+            raise NotFound(
+                f"no handler {name!r}; this replica has {sorted(self.handlers)}"
+            ) from None
 
     # -- choosing a worker ----------------------------------------------------
 
@@ -389,7 +413,7 @@ class Manager:
 
         Raises Unavailable when the handler failed (crash loop), NotFound when
         it was stopped by command, Overloaded when it cannot be started for lack
-        of resources or all its workers have max_concurrency × 4 calls queued.
+        of resources or all its workers have max_concurrency x 4 calls queued.
         """
         while True:
             slot = self.pick(name)
@@ -455,7 +479,9 @@ class Manager:
                 if len(slot.crashes) >= CRASH_LIMIT:
                     slot.state = State.FAILED
                     slot.wanted = False
-                    slot.failure = f"crashed {len(slot.crashes)} times in {CRASH_WINDOW:.0f}s; last: {reason}"
+                    slot.failure = (
+                        f"crashed {len(slot.crashes)} times in {CRASH_WINDOW:.0f}s; last: {reason}"
+                    )
                     log.error("worker %s marked failed: %s", slot.id, slot.failure)
                     slot.ready.set()
                     self.on_change()
@@ -507,7 +533,9 @@ class Manager:
                     slot._writer = writer
                     slot.state = State.READY
                     slot.ready.set()
-                    log.info("worker %s (pid %d) ready for %s", slot.id, proc.pid, slot.handler.name)
+                    log.info(
+                        "worker %s (pid %d) ready for %s", slot.id, proc.pid, slot.handler.name
+                    )
                     self.on_change()
                     await slot._read_loop(reader, self.config.max_frame)
                 except TimeoutError:
@@ -526,9 +554,7 @@ class Manager:
             if reason == "stopped" and slot.wanted:
                 reason = _exit_text(code)
             slot.last_exit = _exit_text(code)
-            slot._fail_calls(
-                Unavailable(f"worker {slot.id} (pid {proc.pid}) {_exit_text(code)}")
-            )
+            slot._fail_calls(Unavailable(f"worker {slot.id} (pid {proc.pid}) {_exit_text(code)}"))
             slot._calls.clear()
             slot.inflight = 0
             slot.idle.set()
@@ -567,7 +593,9 @@ async def _wait_any(events: list[asyncio.Event]) -> None:
             w.cancel()
 
 
-async def describe_app(app: str, app_dir: str | None = None, timeout: float = 120.0) -> tuple[str, list[HandlerInfo]]:
+async def describe_app(
+    app: str, app_dir: str | None = None, timeout: float = 120.0
+) -> tuple[str, list[HandlerInfo]]:
     """Import the app in a throwaway worker process and return its handlers.
 
     Raises RuntimeError with the import error when the app cannot be loaded.

@@ -23,11 +23,13 @@ import grpc.aio
 from anyserve import __version__, rpc
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.app import HandlerInfo
+from anyserve.calls import ApiChannel, Delegator
 from anyserve.errors import AnyServeError, NotFound
 from anyserve.objects import ObjectStore
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
 from anyserve.replica.manager import Manager, State, WorkerConfig, describe_app
+from anyserve.replica.registration import Registration
 
 log = logging.getLogger("anyserve.replica")
 
@@ -63,7 +65,8 @@ class Replica:
         self.manager: Manager | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: grpc.aio.Server | None = None
-        self.registration: Any = None
+        self.registration: Registration | None = None
+        self.api_channel: ApiChannel | None = None
         self.store: ObjectStore | None = None
 
     @property
@@ -71,7 +74,9 @@ class Replica:
         """host:port other processes dial."""
         return self.config.advertise or f"{self.config.host}:{self.port}"
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[Replica] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[Replica] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve until cancelled; reports started (with itself) once workers are
         ready and the port is bound. Raises RuntimeError when the app cannot be
         loaded or the port cannot be bound."""
@@ -101,35 +106,56 @@ class Replica:
             resources=cfg.resources,
             on_change=self._changed,
         )
-        self.dispatcher = Dispatcher(self.handlers, self.manager)
+        delegator = None
+        if cfg.api_server:
+            self.registration = Registration(
+                cfg.api_server, self.registration_body, token=cfg.token
+            )
+            registration = self.registration
+            self.api_channel = ApiChannel(lambda: registration.grpc_endpoint, cfg.token)
+            delegator = Delegator(self.replica_id, self.api_channel)
+        self.dispatcher = Dispatcher(self.handlers, self.manager, delegator)
         servicer = _Servicer(self)
         admin = AdminServicer(self.manager, self.replica_id, cfg.token)
         server.add_generic_rpc_handlers((servicer.generic_handler(), admin.generic_handler()))
         self.server = server
+        manager = self.manager
         async with anyio.create_task_group() as tg:
-            await tg.start(self.manager.run)
-            await server.start()
-            if self.store is not None:
-                tg.start_soon(self.store.run_sweeper)
-            log.info(
-                "replica %s (app %s) serving %s on %s",
-                self.replica_id,
-                app_name,
-                ", ".join(f"{h.name}[{h.capability}]" for h in self.handlers),
-                self.endpoint,
-            )
-            task_status.started(self)
+            await tg.start(manager.run)
             try:
-                await anyio.sleep_forever()
+                async with anyio.create_task_group() as services:
+                    await server.start()
+                    if self.store is not None:
+                        services.start_soon(self.store.run_sweeper)
+                    if self.registration is not None:
+                        services.start_soon(self.registration.run)
+                    log.info(
+                        "replica %s (app %s) serving %s on %s",
+                        self.replica_id,
+                        app_name,
+                        ", ".join(f"{h.name}[{h.capability}]" for h in self.handlers),
+                        self.endpoint,
+                    )
+                    task_status.started(self)
+                    await anyio.sleep_forever()
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._shutdown()
+                    manager.stop()
 
     async def _shutdown(self) -> None:
-        log.info("replica %s stopping: draining calls (grace %.0fs)", self.replica_id, self.config.grace)
+        """Leave the registry, drain in-flight calls, then let the workers go."""
+        log.info(
+            "replica %s stopping: draining calls (grace %.0fs)", self.replica_id, self.config.grace
+        )
+        if self.registration is not None:
+            await self.registration.unregister()
+            await self.registration.aclose()
         if self.server is not None:
             await self.server.stop(self.config.grace)
-        log.info("replica %s stopped taking calls; stopping workers", self.replica_id)
+        if self.api_channel is not None:
+            await self.api_channel.aclose()
+        log.info("replica %s drained; stopping workers", self.replica_id)
 
     def _changed(self) -> None:
         if self.registration is not None:
@@ -223,10 +249,14 @@ class _Servicer:
             async for payload in requests:
                 tg.start_soon(serve_one, payload)
 
-    async def server_live(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+    async def server_live(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def server_ready(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+    async def server_ready(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
         manager = self.replica.manager
         ready = manager is not None and any(
             s.state is State.READY for slots in manager.slots.values() for s in slots
@@ -252,7 +282,9 @@ class _Servicer:
         ready = any(manager.pick(h.name) is not None for h in handlers)
         return pb.ModelReadyResponse(ready=ready)
 
-    async def server_metadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+    async def server_metadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name="anyserve", version=__version__, extensions=["capabilities", "streaming"]
         )

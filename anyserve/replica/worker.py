@@ -28,6 +28,7 @@ import anyio
 from anyserve import codec, rpc, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import Handler, load_app
+from anyserve.calls import ApiCaller
 from anyserve.context import Caller, Context, StreamClosed
 from anyserve.errors import AnyServeError, InvalidArgument
 from anyserve.objects import ObjectStore
@@ -190,10 +191,8 @@ def _describe(exc: BaseException) -> str:
 
 async def _serve(args: argparse.Namespace, handler: Handler) -> None:
     store = ObjectStore(args.object_store) if args.object_store else None
-    caller: Caller | None = None
+    caller: ApiCaller | None = None
     if args.api_server:
-        from anyserve.calls import ApiCaller
-
         caller = ApiCaller(args.api_server, token=os.environ.get("ANYSERVE_TOKEN"))
     sock = socket.socket(fileno=args.fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from anyserve import AnyServe, Context, Stream, codec
 from anyserve.errors import InvalidArgument
@@ -34,16 +35,20 @@ def echo_sync_one_arg(request: ModelInferRequest) -> str:
 
 @app.capability(type="echo", form="async")
 async def echo_async(request: ModelInferRequest, context: Context) -> dict[str, Any]:
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     return {"text_output": "async:" + _text(request), "pid": os.getpid()}
 
 
 @app.capability(type="gen", form="sync", stream=True)
 def gen_sync(request: ModelInferRequest, context: Context, stream: Stream) -> None:
     for word in _text(request).split():
-        stream.send(ModelStreamInferResponse(infer_response=ModelInferResponse(
-            outputs=[codec.encode_output("text_output", word)]
-        )))
+        stream.send(
+            ModelStreamInferResponse(
+                infer_response=ModelInferResponse(
+                    outputs=[codec.encode_output("text_output", word)]
+                )
+            )
+        )
 
 
 @app.capability(type="gen", form="async", stream=True)

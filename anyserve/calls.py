@@ -1,0 +1,208 @@
+"""Requests that leave a replica for the API server's gRPC entry.
+
+Two things go back through the API server: ``context.call`` from inside a
+handler (:class:`ApiCaller`, in worker processes) and delegation of requests a
+replica cannot serve (:class:`ApiChannel`, used by the replica's dispatcher).
+Both keep one persistent channel and send serialized bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import grpc
+import grpc.aio
+import httpx
+
+from anyserve import codec, rpc
+from anyserve.capability import Capability, query_to_metadata
+from anyserve.context import Context
+from anyserve.errors import LoopDetected, Unavailable, from_code_name, from_grpc
+from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
+
+log = logging.getLogger("anyserve.calls")
+
+# Longest chain of nested context.call()s before it is treated as runaway.
+MAX_CALL_DEPTH = 16
+CHAIN_SEP = ">"
+
+
+class ApiChannel:
+    """One persistent gRPC channel to the API server, created on first use.
+
+    ``endpoint`` returns the API server's gRPC host:port, or None while it is
+    not known yet (then calls fail with Unavailable).
+    """
+
+    def __init__(self, endpoint: Callable[[], str | None], token: str | None = None) -> None:
+        self._endpoint = endpoint
+        self._token = token
+        self._channel: grpc.aio.Channel | None = None
+        self._target: str | None = None
+
+    def known(self) -> bool:
+        return self._endpoint() is not None
+
+    def _get(self) -> grpc.aio.Channel:
+        target = self._endpoint()
+        if target is None:
+            raise Unavailable("the API server's gRPC endpoint is not known yet")
+        if self._channel is None or target != self._target:
+            # The API server may have moved (restarted on another port).
+            self._channel = grpc.aio.insecure_channel(target, options=rpc.grpc_options())
+            self._target = target
+        return self._channel
+
+    def _metadata(self, metadata: Mapping[str, str]) -> list[tuple[str, str]]:
+        pairs = list(metadata.items())
+        if self._token:
+            pairs.append((rpc.AUTHORIZATION, f"Bearer {self._token}"))
+        return pairs
+
+    async def unary(self, payload: bytes, metadata: Mapping[str, str], timeout: float) -> bytes:
+        """ModelInfer through the API server; raises the anyserve error it answered."""
+        method = self._get().unary_unary(rpc.MODEL_INFER)
+        try:
+            response: bytes = await method(
+                payload, metadata=self._metadata(metadata), timeout=timeout or None
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc.code(), exc.details() or "") from None
+        return response
+
+    async def stream(
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float
+    ) -> AsyncIterator[bytes]:
+        """ModelStreamInfer with one request; yields serialized stream responses
+        (in-band errors included, untouched). Leaving early cancels the call."""
+        method = self._get().stream_stream(rpc.MODEL_STREAM_INFER)
+        call = method(iter([payload]), metadata=self._metadata(metadata), timeout=timeout or None)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc.code(), exc.details() or "") from None
+        finally:
+            call.cancel()
+
+    async def aclose(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+class ApiCaller:
+    """``context.call`` for handlers: builds the request, carries the request id,
+    deadline and call chain, and detects call cycles before sending."""
+
+    def __init__(self, api_server: str, token: str | None = None) -> None:
+        self.api_server = api_server.rstrip("/")
+        self._grpc_endpoint: str | None = None
+        self.channel = ApiChannel(lambda: self._grpc_endpoint, token)
+
+    async def _discover(self) -> None:
+        """Ask the API server (once) where its gRPC entry listens."""
+        if self._grpc_endpoint is not None:
+            return
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                answer = (await client.get(f"{self.api_server}/health")).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise Unavailable(f"cannot reach the API server at {self.api_server}: {exc}") from None
+        endpoint = answer.get("grpc_endpoint") if isinstance(answer, dict) else None
+        if not endpoint:
+            raise Unavailable(f"the API server at {self.api_server} did not say its gRPC endpoint")
+        self._grpc_endpoint = str(endpoint)
+
+    def _prepare(
+        self, parent: Context, capability: Mapping[str, Any], inputs: Mapping[str, Any]
+    ) -> tuple[bytes, dict[str, str], float]:
+        target = Capability(capability)
+        chain = [c for c in parent.metadata.get(rpc.CALL_CHAIN, "").split(CHAIN_SEP) if c]
+        chain.append(str(parent.capability))
+        for entry in chain:
+            if Capability.parse(entry).matches(target):
+                raise LoopDetected(
+                    f"call cycle: {' > '.join([*chain, str(target)])} calls {target} again"
+                )
+        if len(chain) >= MAX_CALL_DEPTH:
+            raise LoopDetected(f"call chain deeper than {MAX_CALL_DEPTH}: {' > '.join(chain)}")
+        request = ModelInferRequest(id=parent.request_id)
+        for name, value in inputs.items():
+            if isinstance(value, ModelInferRequest.InferInputTensor):
+                request.inputs.append(value)
+            else:
+                request.inputs.append(codec.encode_input(name, value))
+        metadata = dict(query_to_metadata(target))
+        metadata[rpc.REQUEST_ID] = parent.request_id
+        metadata[rpc.CALL_CHAIN] = CHAIN_SEP.join(chain)
+        timeout = parent.time_remaining() or 0.0
+        return request.SerializeToString(), metadata, timeout
+
+    async def call(
+        self, parent: Context, capability: Mapping[str, Any], inputs: Mapping[str, Any]
+    ) -> ModelInferResponse:
+        """Send one request; returns its response or raises the callee's error."""
+        payload, metadata, timeout = self._prepare(parent, capability, inputs)
+        await self._discover()
+        return ModelInferResponse.FromString(await self.channel.unary(payload, metadata, timeout))
+
+    async def stream(
+        self, parent: Context, capability: Mapping[str, Any], inputs: Mapping[str, Any]
+    ) -> AsyncIterator[ModelInferResponse]:
+        """Send one streaming request; yields each chunk's ModelInferResponse and
+        raises the error that ended the stream."""
+        payload, metadata, timeout = self._prepare(parent, capability, inputs)
+        await self._discover()
+        async for message in self.channel.stream(payload, metadata, timeout):
+            chunk = ModelStreamInferResponse.FromString(message)
+            if chunk.error_message:
+                code = chunk.infer_response.parameters[rpc.ERROR_CODE].string_param or "INTERNAL"
+                raise from_code_name(code, chunk.error_message)
+            yield chunk.infer_response
+
+    async def aclose(self) -> None:
+        await self.channel.aclose()
+
+
+class Delegator:
+    """Hands requests a replica cannot serve back to the API server (DESIGN §5).
+
+    The request keeps its metadata (capability query, request id, call chain)
+    and gains ``x-delegated-from`` and this replica in ``x-anyserve-visited`` so
+    the API server never sends it back here.
+    """
+
+    def __init__(self, replica_id: str, channel: ApiChannel) -> None:
+        self.replica_id = replica_id
+        self.channel = channel
+
+    def allowed(self, metadata: Mapping[str, str]) -> bool:
+        return self.channel.known()
+
+    def _hop(self, metadata: Mapping[str, str]) -> dict[str, str]:
+        visited = [v for v in metadata.get(rpc.VISITED, "").split(",") if v]
+        if self.replica_id not in visited:
+            visited.append(self.replica_id)
+        hop = dict(metadata)
+        hop[rpc.DELEGATED_FROM] = self.replica_id
+        hop[rpc.VISITED] = ",".join(visited)
+        log.info(
+            "delegating request %s (%s) back to the API server; visited %s",
+            metadata.get(rpc.REQUEST_ID, "-"),
+            ", ".join(f"{k}={v}" for k, v in metadata.items() if k.startswith("x-capability-"))
+            or "by model name",
+            hop[rpc.VISITED],
+        )
+        return hop
+
+    async def unary(self, payload: bytes, metadata: Mapping[str, str], timeout: float) -> bytes:
+        return await self.channel.unary(payload, self._hop(metadata), timeout)
+
+    async def stream(
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float
+    ) -> AsyncIterator[bytes]:
+        async for message in self.channel.stream(payload, self._hop(metadata), timeout):
+            yield message
