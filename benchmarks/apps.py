@@ -1,0 +1,40 @@
+"""The app the replica benchmark serves: handlers that do as little as possible,
+so what is measured is anyserve's request path, not user code.
+
+* ``type=echo`` (unary, async): returns the request's first input as its output.
+* ``type=tokens`` (stream, async generator): yields ``n`` one-word chunks (request
+  parameter ``n``, default :data:`DEFAULT_TOKENS`) as fast as it can.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from anyserve import AnyServe, Context
+from anyserve.proto import ModelInferRequest, ModelInferResponse
+
+DEFAULT_TOKENS = 1000
+
+app = AnyServe("benchmarks")
+
+
+@app.capability(type="echo")
+async def echo(request: ModelInferRequest, context: Context) -> ModelInferResponse:
+    response = ModelInferResponse()
+    if request.inputs:
+        first = request.inputs[0]
+        output = response.outputs.add()
+        output.name = first.name
+        output.datatype = first.datatype
+        output.shape.extend(first.shape)
+        output.contents.CopyFrom(first.contents)
+    if request.raw_input_contents:
+        response.raw_output_contents.append(request.raw_input_contents[0])
+    return response
+
+
+@app.capability(type="tokens", stream=True)
+async def tokens(request: ModelInferRequest, context: Context) -> AsyncIterator[str]:
+    n = request.parameters["n"].int64_param if "n" in request.parameters else DEFAULT_TOKENS
+    for _ in range(n):
+        yield "tok"

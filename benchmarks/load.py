@@ -1,0 +1,184 @@
+"""A grpc.aio load generator that treats every payload as opaque bytes.
+
+The client never (de)serializes messages on the measured path, so it costs the
+same whichever server answers; differences in the results are the servers'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from anyserve import rpc
+from anyserve.proto import ModelStreamInferResponse
+
+CALL_TIMEOUT = 10.0
+
+Metadata = Sequence[tuple[str, str]]
+
+
+class LoadFailed(RuntimeError):
+    """A call failed during a benchmark (the message names endpoint and status)."""
+
+
+@dataclass(frozen=True)
+class UnaryResult:
+    """Latencies (seconds, sorted) of the calls that finished in ``seconds`` of
+    measuring; results of several windows :meth:`merge` into one."""
+
+    latencies: list[float]
+    seconds: float
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.latencies, 0.50) * 1000
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.latencies, 0.99) * 1000
+
+    @staticmethod
+    def merge(results: Sequence[UnaryResult]) -> UnaryResult:
+        latencies = sorted(x for r in results for x in r.latencies)
+        return UnaryResult(latencies, sum(r.seconds for r in results))
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """Per-call chunks/s and time to first chunk (ms); medians over the calls."""
+
+    rates: list[float]
+    firsts_ms: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def first_chunk_ms(self) -> float:
+        return statistics.median(self.firsts_ms)
+
+    @staticmethod
+    def merge(results: Sequence[StreamResult]) -> StreamResult:
+        return StreamResult(
+            [x for r in results for x in r.rates], [x for r in results for x in r.firsts_ms]
+        )
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+def _failed(endpoint: str, what: str, exc: grpc.aio.AioRpcError) -> LoadFailed:
+    return LoadFailed(f"{what} on {endpoint} failed: {exc.code().name}: {exc.details()}")
+
+
+async def unary_load(
+    endpoint: str,
+    payload: bytes,
+    metadata: Metadata,
+    *,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+) -> UnaryResult:
+    """Run ``concurrency`` back-to-back ModelInfer loops for ``warmup`` then
+    ``duration`` seconds; count and time the calls that finish in the measured
+    window. Raises LoadFailed on the first failed call."""
+    async with grpc.aio.insecure_channel(endpoint, options=rpc.grpc_options()) as channel:
+        infer = channel.unary_unary(rpc.MODEL_INFER)  # bytes in, bytes out
+        meta = tuple(metadata)
+        try:
+            await infer(payload, metadata=meta, timeout=CALL_TIMEOUT)  # connect; fail fast
+        except grpc.aio.AioRpcError as exc:
+            raise _failed(endpoint, "ModelInfer", exc) from None
+        clock = time.perf_counter
+        begin = clock() + warmup
+        end = begin + duration
+        latencies: list[float] = []
+        record = latencies.append
+
+        async def loop() -> None:
+            while True:
+                started = clock()
+                if started >= end:
+                    return
+                await infer(payload, metadata=meta, timeout=CALL_TIMEOUT)
+                finished = clock()
+                if begin <= finished <= end:
+                    record(finished - started)
+
+        tasks = [asyncio.ensure_future(loop()) for _ in range(concurrency)]
+        try:
+            await asyncio.gather(*tasks)
+        except grpc.aio.AioRpcError as exc:
+            raise _failed(endpoint, "ModelInfer", exc) from None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    latencies.sort()
+    return UnaryResult(latencies, duration)
+
+
+async def _stream_once(
+    stream: grpc.aio.StreamStreamMultiCallable, endpoint: str, payload: bytes, meta: Metadata
+) -> tuple[int, float, float, bytes]:
+    clock = time.perf_counter
+    started = clock()
+    first = 0.0
+    count = 0
+    last = b""
+    call = stream(iter((payload,)), metadata=meta, timeout=CALL_TIMEOUT)
+    try:
+        async for chunk in call:
+            if not count:
+                first = clock()
+            count += 1
+            last = chunk
+    except grpc.aio.AioRpcError as exc:
+        raise _failed(endpoint, "ModelStreamInfer", exc) from None
+    return count, clock() - started, first - started, last
+
+
+async def stream_load(
+    endpoint: str, payload: bytes, metadata: Metadata, *, expect: int, repeats: int
+) -> StreamResult:
+    """Time ``repeats`` ModelStreamInfer calls (one request each, then half-close)
+    after one warm-up call, recording each call's chunks/s and time to first chunk.
+    Raises LoadFailed when a stream fails or does not bring ``expect`` chunks."""
+    async with grpc.aio.insecure_channel(endpoint, options=rpc.grpc_options()) as channel:
+        stream = channel.stream_stream(rpc.MODEL_STREAM_INFER)  # bytes in, bytes out
+        meta = tuple(metadata)
+        rates: list[float] = []
+        firsts: list[float] = []
+        for attempt in range(repeats + 1):
+            count, elapsed, first, last = await _stream_once(stream, endpoint, payload, meta)
+            error = ModelStreamInferResponse.FromString(last).error_message if last else ""
+            if count != expect or error:
+                raise LoadFailed(
+                    f"ModelStreamInfer on {endpoint} brought {count} chunks, expected {expect}"
+                    + (f"; last chunk is an error: {error}" if error else "")
+                )
+            if attempt:  # the first call warms up
+                rates.append(count / elapsed)
+                firsts.append(first * 1000)
+    return StreamResult(rates, firsts)
