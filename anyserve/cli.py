@@ -29,6 +29,8 @@ def _setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every heartbeat POST at INFO; keep the operator's log readable.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def parse_resources(text: str | None) -> dict[str, float]:
@@ -131,6 +133,281 @@ def _run_until_signal(serve: Callable[..., Coroutine[Any, Any, Any]]) -> None:
     except InvalidArgument as exc:
         typer.echo(f"anyserve: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+NoMatch = Annotated[
+    str,
+    typer.Option(
+        help="When no replica matches: 'reject' answers 404, 'random' sends the request to "
+        "a random replica, which may delegate it (the seed's scenario 2)."
+    ),
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        envvar="ANYSERVE_TOKEN", help="Shared secret required for registration and admin."
+    ),
+]
+
+
+def _api_config(
+    host: str, port: int, grpc_port: int, no_match: str, token: str | None, hop_limit: int
+) -> Any:
+    from anyserve.api_server.config import ApiServerConfig
+
+    try:
+        return ApiServerConfig(
+            host=host,
+            port=port,
+            grpc_port=grpc_port,
+            no_match=no_match,  # type: ignore[arg-type]
+            token=token,
+            hop_limit=hop_limit,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command("api-server")
+def api_server(
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe v2 proxy).")] = 8081,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    no_match: NoMatch = "reject",
+    token: Token = None,
+    hop_limit: Annotated[int, typer.Option(help="Most delegation hops before 508.")] = 4,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Start the API server alone (same as `python -m anyserve.api_server`)."""
+    from anyserve.api_server.server import ApiServer
+
+    _setup_logging(log_level)
+    config = _api_config(host, port, grpc_port, no_match, token, hop_limit)
+
+    async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with ApiServer(config):
+            task_status.started()
+            await anyio.sleep_forever()
+
+    _run_until_signal(serve)
+
+
+@app.command()
+def run(
+    apps: Annotated[
+        list[str], typer.Argument(help="Apps to serve, one replica each (module:attr).")
+    ],
+    port: Annotated[int, typer.Option(help="API server HTTP port.")] = 8080,
+    grpc_port: Annotated[int, typer.Option(help="API server gRPC port.")] = 8081,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    no_match: NoMatch = "reject",
+    token: Token = None,
+    hop_limit: Annotated[int, typer.Option(help="Most delegation hops before 508.")] = 4,
+    object_store: Annotated[
+        str | None, typer.Option(help="Object directory (default: a temporary one).")
+    ] = None,
+    resources: Annotated[
+        str | None, typer.Option(help="What each replica has, e.g. gpu=1.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run a whole local system: an API server plus one replica per app."""
+    from anyserve.cluster import start_cluster
+
+    _setup_logging(log_level)
+    config = _api_config(host, port, grpc_port, no_match, token, hop_limit)
+    options: dict[str, Any] = {"host": host, "app_dir": os.getcwd(), "log_level": log_level}
+    if resources:
+        options["resources"] = parse_resources(resources)
+
+    async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with start_cluster(
+            apps, api=config, object_store=object_store, replica_options=options
+        ) as cluster:
+            typer.echo(cluster.describe(), err=False)
+            typer.echo("anyserve is running; press Ctrl-C to stop.")
+            task_status.started()
+            await anyio.sleep_forever()
+
+    _run_until_signal(serve)
+
+
+workers_app = typer.Typer(
+    help="List, start and stop a replica's worker processes.", no_args_is_help=True
+)
+app.add_typer(workers_app, name="workers")
+
+Replica = Annotated[str, typer.Option("--replica", help="The replica's gRPC address, HOST:PORT.")]
+
+
+def _admin(replica: str, token: str | None, method: str, request: Any) -> Any:
+    import grpc
+
+    from anyserve._proto import admin_pb2 as apb
+    from anyserve.replica import admin
+
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(replica) as channel:
+        call = channel.unary_unary(
+            f"/{admin.SERVICE}/{method}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=apb.WorkersReply.FromString,
+        )
+        try:
+            return call(request, metadata=metadata, timeout=60)
+        except grpc.RpcError as exc:
+            typer.echo(f"anyserve: {exc.code().name}: {exc.details()}", err=True)
+            raise typer.Exit(1) from None
+
+
+def _print_workers(reply: Any) -> None:
+    rows = [("ID", "CAPABILITY", "PID", "STATE", "INFLIGHT")]
+    for w in reply.workers:
+        cap = ",".join(f"{k}={v}" for k, v in sorted(w.capability.items()))
+        rows.append(
+            (
+                w.id,
+                cap,
+                str(w.pid or "-"),
+                w.state + (f" ({w.error})" if w.error else ""),
+                str(w.inflight),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        typer.echo(
+            "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4]
+        )
+
+
+@workers_app.command("list")
+def workers_list(replica: Replica, token: Token = None) -> None:
+    """One row per worker: id, capability, pid, state."""
+    from anyserve._proto import admin_pb2 as apb
+
+    _print_workers(_admin(replica, token, "ListWorkers", apb.ListWorkersRequest()))
+
+
+@workers_app.command("start")
+def workers_start(
+    capability: Annotated[str, typer.Argument(help="Handler name or capability, e.g. type=heavy.")],
+    replica: Replica,
+    count: Annotated[int, typer.Option(help="Workers wanted (0: the handler's default).")] = 0,
+    token: Token = None,
+) -> None:
+    """Start workers for a capability; the replica registers it at once."""
+    from anyserve._proto import admin_pb2 as apb
+
+    _print_workers(
+        _admin(
+            replica,
+            token,
+            "StartWorker",
+            apb.StartWorkerRequest(capability=capability, count=count),
+        )
+    )
+
+
+@workers_app.command("stop")
+def workers_stop(
+    worker: Annotated[
+        str, typer.Argument(help="Worker id (see `workers list`), handler or capability.")
+    ],
+    replica: Replica,
+    drain: Annotated[bool, typer.Option(help="Let in-flight calls finish first.")] = True,
+    token: Token = None,
+) -> None:
+    """Stop a worker (draining its calls); its capability leaves the registry first."""
+    from anyserve._proto import admin_pb2 as apb
+
+    _print_workers(
+        _admin(replica, token, "StopWorker", apb.StopWorkerRequest(worker_id=worker, drain=drain))
+    )
+
+
+ApiUrl = Annotated[str, typer.Option("--api-server", help="API server URL.")]
+
+
+def _parse_pairs(items: list[str], what: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{what} must look like key=value, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+@app.command()
+def infer(
+    capability: Annotated[
+        list[str], typer.Option("--capability", "-c", help="Capability key=value (repeatable).")
+    ],
+    input: Annotated[
+        list[str] | None, typer.Option("--input", "-i", help="Input name=text (repeatable).")
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option(help="Stream the answer (tokens as they arrive).")
+    ] = False,
+    api: ApiUrl = "http://127.0.0.1:8080",
+) -> None:
+    """Send one request through the API server and print the outputs."""
+    from anyserve import codec
+    from anyserve.client import Client
+    from anyserve.errors import AnyServeError
+
+    query = _parse_pairs(capability, "--capability")
+    inputs = _parse_pairs(input or [], "--input")
+
+    def show(value: Any) -> str:
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+    async def main() -> None:
+        async with Client(api) as client:
+            if stream:
+                async for chunk in client.stream(query, inputs):
+                    outputs = codec.decode_outputs(chunk)
+                    text = outputs.get("text_output")
+                    if text is not None and len(outputs) <= 2:
+                        typer.echo(show(text), nl=False)
+                    else:
+                        typer.echo(" ".join(f"{k}={show(v)}" for k, v in outputs.items()))
+                typer.echo()
+            else:
+                response = await client.infer(query, inputs)
+                for name, value in codec.decode_outputs(response).items():
+                    typer.echo(f"{name}: {show(value)}")
+
+    try:
+        anyio.run(main)
+    except AnyServeError as exc:
+        typer.echo(f"anyserve: {type(exc).__name__} ({exc.http_status}): {exc.message}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def registry(api: ApiUrl = "http://127.0.0.1:8080") -> None:
+    """Print the API server's registry: replicas, capabilities, workers."""
+    from anyserve.client import Client
+
+    async def main() -> dict[str, Any]:
+        async with Client(api) as client:
+            return await client.registry()
+
+    data = anyio.run(main)
+    replicas = data.get("replicas", [])
+    if not replicas:
+        typer.echo("no replicas registered")
+    for rep in replicas:
+        typer.echo(
+            f"{rep.get('replica_id')}  {rep.get('endpoint')}  in-flight {rep.get('in_flight', 0)}"
+        )
+        for cap in rep.get("capabilities", []):
+            typer.echo(f"    loaded    {','.join(f'{k}={v}' for k, v in cap.items())}")
+        for cap in rep.get("loadable", []):
+            typer.echo(f"    loadable  {','.join(f'{k}={v}' for k, v in cap.items())}")
+        for w in rep.get("workers", []):
+            typer.echo(f"    worker {w.get('id')}  pid {w.get('pid')}  {w.get('state')}")
 
 
 def main() -> None:

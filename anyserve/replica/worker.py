@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s worker {args.worker_id or '-'} %(name)s: %(message)s",
     )
+    # One line per context.call's discovery request is noise for an operator.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # Ctrl-C in a terminal reaches the whole process group; the replica decides
     # when workers stop (after draining), so the worker ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,222 @@
+"""The HTTP entry: Starlette routes for inference, streaming and the control plane.
+
+Bodies are converted at this edge only: KServe v2 REST JSON, Triton's binary
+tensor extension (``Inference-Header-Content-Length``) and the generate
+extension become a serialized ``ModelInferRequest``; a body sent as
+``application/x-protobuf`` is forwarded as is and its response passed back
+without parsing. Every error is ``{"error": "..."}`` with the status of the
+error table (DESIGN.md section 10).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from anyserve import rpc
+from anyserve.api_server import control, model_meta, rest
+from anyserve.api_server.meta import RequestMeta, http_timeout, parse_meta
+from anyserve.api_server.responses import error_response, json_response, read_body
+from anyserve.api_server.sse import StreamRelay
+from anyserve.api_server.state import ApiState
+from anyserve.errors import AnyServeError, HandlerError, InvalidArgument
+from anyserve.proto import ModelInferRequest, ModelInferResponse
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF = "application/x-protobuf"
+_PROTOBUF_TYPES = (PROTOBUF, "application/protobuf", "application/vnd.google.protobuf")
+
+Endpoint = Callable[[ApiState, Request], Awaitable[Response]]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _is_protobuf(request: Request) -> bool:
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return ctype in _PROTOBUF_TYPES
+
+
+def _request_meta(state: ApiState, request: Request) -> RequestMeta:
+    timeout = http_timeout(request.headers.get("x-request-timeout"), state.config.request_timeout)
+    meta = parse_meta(request.headers.items(), model_name="", timeout=timeout)
+    request.state.request_id = meta.request_id  # for error answers
+    return meta
+
+
+async def _decode_infer(
+    state: ApiState, request: Request, meta: RequestMeta
+) -> tuple[bytes, ModelInferRequest | None]:
+    """Read an inference body; return (serialized request, parsed request or
+    None when the body was protobuf and is forwarded untouched). Sets
+    ``meta.model_name``."""
+    name = request.path_params.get("name", "")
+    body = await read_body(request, state.config.max_body)
+    if _is_protobuf(request):
+        try:
+            in_body = rpc.peek_string_field(body, 1)
+        except ValueError as exc:
+            raise InvalidArgument(f"body is not a ModelInferRequest: {exc}") from None
+        if name and in_body != name:
+            # The URL names the model: append field 1 (model_name); in protobuf
+            # the last value of a field wins, so nothing has to be re-encoded.
+            encoded = name.encode()
+            body = body + b"\x0a" + _varint(len(encoded)) + encoded
+        meta.model_name = name or in_body
+        return body, None
+    header = request.headers.get(rest.HEADER_LENGTH)
+    if header is not None:
+        parsed = rest.request_from_binary(body, rest.parse_header_length(header), name)
+    else:
+        parsed = rest.request_from_json(body, name)
+    if not parsed.model_name and b'"model_name"' in body:
+        parsed.model_name = _body_model_name(body, header)
+    meta.model_name = parsed.model_name
+    return parsed.SerializeToString(), parsed
+
+
+def _body_model_name(body: bytes, header_length: str | None) -> str:
+    # The seed's /infer bodies carry "model_name" (KServe puts it in the URL);
+    # rest.request_from_json does not read it, so it is read here, and only
+    # when the bytes mention it.
+    doc = json.loads(body[: int(header_length)] if header_length else body)
+    name = doc.get("model_name") if isinstance(doc, dict) else None
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgument("'model_name' must be a string")
+    return name or ""
+
+
+def _require_target(meta: RequestMeta) -> None:
+    if not meta.query and not meta.model_name:
+        raise InvalidArgument(
+            "say what to run: X-Capability-* headers, or a model_name in the body"
+            " (or use /v2/models/{name}/infer)"
+        )
+
+
+def _parse_response(raw: bytes) -> ModelInferResponse:
+    try:
+        return ModelInferResponse.FromString(raw)
+    except Exception as exc:
+        raise HandlerError(f"replica sent a malformed response: {exc}") from None
+
+
+async def infer(state: ApiState, request: Request) -> Response:
+    """``POST /infer`` and ``/v2/models/{name}/infer`` (JSON, binary or protobuf)."""
+    meta = _request_meta(state, request)
+    payload, parsed = await _decode_infer(state, request, meta)
+    _require_target(meta)
+    raw = await state.router.unary(rpc.MODEL_INFER, payload, meta)
+    headers = {"X-Request-Id": meta.request_id}
+    if parsed is None:
+        return Response(raw, headers=headers, media_type=PROTOBUF)
+    body, header_length = rest.response_to_http(_parse_response(raw), parsed)
+    if header_length is None:
+        return Response(body, headers=headers, media_type="application/json")
+    headers[rest.HEADER_LENGTH] = str(header_length)
+    return Response(body, headers=headers, media_type="application/octet-stream")
+
+
+async def infer_stream(state: ApiState, request: Request) -> Response:
+    """``POST /infer/stream``: SSE of KServe v2 REST JSON responses."""
+    meta = _request_meta(state, request)
+    payload, _ = await _decode_infer(state, request, meta)
+    _require_target(meta)
+    return StreamRelay(state.router, payload, meta, rest.response_to_json, state.config.sse_ping)
+
+
+async def _generate_payload(state: ApiState, request: Request) -> tuple[bytes, RequestMeta]:
+    meta = _request_meta(state, request)
+    meta.model_name = request.path_params["name"]
+    body = await read_body(request, state.config.max_body)
+    return rest.generate_request(body, meta.model_name).SerializeToString(), meta
+
+
+async def generate(state: ApiState, request: Request) -> Response:
+    """``POST /v2/models/{name}/generate``: Triton's flat JSON in and out."""
+    payload, meta = await _generate_payload(state, request)
+    raw = await state.router.unary(rpc.MODEL_INFER, payload, meta)
+    body = rest.generate_response_json(_parse_response(raw))
+    return Response(body, headers={"X-Request-Id": meta.request_id}, media_type="application/json")
+
+
+async def generate_stream(state: ApiState, request: Request) -> Response:
+    """``POST /v2/models/{name}/generate_stream``: SSE of flat JSON events."""
+    payload, meta = await _generate_payload(state, request)
+    return StreamRelay(
+        state.router, payload, meta, rest.generate_response_json, state.config.sse_ping
+    )
+
+
+# --------------------------------------------------------------------------- app
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AnyServeError)
+    return error_response(exc, getattr(request.state, "request_id", ""))
+
+
+async def _on_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return json_response({"error": exc.detail}, exc.status_code, exc.headers)
+
+
+async def _on_crash(request: Request, exc: Exception) -> Response:
+    # Logged by Starlette's ServerErrorMiddleware, which re-raises after this.
+    return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+
+
+def build_app(state: ApiState) -> Starlette:
+    """The Starlette application of one server (no module-level state)."""
+
+    def bind(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+        async def call(request: Request) -> Response:
+            return await endpoint(state, request)
+
+        call.__name__ = endpoint.__name__
+        return call
+
+    post, get = ["POST"], ["GET"]
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/register", bind(control.register), methods=post),
+        Route("/unregister", bind(control.unregister), methods=post),
+        Route("/registry", bind(control.registry), methods=get),
+        Route("/health", bind(control.health), methods=get),
+        Route("/infer", bind(infer), methods=post),
+        Route("/infer/stream", bind(infer_stream), methods=post),
+        Route(f"{model}/infer", bind(infer), methods=post),
+        Route(f"{versioned}/infer", bind(infer), methods=post),
+        Route(f"{model}/generate", bind(generate), methods=post),
+        Route(f"{model}/generate_stream", bind(generate_stream), methods=post),
+        Route("/v2/health/live", bind(model_meta.http_live), methods=get),
+        Route("/v2/health/ready", bind(model_meta.http_ready), methods=get),
+        Route("/v2", bind(model_meta.http_server_metadata), methods=get),
+        Route(model, bind(model_meta.http_model_metadata), methods=get),
+        Route(versioned, bind(model_meta.http_model_metadata), methods=get),
+        Route(f"{model}/ready", bind(model_meta.http_model_ready), methods=get),
+        Route(f"{versioned}/ready", bind(model_meta.http_model_ready), methods=get),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            AnyServeError: _on_error,
+            HTTPException: _on_http,
+            Exception: _on_crash,
+        },
+    )

@@ -1,0 +1,142 @@
+"""One persistent gRPC channel per replica endpoint.
+
+Channels are made when a replica registers (or on first use) and closed once
+no registered replica uses their endpoint and no call is running on them. The
+pool also answers the question the router's retry rule depends on: "is this
+channel connected?" (:meth:`Connection.connect`), so a request is only ever
+sent over a connection that is up.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import grpc
+import grpc.aio
+
+from anyserve import rpc
+
+logger = logging.getLogger(__name__)
+
+_READY = grpc.ChannelConnectivity.READY
+_BROKEN = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+_FAILED = (_BROKEN, grpc.ChannelConnectivity.SHUTDOWN)
+
+# A replica that comes back on the same endpoint should be reachable within a
+# heartbeat or so, not after gRPC's default reconnect backoff (up to 120 s).
+_CHANNEL_OPTIONS = [
+    *rpc.grpc_options(),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    # Subchannels are shared process-wide by default: a fresh channel would
+    # inherit the old one's reconnect backoff (see ChannelPool.refresh).
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+# grpc is untyped here (see pyproject): these callables take and return bytes.
+Unary = Any
+Streaming = Any
+
+
+class Connection:
+    """A channel to one endpoint plus cached callables (bytes in, bytes out)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.channel = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+        self.calls = 0  # calls running on this channel; it is only closed at 0
+        self._unary: dict[str, Unary] = {}
+        self._stream: Streaming | None = None
+
+    def unary(self, path: str) -> Unary:
+        """The unary callable for ``path``; requests and responses stay serialized."""
+        call = self._unary.get(path)
+        if call is None:
+            call = self._unary[path] = self.channel.unary_unary(path)
+        return call
+
+    def stream(self) -> Streaming:
+        """The ``ModelStreamInfer`` callable (serialized messages both ways)."""
+        if self._stream is None:
+            self._stream = self.channel.stream_stream(rpc.MODEL_STREAM_INFER)
+        return self._stream
+
+    def warm_up(self) -> None:
+        """Start connecting now so the first request does not pay for it."""
+        self.channel.get_state(try_to_connect=True)
+
+    async def connect(self, within: float) -> bool:
+        """True once the channel is READY; False when the connection attempt
+        failed (refused, unreachable, TLS/HTTP2 handshake) or took longer than
+        ``within`` seconds. Costs one C call when already connected."""
+        state = self.channel.get_state(try_to_connect=True)
+        if state == _READY:
+            return True
+        with anyio.move_on_after(within):
+            while state not in _FAILED:
+                await self.channel.wait_for_state_change(state)
+                state = self.channel.get_state(try_to_connect=True)
+                if state == _READY:
+                    return True
+        return False
+
+
+class ChannelPool:
+    """Connections by endpoint; see the module docstring for their lifetime."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, Connection] = {}
+        self._retired: list[Connection] = []
+
+    def get(self, endpoint: str) -> Connection:
+        """The connection to ``endpoint``, created on first use."""
+        conn = self._connections.get(endpoint)
+        if conn is None:
+            conn = self._connections[endpoint] = Connection(endpoint)
+        return conn
+
+    def refresh(self, endpoint: str) -> Connection:
+        """The connection to ``endpoint``, replaced by a fresh one when the
+        current one is in TRANSIENT_FAILURE.
+
+        Called on every registration heartbeat: the replica just proved it is
+        up, so requests must not keep failing fast until gRPC's reconnect
+        backoff runs out (a replica restarted on the same port).
+        """
+        conn = self._connections.get(endpoint)
+        if conn is not None and conn.channel.get_state() == _BROKEN:
+            self._retired.append(conn)
+            conn = None
+        if conn is None:
+            conn = self._connections[endpoint] = Connection(endpoint)
+        conn.warm_up()
+        return conn
+
+    async def prune(self, keep: set[str]) -> None:
+        """Close idle connections whose endpoint is not in ``keep``. Busy ones
+        are left for a later call so running requests finish."""
+        idle = [
+            conn
+            for endpoint, conn in self._connections.items()
+            if endpoint not in keep and conn.calls == 0
+        ]
+        for conn in idle:
+            del self._connections[conn.endpoint]
+            logger.debug("closing channel to %s", conn.endpoint)
+        idle += [conn for conn in self._retired if conn.calls == 0]
+        self._retired = [conn for conn in self._retired if conn.calls]
+        for conn in idle:
+            await conn.channel.close()
+
+    async def close(self) -> None:
+        """Close every connection (cancels calls still running)."""
+        conns = [*self._connections.values(), *self._retired]
+        self._connections.clear()
+        self._retired.clear()
+        for conn in conns:
+            await conn.channel.close()

@@ -1,0 +1,66 @@
+"""The API server's settings, in one dataclass shared by every part of it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+NoMatchPolicy = Literal["reject", "random"]
+NO_MATCH_POLICIES: tuple[NoMatchPolicy, ...] = ("reject", "random")
+
+MIB = 1024 * 1024
+
+
+def _env_token() -> str | None:
+    return os.environ.get("ANYSERVE_TOKEN") or None
+
+
+@dataclass
+class ApiServerConfig:
+    """How an :class:`~anyserve.api_server.server.ApiServer` listens, routes and limits.
+
+    ``port``/``grpc_port`` 0 pick free ports (read the real ones from the server).
+    ``no_match``: ``"reject"`` answers 404 when no replica matches; ``"random"``
+    forwards to a random replica not yet visited, which may delegate (seed
+    scenario 2). ``token`` (default: ``$ANYSERVE_TOKEN``) guards ``/register`` and
+    ``/unregister``. ``ttl`` None means three heartbeat intervals.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    grpc_port: int = 8081
+    no_match: NoMatchPolicy = "reject"
+    token: str | None = field(default_factory=_env_token)
+    hop_limit: int = 4
+    heartbeat_interval: float = 2.0
+    ttl: float | None = None
+    max_body: int = 64 * MIB
+    max_inflight_per_replica: int = 256
+    # Seconds a request may take when the client set no deadline of its own.
+    request_timeout: float = 300.0
+    # Seconds to wait for a TCP/HTTP2 connection to a replica before trying another.
+    connect_timeout: float = 5.0
+    # Seconds stop() lets in-flight requests (SSE streams included) finish.
+    shutdown_grace: float = 5.0
+    # Seconds between SSE keep-alive comments (0 disables them).
+    sse_ping: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.no_match not in NO_MATCH_POLICIES:
+            raise ValueError(f"no_match must be one of {NO_MATCH_POLICIES}, not {self.no_match!r}")
+        if self.hop_limit < 1:
+            raise ValueError("hop_limit must be at least 1")
+        if self.heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be positive")
+        if self.ttl is not None and self.ttl <= 0:
+            raise ValueError("ttl must be positive")
+        if self.max_body <= 0 or self.max_inflight_per_replica <= 0:
+            raise ValueError("max_body and max_inflight_per_replica must be positive")
+        if self.request_timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("request_timeout and connect_timeout must be positive")
+
+    @property
+    def effective_ttl(self) -> float:
+        """Seconds after its last heartbeat that a replica is dropped."""
+        return self.ttl if self.ttl is not None else 3 * self.heartbeat_interval

@@ -1,0 +1,160 @@
+"""The control plane over HTTP: ``/register``, ``/unregister``, ``/registry``, ``/health``.
+
+A replica POSTs the same ``/register`` body as its heartbeat (an upsert that
+replaces its capabilities), so an API server that restarted learns every live
+replica again within one heartbeat interval.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from anyserve.api_server.responses import json_response, read_body
+from anyserve.api_server.state import ApiState
+from anyserve.capability import Capability
+from anyserve.errors import InvalidArgument, Unauthenticated
+
+logger = logging.getLogger(__name__)
+
+_MAX_CONTROL_BODY = 4 * 1024 * 1024
+_MAX_ID = 256
+_SCALARS = (str, int, float, bool)
+
+
+def check_token(state: ApiState, request: Request) -> None:
+    """Raise Unauthenticated unless the request carries the configured token."""
+    token = state.config.token
+    if not token:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise Unauthenticated("missing or wrong token (Authorization: Bearer <token>)")
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await read_body(request, _MAX_CONTROL_BODY)
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise InvalidArgument(f"body is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("body must be a JSON object")
+    return doc
+
+
+def _text(doc: dict[str, Any], key: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgument(f"{key!r} must be a non-empty string")
+    value = value.strip()
+    # Ids travel in gRPC metadata and in the comma-separated visited list.
+    if len(value) > _MAX_ID or not value.isascii() or not value.isprintable() or "," in value:
+        raise InvalidArgument(f"{key!r} must be printable ASCII without commas")
+    return value
+
+
+def _endpoint(doc: dict[str, Any]) -> str:
+    endpoint = _text(doc, "endpoint")
+    if endpoint.startswith("unix:"):
+        return endpoint
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"'endpoint' must be host:port, got {endpoint!r}")
+    return endpoint
+
+
+def _capabilities(doc: dict[str, Any], key: str, required: bool) -> list[Capability]:
+    items = doc.get(key)
+    if items is None and not required:
+        return []
+    if not isinstance(items, list):
+        raise InvalidArgument(f"{key!r} must be a list of objects")
+    caps: list[Capability] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not item:
+            raise InvalidArgument(f"{key}[{index}] must be a non-empty object")
+        for name, value in item.items():
+            if not isinstance(value, _SCALARS):
+                raise InvalidArgument(f"{key}[{index}].{name} must be a string, number or bool")
+        caps.append(Capability(item))
+    return caps
+
+
+async def register(state: ApiState, request: Request) -> Response:
+    """Register or refresh a replica (see the module docstring)."""
+    check_token(state, request)
+    doc = await _json_object(request)
+    replica_id = _text(doc, "replica_id")
+    endpoint = _endpoint(doc)
+    capabilities = _capabilities(doc, "capabilities", required=True)
+    loadable = _capabilities(doc, "loadable", required=False)
+    workers = doc.get("workers", [])
+    if not isinstance(workers, list):
+        raise InvalidArgument("'workers' must be a list")
+    old = state.registry.get(replica_id)
+    before = None if old is None else (old.endpoint, old.capabilities, old.loadable)
+    replica, created = state.registry.upsert(replica_id, endpoint, capabilities, loadable, workers)
+    state.pool.refresh(endpoint)
+    if created or before != (replica.endpoint, replica.capabilities, replica.loadable):
+        # Heartbeats repeat the same body: only news is logged.
+        logger.info(
+            "replica %s %s at %s: %s%s",
+            replica_id,
+            "registered" if created else "updated",
+            endpoint,
+            _caps_text(replica.capabilities),
+            f"; loadable: {_caps_text(replica.loadable)}" if replica.loadable else "",
+        )
+    cfg = state.config
+    return json_response(
+        {
+            "ok": True,
+            "grpc_endpoint": state.grpc_endpoint(request.url.hostname),
+            "heartbeat_interval": cfg.heartbeat_interval,
+            "ttl": cfg.effective_ttl,
+        }
+    )
+
+
+def _caps_text(caps: Sequence[Capability]) -> str:
+    return "; ".join(str(c) for c in caps) or "(none)"
+
+
+async def unregister(state: ApiState, request: Request) -> Response:
+    """Remove a replica (its channel closes once its last call ends)."""
+    check_token(state, request)
+    doc = await _json_object(request)
+    replica_id = _text(doc, "replica_id")
+    removed = state.registry.remove(replica_id)
+    if removed is not None:
+        logger.info("replica %s unregistered", replica_id)
+        await state.pool.prune(state.registry.endpoints())
+    return json_response({"ok": True, "removed": removed is not None})
+
+
+async def registry(state: ApiState, request: Request) -> Response:
+    """Every live replica with capabilities, workers, heartbeat age and load."""
+    now = time.time()
+    return json_response({"replicas": [r.to_json(now) for r in state.registry]})
+
+
+async def health(state: ApiState, request: Request) -> Response:
+    """200 while the process serves, with the replica count and the gRPC entry's
+    endpoint (how ``context.call`` clients find it)."""
+    return json_response(
+        {
+            "status": "ok",
+            "replicas": len(state.registry),
+            "grpc_endpoint": state.grpc_endpoint(request.url.hostname),
+        }
+    )

@@ -1,0 +1,214 @@
+"""The gRPC entry: the KServe v2 service of the API server, as a byte-level proxy.
+
+``ModelInfer`` and ``ModelStreamInfer`` requests are routed like HTTP ones
+(capability from ``x-capability-*`` metadata, else the ``model_name`` peeked
+from the serialized request) and forwarded as the client's bytes; responses
+come back the same way. On the bidirectional stream every request is routed on
+its own (requests of one stream may reach different replicas) and responses
+are relayed as they arrive; a failure of one request, routing errors included,
+is reported in-band (Triton's convention: ``error_message`` set, the status
+code name in the ``anyserve_error_code`` parameter) and the stream goes on.
+Server liveness, readiness and metadata are answered here; model readiness and
+metadata are forwarded to a replica serving the name. The client's deadline
+travels to the replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import anyio
+import grpc
+import grpc.aio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+from anyserve import rpc
+from anyserve.api_server import model_meta
+from anyserve.api_server.meta import RequestMeta, parse_meta
+from anyserve.api_server.state import ApiState
+from anyserve.errors import AnyServeError, InvalidArgument, NotFound, Overloaded
+from anyserve.proto import (
+    InferParameter,
+    ModelInferResponse,
+    ModelMetadataRequest,
+    ModelReadyRequest,
+    ModelReadyResponse,
+    ModelStreamInferResponse,
+    ServerLiveResponse,
+    ServerReadyResponse,
+)
+
+logger = logging.getLogger(__name__)
+
+# grpc is untyped here (see pyproject): a grpc.aio.ServicerContext.
+Context = Any
+_OUT_BUFFER = 64  # responses of one client stream waiting for the client
+
+
+def in_band_error(exc: AnyServeError, request_id: str, model_name: str) -> bytes:
+    """A serialized ModelStreamInferResponse reporting ``exc`` for one request."""
+    response = ModelInferResponse(id=request_id, model_name=model_name)
+    response.parameters[rpc.ERROR_CODE].CopyFrom(InferParameter(string_param=exc.grpc_code.name))
+    message = ModelStreamInferResponse(error_message=exc.message, infer_response=response)
+    return message.SerializeToString()
+
+
+class GrpcEntry:
+    """The servicer; :meth:`handler` is what a grpc.aio server registers."""
+
+    def __init__(self, state: ApiState) -> None:
+        self._state = state
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Generic handler with identity (de)serializers: bytes in, bytes out."""
+        methods: dict[str, Any] = {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
+            "ServerLive": grpc.unary_unary_rpc_method_handler(self.server_live),
+            "ServerReady": grpc.unary_unary_rpc_method_handler(self.server_ready),
+            "ServerMetadata": grpc.unary_unary_rpc_method_handler(self.server_metadata),
+            "ModelReady": grpc.unary_unary_rpc_method_handler(self.model_ready),
+            "ModelMetadata": grpc.unary_unary_rpc_method_handler(self.model_metadata),
+        }
+        return grpc.method_handlers_generic_handler(rpc.SERVICE, methods)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _timeout(self, context: Context) -> float:
+        left = context.time_remaining()
+        # Without a client deadline grpc reports None or a huge number.
+        if left is None or not math.isfinite(left) or left > 10 * 365 * 86400:
+            return self._state.config.request_timeout
+        return max(float(left), 0.0)
+
+    def _meta(self, context: Context, model_name: str) -> RequestMeta:
+        pairs: Any = context.invocation_metadata() or ()
+        return parse_meta(pairs, model_name=model_name, timeout=self._timeout(context))
+
+    @staticmethod
+    async def _abort(context: Context, exc: AnyServeError) -> NoReturn:
+        trailing: tuple[tuple[str, str], ...] = ()
+        if isinstance(exc, Overloaded):
+            trailing = (("retry-after", str(max(1, math.ceil(exc.retry_after)))),)
+        await context.abort(exc.grpc_code, exc.message, trailing)
+        raise AssertionError("context.abort() raises")  # pragma: no cover
+
+    @staticmethod
+    def _peek(request: bytes, field: int) -> str:
+        try:
+            return rpc.peek_string_field(request, field)
+        except ValueError as exc:
+            raise InvalidArgument(f"malformed request: {exc}") from None
+
+    # ----------------------------------------------------------------- inference
+
+    async def model_infer(self, request: bytes, context: Context) -> bytes:
+        """Route one ModelInferRequest and return the replica's response bytes."""
+        try:
+            meta = self._meta(context, self._peek(request, 1))
+            if not meta.query and not meta.model_name:
+                raise InvalidArgument("set x-capability-* metadata or the request's model_name")
+            return await self._state.router.unary(rpc.MODEL_INFER, request, meta)
+        except AnyServeError as exc:
+            await self._abort(context, exc)
+
+    async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Context) -> None:
+        """Relay every request of the client's stream; see the module docstring."""
+        out_in, out = anyio.create_memory_object_stream[bytes](_OUT_BUFFER)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._read_requests, requests, context, out_in, tg)
+            async with out:
+                async for message in out:
+                    await context.write(message)
+
+    async def _read_requests(
+        self,
+        requests: AsyncIterator[bytes],
+        context: Context,
+        out: MemoryObjectSendStream[bytes],
+        tg: TaskGroup,
+    ) -> None:
+        async with out:
+            async for request in requests:
+                tg.start_soon(self._relay_one, request, context, out.clone())
+
+    async def _relay_one(
+        self, request: bytes, context: Context, out: MemoryObjectSendStream[bytes]
+    ) -> None:
+        async with out:
+            request_id, model_name = "", ""
+            try:
+                request_id = self._peek(request, 3)
+                model_name = self._peek(request, 1)
+                meta = self._meta(context, model_name)
+                if not meta.query and not meta.model_name:
+                    raise InvalidArgument("set x-capability-* metadata or the request's model_name")
+                async with self._state.router.stream(request, meta) as stream:
+                    while (message := await stream.read()) is not None:
+                        await out.send(message)
+            except AnyServeError as exc:
+                await out.send(in_band_error(exc, request_id, model_name))
+
+    # ----------------------------------------------------------------- metadata
+
+    async def server_live(self, request: bytes, context: Context) -> bytes:
+        """Always live while serving."""
+        return ServerLiveResponse(live=True).SerializeToString()
+
+    async def server_ready(self, request: bytes, context: Context) -> bytes:
+        """Ready unless shutting down (see model_meta for why replicas don't count)."""
+        return ServerReadyResponse(ready=not self._state.draining).SerializeToString()
+
+    async def server_metadata(self, request: bytes, context: Context) -> bytes:
+        """Name "anyserve", version and extensions."""
+        return model_meta.server_metadata().SerializeToString()
+
+    async def model_ready(self, request: bytes, context: Context) -> bytes:
+        """Forwarded to a replica serving the name; served by none -> ready=false."""
+        try:
+            parsed = ModelReadyRequest.FromString(request)
+        except Exception:
+            await self._abort(context, InvalidArgument("malformed ModelReadyRequest"))
+        try:
+            meta = self._meta(context, parsed.name)
+            try:
+                ready = await model_meta.model_ready(self._state, meta, parsed.version)
+            except NotFound:
+                ready = False
+            return ModelReadyResponse(ready=ready).SerializeToString()
+        except AnyServeError as exc:
+            await self._abort(context, exc)
+
+    async def model_metadata(self, request: bytes, context: Context) -> bytes:
+        """Forwarded to a replica serving the name (NOT_FOUND when none does)."""
+        try:
+            parsed = ModelMetadataRequest.FromString(request)
+        except Exception:
+            await self._abort(context, InvalidArgument("malformed ModelMetadataRequest"))
+        try:
+            meta = self._meta(context, parsed.name)
+            return await model_meta.model_metadata(self._state, meta, parsed.version)
+        except AnyServeError as exc:
+            await self._abort(context, exc)
+
+
+async def start_grpc_server(state: ApiState, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Bind and start the gRPC entry on ``host:port`` (0 = a free port).
+
+    Returns ``(server, bound port)``; raises OSError when the port is taken.
+    """
+    server = grpc.aio.server(options=rpc.grpc_options())
+    server.add_generic_rpc_handlers([GrpcEntry(state).handler()])
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,128 @@
+"""What a request carries through the API server besides its body.
+
+HTTP headers and gRPC metadata use the same lower-case names (``anyserve.rpc``),
+so both entries build a :class:`RequestMeta` from ``(key, value)`` pairs with
+:func:`parse_meta`, and the router turns it back into replica metadata with
+:meth:`RequestMeta.metadata`.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from anyserve import rpc
+from anyserve.capability import query_from_headers, query_to_metadata
+from anyserve.errors import InvalidArgument
+
+# HTTP only: gRPC clients set a deadline instead.
+TIMEOUT_HEADER = "x-request-timeout"
+_MAX_ID = 128
+
+
+@dataclass(slots=True)
+class RequestMeta:
+    """Routing facts of one request.
+
+    ``query`` is the capability query (may be empty, then ``model_name`` routes);
+    ``visited`` is only filled for delegated requests (``delegated_from`` set) and
+    always contains the delegating replica: its length is the hop count.
+    """
+
+    query: dict[str, str]
+    model_name: str
+    request_id: str
+    timeout: float
+    delegated_from: str = ""
+    visited: tuple[str, ...] = ()
+    call_chain: str = ""
+
+    def describe(self) -> str:
+        """How the request addressed its target, for error messages and logs."""
+        if self.query:
+            return "capability " + ",".join(f"{k}={v}" for k, v in sorted(self.query.items()))
+        return f"model {self.model_name!r}"
+
+    def metadata(self) -> list[tuple[str, str]]:
+        """gRPC metadata for the replica (the query, request id and hop list)."""
+        md = query_to_metadata(self.query)
+        md.append((rpc.REQUEST_ID, self.request_id))
+        if self.delegated_from:
+            md.append((rpc.DELEGATED_FROM, self.delegated_from))
+            md.append((rpc.VISITED, ",".join(self.visited)))
+        if self.call_chain:
+            md.append((rpc.CALL_CHAIN, self.call_chain))
+        return md
+
+
+def _check_value(key: str, value: str) -> str:
+    # gRPC rejects non-printable or non-ASCII metadata values; say so as a 400
+    # here rather than failing later inside the channel.
+    if not (value.isascii() and value.isprintable()):
+        raise InvalidArgument(f"header {key!r} must be printable ASCII")
+    return value
+
+
+def parse_meta(
+    pairs: Iterable[tuple[str, str | bytes]], *, model_name: str, timeout: float
+) -> RequestMeta:
+    """Build the routing facts from headers or metadata.
+
+    Raises InvalidArgument for a malformed capability key or non-ASCII value.
+    A client cannot raise the hop limit through headers: the hop count is the
+    length of the visited list, which only grows.
+    """
+    text: list[tuple[str, str]] = []
+    fields: dict[str, str] = {}
+    for key, value in pairs:
+        if isinstance(value, bytes):  # "-bin" gRPC metadata; never ours
+            continue
+        key = key.lower()
+        text.append((key, value))
+        if key in (rpc.REQUEST_ID, rpc.DELEGATED_FROM, rpc.VISITED, rpc.CALL_CHAIN):
+            fields[key] = value.strip()
+    query = {k: _check_value(k, v) for k, v in query_from_headers(text).items()}
+    request_id = fields.get(rpc.REQUEST_ID, "")
+    if not (0 < len(request_id) <= _MAX_ID and request_id.isascii() and request_id.isprintable()):
+        request_id = uuid.uuid4().hex
+    delegated_from = fields.get(rpc.DELEGATED_FROM, "")
+    visited: tuple[str, ...] = ()
+    if delegated_from:
+        _check_value(rpc.DELEGATED_FROM, delegated_from)
+        hops = [
+            h.strip() for h in _check_value(rpc.VISITED, fields.get(rpc.VISITED, "")).split(",")
+        ]
+        listed = [h for h in hops if h]
+        if delegated_from not in listed:
+            listed.append(delegated_from)
+        visited = tuple(listed)
+    call_chain = fields.get(rpc.CALL_CHAIN, "")
+    if call_chain:
+        _check_value(rpc.CALL_CHAIN, call_chain)
+    return RequestMeta(
+        query=query,
+        model_name=model_name,
+        request_id=request_id,
+        timeout=timeout,
+        delegated_from=delegated_from,
+        visited=visited,
+        call_chain=call_chain,
+    )
+
+
+def http_timeout(value: str | None, default: float) -> float:
+    """Seconds from an ``X-Request-Timeout`` header, else ``default``.
+
+    Raises InvalidArgument unless the value is a positive finite number.
+    """
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidArgument(f"X-Request-Timeout must be seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidArgument(f"X-Request-Timeout must be positive, got {value!r}")
+    return seconds

@@ -1,0 +1,179 @@
+"""The in-memory registry of replicas and how a request picks among them.
+
+Matching (DESIGN.md section 4): a capability query matches a capability when
+every key of the query is present with the same value. Candidates are ranked
+closest match first (fewest keys beyond the query), then loaded before
+loadable (no cold start), then fewest in-flight requests, ties at random.
+Without a query a KServe model name addresses capabilities by their ``model``
+value, else their ``type`` value.
+
+Entries expire when their last heartbeat is older than the TTL: the server's
+sweeper calls :meth:`Registry.expire`, and lookups skip stale entries in the
+meantime so a dead replica is never chosen between sweeps.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from anyserve.capability import Capability
+
+# Rank of a replica for one request: lower is better.
+Rank = tuple[int, ...]
+
+
+@dataclass(eq=False, slots=True)
+class Replica:
+    """One registered replica. ``in_flight`` is maintained by the router."""
+
+    replica_id: str
+    endpoint: str
+    capabilities: tuple[Capability, ...]
+    loadable: tuple[Capability, ...] = ()
+    workers: list[Any] = field(default_factory=list)
+    registered_at: float = 0.0  # wall clock, for display
+    last_heartbeat: float = 0.0  # wall clock, for display
+    last_seen: float = 0.0  # monotonic, for expiry
+    in_flight: int = 0
+
+    def rank_query(self, query: Mapping[str, str]) -> Rank | None:
+        """``(extra keys, loadable?)`` of this replica's best capability for the query."""
+        best: Rank | None = None
+        for loadable, caps in ((0, self.capabilities), (1, self.loadable)):
+            for cap in caps:
+                if cap.matches(query):
+                    rank = (cap.extra_keys(query), loadable)
+                    if best is None or rank < best:
+                        best = rank
+        return best
+
+    def rank_name(self, name: str) -> Rank | None:
+        """``(model before type, fewer keys, loadable?)`` of the best capability by name."""
+        best: Rank | None = None
+        for loadable, caps in ((0, self.capabilities), (1, self.loadable)):
+            for cap in caps:
+                score = cap.serves_name(name)
+                if score:
+                    rank = (-score, len(cap), loadable)
+                    if best is None or rank < best:
+                        best = rank
+        return best
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        """The ``GET /registry`` view of this replica (``now`` is wall-clock time)."""
+        return {
+            "replica_id": self.replica_id,
+            "endpoint": self.endpoint,
+            "capabilities": [c.to_dict() for c in self.capabilities],
+            "loadable": [c.to_dict() for c in self.loadable],
+            "workers": self.workers,
+            "registered_at": self.registered_at,
+            "last_heartbeat": self.last_heartbeat,
+            "last_heartbeat_age": round(max(0.0, now - self.last_heartbeat), 3),
+            "in_flight": self.in_flight,
+        }
+
+
+class Registry:
+    """Replicas by id. Not thread-safe: used from the server's event loop only."""
+
+    def __init__(self, ttl: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._replicas: dict[str, Replica] = {}
+
+    def upsert(
+        self,
+        replica_id: str,
+        endpoint: str,
+        capabilities: Sequence[Capability],
+        loadable: Sequence[Capability] = (),
+        workers: Sequence[Any] = (),
+    ) -> tuple[Replica, bool]:
+        """Register or refresh a replica; its capabilities are replaced.
+
+        Returns ``(replica, created)``. The in-flight count survives a refresh.
+        """
+        now_wall, now = time.time(), self._clock()
+        replica = self._replicas.get(replica_id)
+        created = replica is None or not self._alive(replica, now)
+        if replica is None:
+            replica = Replica(replica_id, endpoint, (), registered_at=now_wall)
+            self._replicas[replica_id] = replica
+        elif created:
+            replica.registered_at = now_wall
+        replica.endpoint = endpoint
+        replica.capabilities = tuple(capabilities)
+        replica.loadable = tuple(loadable)
+        replica.workers = list(workers)
+        replica.last_heartbeat = now_wall
+        replica.last_seen = now
+        return replica, created
+
+    def remove(self, replica_id: str) -> Replica | None:
+        """Drop a replica; returns it, or None when it was not registered."""
+        return self._replicas.pop(replica_id, None)
+
+    def expire(self) -> list[Replica]:
+        """Drop and return every replica whose heartbeat is older than the TTL."""
+        now = self._clock()
+        stale = [r for r in self._replicas.values() if not self._alive(r, now)]
+        for replica in stale:
+            del self._replicas[replica.replica_id]
+        return stale
+
+    def get(self, replica_id: str) -> Replica | None:
+        """The live replica with this id, or None."""
+        replica = self._replicas.get(replica_id)
+        if replica is None or not self._alive(replica, self._clock()):
+            return None
+        return replica
+
+    def __iter__(self) -> Iterator[Replica]:
+        """Live replicas, in registration order."""
+        now = self._clock()
+        return iter([r for r in self._replicas.values() if self._alive(r, now)])
+
+    def __len__(self) -> int:
+        now = self._clock()
+        return sum(1 for r in self._replicas.values() if self._alive(r, now))
+
+    def endpoints(self) -> set[str]:
+        """Endpoints of every entry still held (stale ones included until swept)."""
+        return {r.endpoint for r in self._replicas.values()}
+
+    def candidates(
+        self, query: Mapping[str, str], name: str, exclude: Collection[str] = ()
+    ) -> list[Replica]:
+        """Live replicas that serve the query (or, without a query, the model
+        name), best first: closest match, loaded before loadable, least in
+        flight, ties in random order. Replicas in ``exclude`` are skipped."""
+        now = self._clock()
+        ranked: list[tuple[Rank, int, float, Replica]] = []
+        for replica in self._replicas.values():
+            if replica.replica_id in exclude or not self._alive(replica, now):
+                continue
+            rank = replica.rank_query(query) if query else replica.rank_name(name)
+            if rank is not None:
+                ranked.append((rank, replica.in_flight, random.random(), replica))
+        ranked.sort(key=lambda item: item[:3])
+        return [item[3] for item in ranked]
+
+    def shuffled(self, exclude: Collection[str] = ()) -> list[Replica]:
+        """Every live replica not in ``exclude``, in random order (the seed's
+        no-match behaviour: a random replica may know someone who can serve)."""
+        now = self._clock()
+        found = [
+            r
+            for r in self._replicas.values()
+            if r.replica_id not in exclude and self._alive(r, now)
+        ]
+        random.shuffle(found)
+        return found
+
+    def _alive(self, replica: Replica, now: float) -> bool:
+        return now - replica.last_seen <= self.ttl

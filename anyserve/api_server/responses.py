@@ -1,0 +1,57 @@
+"""HTTP helpers shared by the routes: error answers and bounded body reads."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from anyserve.errors import AnyServeError, InvalidArgument, Overloaded, PayloadTooLarge
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def json_response(
+    doc: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """A compact JSON response."""
+    return Response(_encode(doc), status, headers, media_type="application/json")
+
+
+def error_response(exc: AnyServeError, request_id: str = "") -> Response:
+    """``{"error": message}`` with the error's HTTP status (and Retry-After on 429)."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return json_response({"error": exc.message}, exc.http_status, headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes.
+
+    Raises PayloadTooLarge from the Content-Length header before reading, or
+    as soon as the received bytes pass the limit (chunked or lying clients);
+    InvalidArgument for a malformed Content-Length.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidArgument(f"bad Content-Length {declared!r}") from None
+        if size > limit:
+            raise PayloadTooLarge(f"body of {size} bytes is over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -1,0 +1,245 @@
+"""Choosing a replica for a request and forwarding its serialized bytes there.
+
+Choice (DESIGN.md sections 4 and 5): the registry's best candidate that is
+not at its in-flight cap; a delegated request (``x-delegated-from``) excludes
+every replica on its visited list and is refused with LoopDetected once that
+list reaches the hop limit; when nothing matches, ``no_match="reject"`` answers
+NotFound and ``"random"`` forwards to a random replica not yet visited.
+
+Retry rule: a request is retried on another candidate only when the
+connection to the chosen replica could not be made. The router checks the
+channel's connectivity *before* it starts the call (:meth:`Connection.connect`):
+if the channel does not reach READY (connection refused, unreachable, backoff
+after a failure, or the connect timeout), nothing was sent and another replica
+may safely take the request. Once a call has started on a READY channel, every
+failure is final, UNAVAILABLE included: it may be the replica's own answer (a
+worker crashed while serving) or the connection dying mid-request, and in both
+cases the request may already have run, so it must not run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import grpc.aio
+
+from anyserve.api_server.channels import ChannelPool, Connection
+from anyserve.api_server.config import NoMatchPolicy
+from anyserve.api_server.meta import RequestMeta
+from anyserve.api_server.registry import Registry, Replica
+from anyserve.errors import (
+    AnyServeError,
+    DeadlineExceeded,
+    LoopDetected,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    from_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Lease:
+    """A replica chosen for one request, connected, with its in-flight slot held."""
+
+    replica: Replica
+    conn: Connection
+    metadata: list[tuple[str, str]]
+    deadline: float  # anyio.current_time() by which the call must end
+
+    def remaining(self) -> float:
+        """Seconds left; raises DeadlineExceeded when none are."""
+        left = self.deadline - anyio.current_time()
+        if left <= 0:
+            raise DeadlineExceeded("deadline passed before the request reached a replica")
+        return left
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError) -> AnyServeError:
+    return from_grpc(exc.code(), exc.details() or exc.code().name)
+
+
+class ReplicaStream:
+    """The responses of one request sent on a replica's ``ModelStreamInfer``."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, replica: Replica) -> None:
+        self._call = call
+        self.replica = replica
+
+    async def read(self) -> bytes | None:
+        """The next serialized ModelStreamInferResponse, or None at the clean end.
+
+        Raises the anyserve error matching the status the replica ended with.
+        """
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from None
+        # Anything but bytes is grpc.aio.EOF (absent from the type stubs).
+        return message if isinstance(message, bytes) else None
+
+
+class Router:
+    """Picks replicas and forwards requests; see the module docstring."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        pool: ChannelPool,
+        *,
+        no_match: NoMatchPolicy = "reject",
+        hop_limit: int = 4,
+        max_inflight: int = 256,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.no_match = no_match
+        self.hop_limit = hop_limit
+        self.max_inflight = max_inflight
+        self.connect_timeout = connect_timeout
+
+    async def unary(
+        self, path: str, body: bytes, meta: RequestMeta, *, allow_random: bool = True
+    ) -> bytes:
+        """Send ``body`` to ``path`` on a chosen replica; return its response bytes.
+
+        Raises NotFound, LoopDetected, Overloaded, Unavailable, DeadlineExceeded
+        or the error the replica answered with.
+        """
+        async with self.lease(meta, allow_random=allow_random) as lease:
+            call = lease.conn.unary(path)(
+                body, timeout=lease.remaining(), metadata=lease.metadata, wait_for_ready=False
+            )
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as exc:
+                raise _rpc_error(exc) from None
+            finally:
+                call.cancel()  # no-op once done; stops the replica if we were cancelled
+            assert isinstance(response, bytes)
+            return response
+
+    @asynccontextmanager
+    async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[ReplicaStream]:
+        """Send one request on a replica's ``ModelStreamInfer`` and half-close.
+
+        Yields its responses; leaving the block cancels the call if it is still
+        running (the client went away). Raises like :meth:`unary` on entry.
+        """
+        async with self.lease(meta) as lease:
+            call = lease.conn.stream()(
+                None, timeout=lease.remaining(), metadata=lease.metadata, wait_for_ready=False
+            )
+            try:
+                try:
+                    await call.write(body)
+                    await call.done_writing()
+                except asyncio.InvalidStateError:
+                    pass  # the call already ended; read() reports its status
+                except grpc.aio.AioRpcError as exc:
+                    raise _rpc_error(exc) from None
+                yield ReplicaStream(call, lease.replica)
+            finally:
+                call.cancel()
+
+    @asynccontextmanager
+    async def lease(self, meta: RequestMeta, *, allow_random: bool = True) -> AsyncIterator[Lease]:
+        """Choose and connect a replica for ``meta``, holding an in-flight slot.
+
+        Tries further candidates only when a connection could not be made
+        (see the module docstring); raises when none is left.
+        """
+        self._check_hops(meta)
+        deadline = anyio.current_time() + meta.timeout
+        unreachable: list[Replica] = []
+        random_mode = False
+        while True:
+            replica, random_mode = self._choose(meta, unreachable, random_mode, allow_random)
+            conn = self.pool.get(replica.endpoint)
+            replica.in_flight += 1
+            conn.calls += 1
+            try:
+                left = deadline - anyio.current_time()
+                if await conn.connect(min(self.connect_timeout, max(left, 0.0))):
+                    yield Lease(replica, conn, meta.metadata(), deadline)
+                    return
+            finally:
+                replica.in_flight -= 1
+                conn.calls -= 1
+            if anyio.current_time() >= deadline:
+                raise DeadlineExceeded(
+                    f"deadline passed while connecting to replica {replica.replica_id}"
+                )
+            logger.warning(
+                "request %s: replica %s at %s is unreachable; trying another",
+                meta.request_id,
+                replica.replica_id,
+                replica.endpoint,
+            )
+            unreachable.append(replica)
+
+    def _check_hops(self, meta: RequestMeta) -> None:
+        # The count is the visited list itself: a forged header can only make
+        # it longer (and the request fail sooner), never reset it.
+        if meta.delegated_from and len(meta.visited) >= self.hop_limit:
+            raise LoopDetected(
+                f"{meta.describe()} was delegated {len(meta.visited)} times"
+                f" (hop limit {self.hop_limit}); replicas tried: {', '.join(meta.visited)}"
+            )
+
+    def _choose(
+        self,
+        meta: RequestMeta,
+        unreachable: list[Replica],
+        random_mode: bool,
+        allow_random: bool,
+    ) -> tuple[Replica, bool]:
+        exclude = set(meta.visited)
+        exclude.update(r.replica_id for r in unreachable)
+        if not random_mode:
+            found = self.registry.candidates(meta.query, meta.model_name, exclude)
+            if found:
+                return self._first_free(found, meta, "match"), False
+            if unreachable:
+                raise self._unreachable(meta, unreachable)
+        if allow_random and self.no_match == "random":
+            found = self.registry.shuffled(exclude)
+            if found:
+                return self._first_free(found, meta, "random (no match)"), True
+            if unreachable:
+                raise self._unreachable(meta, unreachable)
+        tried = f"; replicas tried: {', '.join(meta.visited)}" if meta.visited else ""
+        raise NotFound(f"no replica serves {meta.describe()}{tried}")
+
+    def _first_free(self, found: list[Replica], meta: RequestMeta, why: str) -> Replica:
+        for replica in found:
+            if replica.in_flight < self.max_inflight:
+                if logger.isEnabledFor(logging.DEBUG):
+                    via = f", delegated; excluded {list(meta.visited)}" if meta.visited else ""
+                    logger.debug(
+                        "request %s -> replica %s (%s for %s%s; %d in flight)",
+                        meta.request_id,
+                        replica.replica_id,
+                        why,
+                        meta.describe(),
+                        via,
+                        replica.in_flight,
+                    )
+                return replica
+        raise Overloaded(
+            f"every replica for {meta.describe()} has {self.max_inflight} requests in flight",
+            retry_after=1.0,
+        )
+
+    @staticmethod
+    def _unreachable(meta: RequestMeta, unreachable: list[Replica]) -> Unavailable:
+        names = ", ".join(f"{r.replica_id} ({r.endpoint})" for r in unreachable)
+        return Unavailable(f"no reachable replica for {meta.describe()}; unreachable: {names}")

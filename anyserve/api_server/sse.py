@@ -1,0 +1,186 @@
+"""Relaying a replica's ``ModelStreamInfer`` responses to an HTTP client as SSE.
+
+Event conventions (DESIGN.md section 9): one ``data:`` event per response; an
+in-band or status error becomes ``event: error`` with ``{"error", "code"}``
+and ends the stream with no end marker; a clean end is ``event: done`` with
+``data: [DONE]``. When the very first thing the replica says is an error, no
+SSE stream is started: the client gets the HTTP status and a JSON error.
+
+Two tasks share the work so that events already waiting are written together
+(one write for many small chunks) while the first event is never held back: a
+pump reads the replica and renders events into a small buffer, and the SSE
+body iterator takes everything buffered at each step. The gRPC call lives in
+this response's ``async with``: a client that disconnects cancels the task
+group, which leaves the block and cancels the call to the replica.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from sse_starlette import EventSourceResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from anyserve import rpc
+from anyserve.api_server.meta import RequestMeta
+from anyserve.api_server.responses import error_response
+from anyserve.api_server.router import ReplicaStream, Router
+from anyserve.errors import AnyServeError, HandlerError, from_code_name
+from anyserve.proto import ModelInferResponse, ModelStreamInferResponse
+
+Render = Callable[[ModelInferResponse], bytes]
+
+DONE_EVENT = b"event: done\ndata: [DONE]\n\n"
+_BUFFER = 64  # rendered events a slow client may fall behind before the replica waits
+
+
+def data_event(payload: bytes) -> bytes:
+    """One SSE event carrying ``payload`` (split over several data lines if needed)."""
+    if b"\n" in payload or b"\r" in payload:
+        lines = payload.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        return b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+    return b"data: " + payload + b"\n\n"
+
+
+def error_event(exc: AnyServeError) -> bytes:
+    """``event: error`` with ``{"error": message, "code": gRPC status name}``."""
+    body = json.dumps({"error": exc.message, "code": exc.grpc_code.name})
+    return b"event: error\n" + data_event(body.encode())
+
+
+def in_band_error(message: ModelStreamInferResponse) -> AnyServeError | None:
+    """The error a stream response carries (Triton convention), or None."""
+    if not message.error_message:
+        return None
+    params = message.infer_response.parameters
+    code = params[rpc.ERROR_CODE].string_param if rpc.ERROR_CODE in params else ""
+    return from_code_name(code or "INTERNAL", message.error_message)
+
+
+def _parse(raw: bytes) -> ModelStreamInferResponse:
+    try:
+        return ModelStreamInferResponse.FromString(raw)
+    except Exception as exc:  # a replica bug must not look like a clean stream
+        raise HandlerError(f"replica sent a malformed stream response: {exc}") from None
+
+
+async def _batched(events: MemoryObjectReceiveStream[bytes]) -> AsyncIterator[bytes]:
+    async with events:
+        async for event in events:
+            parts = [event]
+            while True:
+                try:
+                    parts.append(events.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            yield b"".join(parts) if len(parts) > 1 else event
+
+
+class StreamRelay(Response):
+    """ASGI response that routes one request to a replica's stream and relays it."""
+
+    def __init__(
+        self, router: Router, body: bytes, meta: RequestMeta, render: Render, ping: float
+    ) -> None:
+        # Response.__init__ is not called: nothing is rendered up front.
+        self._router = router
+        self._body = body
+        self._meta = meta
+        self._render = render
+        self._ping = ping
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+        try:
+            async with self._router.stream(self._body, self._meta) as stream:
+                gone, first = await _first_or_disconnect(stream, receive)
+                if gone:
+                    return  # leaving the block cancels the replica's call
+                message = None if first is None else _parse(first)
+                error = None if message is None else in_band_error(message)
+                if error is not None:
+                    raise error
+                started = True
+                await self._relay(scope, receive, send, stream, message)
+        except AnyServeError as exc:
+            if started:  # headers are out: _relay reports errors as events
+                raise
+            await error_response(exc, self._meta.request_id)(scope, receive, send)
+
+    async def _relay(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        stream: ReplicaStream,
+        first: ModelStreamInferResponse | None,
+    ) -> None:
+        events_in, events_out = anyio.create_memory_object_stream[bytes](_BUFFER)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._pump, stream, first, events_in)
+            response = EventSourceResponse(
+                _batched(events_out),
+                ping=self._ping,
+                sep="\n",
+                headers={"X-Request-Id": self._meta.request_id},
+            )
+            await response(scope, receive, send)
+            # The response ends when the pump is done or the client left;
+            # in the second case the pump is still reading: stop it.
+            tg.cancel_scope.cancel()
+
+    async def _pump(
+        self,
+        stream: ReplicaStream,
+        message: ModelStreamInferResponse | None,
+        events: MemoryObjectSendStream[bytes],
+    ) -> None:
+        async with events:
+            try:
+                while message is not None:
+                    error = in_band_error(message)
+                    if error is not None:
+                        await events.send(error_event(error))
+                        return
+                    await events.send(data_event(self._render(message.infer_response)))
+                    raw = await stream.read()
+                    message = None if raw is None else _parse(raw)
+            except AnyServeError as exc:
+                await events.send(error_event(exc))
+                return
+            await events.send(DONE_EVENT)
+
+
+async def _first_or_disconnect(
+    stream: ReplicaStream, receive: Receive
+) -> tuple[bool, bytes | None]:
+    """Wait for the replica's first response unless the client goes first.
+
+    Returns ``(client_gone, first response or None at a clean empty end)``.
+    The body was read already, so the next ASGI message can only be the
+    disconnect.
+    """
+    first: bytes | None = None
+    error: AnyServeError | None = None
+    done = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            first = await stream.read()
+        except AnyServeError as exc:
+            error = exc  # raised below, not wrapped in the task group's ExceptionGroup
+        done = True
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return not done, first

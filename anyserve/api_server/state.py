@@ -1,0 +1,65 @@
+"""Everything one API server instance holds, passed to its HTTP and gRPC entries.
+
+There is no module-level state: several servers can run in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from anyserve.api_server.channels import ChannelPool
+from anyserve.api_server.config import ApiServerConfig
+from anyserve.api_server.registry import Registry
+from anyserve.api_server.router import Router
+
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+
+# Triton extensions the API server speaks at its HTTP edge.
+EXTENSIONS = ["binary_tensor_data", "generate", "parameters"]
+
+
+def version() -> str:
+    """The installed anyserve version ("0+unknown" when run from a bare checkout)."""
+    try:
+        return metadata.version("anyserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class ApiState:
+    """Config, registry, channels and router of one server."""
+
+    config: ApiServerConfig
+    registry: Registry = field(init=False)
+    pool: ChannelPool = field(init=False)
+    router: Router = field(init=False)
+    grpc_port: int = 0  # the bound port, set by the server once it listens
+    draining: bool = False  # set by stop(): not ready any more
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.registry = Registry(cfg.effective_ttl)
+        self.pool = ChannelPool()
+        self.router = Router(
+            self.registry,
+            self.pool,
+            no_match=cfg.no_match,
+            hop_limit=cfg.hop_limit,
+            max_inflight=cfg.max_inflight_per_replica,
+            connect_timeout=cfg.connect_timeout,
+        )
+
+    def grpc_endpoint(self, reached_host: str | None) -> str:
+        """host:port replicas should dial for the gRPC entry.
+
+        When bound to a wildcard address, the host the caller used to reach
+        us is the one known to work from its side.
+        """
+        host = self.config.host
+        if host in _WILDCARD_HOSTS:
+            host = reached_host or "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.grpc_port}"
