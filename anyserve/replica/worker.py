@@ -38,6 +38,8 @@ log = logging.getLogger("anyserve.worker")
 
 # Exit code when the app cannot be imported or the handler is unknown.
 EXIT_BAD_APP = 3
+# Names the handler a worker process serves (unset in the describe process).
+HANDLER_ENV = "ANYSERVE_HANDLER"
 
 
 @dataclass
@@ -240,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the replica decides
     # when workers stop (after draining), so the worker ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.handler:
+        # Set before the app is imported, so module-level code can load only
+        # what this worker's handler needs (documented in the README).
+        os.environ[HANDLER_ENV] = args.handler
     try:
         app = load_app(args.app, args.app_dir)
         handler = None if args.describe else app.handler(args.handler)
