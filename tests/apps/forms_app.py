@@ -137,3 +137,9 @@ def ticker_sync(request: ModelInferRequest, context: Context, stream: Stream) ->
             time.sleep(0.02)
     finally:
         marker.with_suffix(".stopped").write_text("sync")
+
+
+@app.capability(type="sleepy")
+async def sleepy(request: ModelInferRequest, context: Context) -> str:
+    await anyio.sleep(float(_text(request)))
+    return "rested"
