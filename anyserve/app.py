@@ -240,7 +240,7 @@ def _normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
         stream_obj = Stream(emit, context)
         await anyio.to_thread.run_sync(
             functools.partial(context.run_in_thread, target, request, context, stream_obj),
-            limiter=context.limiter,
+            limiter=context.limiter,  # type: ignore[arg-type]  # a CapacityLimiter for sync handlers
         )
 
     return run_sync, True

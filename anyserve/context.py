@@ -8,6 +8,7 @@ used at module level reach the current request's context.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -73,7 +74,7 @@ class Context:
         request_id: str,
         metadata: Mapping[str, str],
         capability: Capability,
-        limiter: anyio.CapacityLimiter,
+        limiter: anyio.CapacityLimiter | asyncio.Semaphore,
         is_sync: bool,
         timeout: float = 0.0,
         store: _objects.ObjectStore | None = None,

@@ -42,6 +42,9 @@ class Dispatcher:
         self.handlers = handlers
         self.manager = manager
         self.delegator = delegator
+        # Handlers never change while a replica runs, so a resolution can be
+        # reused; bounded because queries come from the network.
+        self._resolved: dict[tuple[frozenset[tuple[str, str]], str, bool], HandlerInfo] = {}
 
     # -- resolution ------------------------------------------------------------
 
@@ -88,7 +91,14 @@ class Dispatcher:
                 model_name = rpc.peek_string_field(payload, 1)
             except ValueError as exc:
                 raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
-        return self.resolve(query, model_name, stream=stream)
+        key = (frozenset(query.items()), model_name, stream)
+        handler = self._resolved.get(key)
+        if handler is None:
+            handler = self.resolve(query, model_name, stream=stream)
+            if len(self._resolved) >= 4096:
+                self._resolved.clear()
+            self._resolved[key] = handler
+        return handler
 
     # -- calls -----------------------------------------------------------------
 

@@ -9,6 +9,7 @@ stop the workers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -227,7 +228,9 @@ class _Servicer:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
         metadata = rpc.forwardable(context.invocation_metadata())
-        lock = anyio.Lock()
+        # asyncio.Lock: an uncontended acquire does not yield to the loop (one
+        # loop cycle saved per streamed chunk compared with anyio.Lock).
+        lock = asyncio.Lock()
 
         async def write(message: bytes) -> None:
             async with lock:

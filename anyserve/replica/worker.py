@@ -69,7 +69,13 @@ class WorkerServer:
         self.store = store
         self.caller = caller
         self.max_frame = max_frame
-        self.limiter = anyio.CapacityLimiter(handler.info.max_concurrency)
+        # Threads for sync handlers; a plain semaphore (no loop round-trip per
+        # acquire, unlike CapacityLimiter) bounds async ones.
+        self.limiter: anyio.CapacityLimiter | asyncio.Semaphore = (
+            anyio.CapacityLimiter(handler.info.max_concurrency)
+            if handler.is_sync
+            else asyncio.Semaphore(handler.info.max_concurrency)
+        )
         self.calls: dict[int, _Call] = {}
         self._served_by = InferParameter(string_param=replica_id)
 
