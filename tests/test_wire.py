@@ -26,13 +26,19 @@ async def pair() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.St
 async def test_frames_round_trip_with_large_payload() -> None:
     reader, writer, other = await pair()
     big = bytes(range(256)) * 40_000
-    wire.write_frame(writer, wpb.Header(call_id=7, chunk=wpb.Chunk()), big)
-    wire.write_frame(writer, wpb.Header(call_id=8, end=wpb.End()))
-    await writer.drain()
+
+    async def send() -> None:
+        # More than a socket buffer: drain() only returns while the reader reads.
+        wire.write_frame(writer, wpb.Header(call_id=7, chunk=wpb.Chunk()), big)
+        wire.write_frame(writer, wpb.Header(call_id=8, end=wpb.End()))
+        await writer.drain()
+
+    sender = asyncio.create_task(send())
     header, payload = await wire.read_frame(reader)
     assert (header.call_id, header.WhichOneof("kind"), payload) == (7, "chunk", big)
     header, payload = await wire.read_frame(reader)
     assert (header.call_id, header.WhichOneof("kind"), payload) == (8, "end", b"")
+    await sender
     writer.close()
     other.close()
     with pytest.raises(wire.ConnectionClosed):
