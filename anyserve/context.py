@@ -57,7 +57,6 @@ class Context:
     __slots__ = (
         "_caller",
         "_deadline",
-        "_store",
         "cancelled",
         "capability",
         "is_sync",
@@ -89,7 +88,6 @@ class Context:
         self.replica_id = replica_id
         self.cancelled = False
         self._deadline = anyio.current_time() + timeout if timeout > 0 else math.inf
-        self._store = store
         self._caller = caller
         self.objects: Any = None
         if store is not None:

@@ -247,6 +247,14 @@ async def test_killed_worker_fails_call_then_comes_back(
     assert int(marker.read_text()) == slot.pid
 
 
+async def test_deadline_cancels_unary_handler(client: GrpcClient, tmp_path: Path) -> None:
+    marker = tmp_path / "unary.pid"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.infer(text_request(str(marker)), capability={"type": "hang"}, timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await wait_until(marker.with_suffix(".stopped").exists, timeout=1.0)
+
+
 @pytest.mark.parametrize("form", ["async", "sync"])
 async def test_cancelled_stream_stops_handler(
     client: GrpcClient, tmp_path: Path, form: str

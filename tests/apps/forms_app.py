@@ -107,8 +107,12 @@ async def fail_midstream(request: ModelInferRequest, context: Context):  # type:
 
 @app.capability(type="hang")
 async def hang(request: ModelInferRequest, context: Context) -> str:
-    Path(_text(request)).write_text(str(os.getpid()))
-    await anyio.sleep_forever()
+    marker = Path(_text(request))
+    marker.write_text(str(os.getpid()))
+    try:
+        await anyio.sleep_forever()
+    finally:
+        marker.with_suffix(".stopped").write_text("cancelled")
     return "never"
 
 
