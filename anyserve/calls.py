@@ -9,7 +9,7 @@ Both keep one persistent channel and send serialized bytes.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -74,7 +74,7 @@ class ApiChannel:
 
     async def stream(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """ModelStreamInfer with one request; yields serialized stream responses
         (in-band errors included, untouched). Leaving early cancels the call."""
         method = self._get().stream_stream(rpc.MODEL_STREAM_INFER)
@@ -203,6 +203,6 @@ class Delegator:
 
     async def stream(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         async for message in self.channel.stream(payload, self._hop(metadata), timeout):
             yield message

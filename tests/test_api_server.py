@@ -543,13 +543,14 @@ async def test_random_no_match_policy_delegates_onwards() -> None:
                 found = outputs((await http.post("/infer", headers=heavy, json=EMPTY)).json())
                 assert found["replica"] == "b" and found["visited"] in ("", "a")
 
-            # Only delegating replicas: each is tried once, then 404 naming them.
+            # Only delegating replicas: each is tried once, then a loop (508) naming them.
             await http.post("/unregister", json={"replica_id": "b"})
             async with FakeReplica("c", [{"type": "x"}], delegate_to=grpc_entry) as c:
                 await register(http, c)
                 response = await http.post("/infer", headers=heavy, json=EMPTY)
-                assert response.status_code == 404
+                assert response.status_code == 508
                 message = response.json()["error"]
+                assert message.startswith("loop detected")
                 assert "type=heavy" in message and "a" in message and "c" in message
 
 

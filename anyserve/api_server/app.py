@@ -10,7 +10,6 @@ error table (DESIGN.md section 10).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -83,21 +82,8 @@ async def _decode_infer(
         parsed = rest.request_from_binary(body, rest.parse_header_length(header), name)
     else:
         parsed = rest.request_from_json(body, name)
-    if not parsed.model_name and b'"model_name"' in body:
-        parsed.model_name = _body_model_name(body, header)
     meta.model_name = parsed.model_name
     return parsed.SerializeToString(), parsed
-
-
-def _body_model_name(body: bytes, header_length: str | None) -> str:
-    # The seed's /infer bodies carry "model_name" (KServe puts it in the URL);
-    # rest.request_from_json does not read it, so it is read here, and only
-    # when the bytes mention it.
-    doc = json.loads(body[: int(header_length)] if header_length else body)
-    name = doc.get("model_name") if isinstance(doc, dict) else None
-    if name is not None and not isinstance(name, str):
-        raise InvalidArgument("'model_name' must be a string")
-    return name or ""
 
 
 def _require_target(meta: RequestMeta) -> None:

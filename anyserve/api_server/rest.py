@@ -2,7 +2,8 @@
 
 JSON exists only here; everything behind the API server speaks protobuf.
 
-* KServe v2 REST: ``{"id","parameters","inputs":[...],"outputs":[...]}`` <-> proto.
+* KServe v2 REST: ``{"id","parameters","inputs":[...],"outputs":[...]}`` <-> proto
+  (plus the seed's ``"model_name"`` in the body; a name in the URL wins).
 * Binary tensor data (Triton): the body is a JSON header of
   ``Inference-Header-Content-Length`` bytes followed by the raw data of every
   input whose parameters give ``binary_data_size``. Outputs are returned the
@@ -207,10 +208,19 @@ def _parse_input(
     return _json_values(datatype, flat, what), None
 
 
+def _model_name(doc: dict[str, Any], model_name: str) -> str:
+    # The URL's name wins; else the body's "model_name" (the seed's /infer
+    # bodies carry one; KServe v2 puts it in the URL only).
+    in_body = doc.get("model_name")
+    if in_body is not None and not isinstance(in_body, str):
+        raise InvalidArgument(f"'model_name' must be a string, not {_jtype(in_body)}")
+    return model_name or in_body or ""
+
+
 def _parse_request(
     doc: dict[str, Any], model_name: str, body: bytes | None, offset: int
 ) -> ModelInferRequest:
-    request = ModelInferRequest(model_name=model_name)
+    request = ModelInferRequest(model_name=_model_name(doc, model_name))
     request_id = doc.get("id")
     if request_id is not None:
         if not isinstance(request_id, str):
@@ -274,9 +284,10 @@ def request_from_json(body: bytes, model_name: str = "") -> ModelInferRequest:
 
     ``data`` may be nested (flattened row-major) or flat; the inputs land in
     the typed contents field of their datatype. ``model_name`` (from the URL)
-    is set when given. Raises InvalidArgument for malformed JSON, wrong types,
-    a missing name/datatype/shape/data, unknown datatypes, out-of-range values
-    and element counts that do not fill the shape.
+    wins when given, else the body's ``"model_name"`` is used. Raises
+    InvalidArgument for malformed JSON, wrong types, a ``model_name`` that is
+    not a string, a missing name/datatype/shape/data, unknown datatypes,
+    out-of-range values and element counts that do not fill the shape.
     """
     return _parse_request(_load(body, "request body"), model_name, None, 0)
 

@@ -4,17 +4,23 @@ Choice (DESIGN.md sections 4 and 5): the registry's best candidate that is
 not at its in-flight cap; a delegated request (``x-delegated-from``) excludes
 every replica on its visited list and is refused with LoopDetected once that
 list reaches the hop limit; when nothing matches, ``no_match="reject"`` answers
-NotFound and ``"random"`` forwards to a random replica not yet visited.
+NotFound and ``"random"`` forwards to a random replica not yet visited. A
+delegated request for which replicas exist but every one of them was visited
+already went round in a circle: LoopDetected naming them, not NotFound.
 
 Retry rule: a request is retried on another candidate only when the
 connection to the chosen replica could not be made. The router checks the
 channel's connectivity *before* it starts the call (:meth:`Connection.connect`):
 if the channel does not reach READY (connection refused, unreachable, backoff
 after a failure, or the connect timeout), nothing was sent and another replica
-may safely take the request. Once a call has started on a READY channel, every
-failure is final, UNAVAILABLE included: it may be the replica's own answer (a
-worker crashed while serving) or the connection dying mid-request, and in both
-cases the request may already have run, so it must not run twice.
+may safely take the request. The connection can still die between that check
+and the call (a replica killed at that moment): gRPC then fails the call while
+picking a connection for it, with UNAVAILABLE "failed to connect to all
+addresses", before any byte left, and that is retried the same way. Every
+other failure of a started call is final, UNAVAILABLE included: it may be the
+replica's own answer (a worker crashed while serving) or the connection dying
+mid-request, and in both cases the request may already have run, so it must
+not run twice.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import grpc.aio
@@ -64,6 +70,29 @@ class Lease:
 
 def _rpc_error(exc: grpc.aio.AioRpcError) -> AnyServeError:
     return from_grpc(exc.code(), exc.details() or exc.code().name)
+
+
+# How gRPC fails a fail-fast call for which no connection could be picked:
+# the call never reached a transport, so the replica never saw it.
+_NOT_SENT = "failed to connect to all addresses"
+
+
+def _never_sent(code: grpc.StatusCode, details: str | None) -> bool:
+    return code == grpc.StatusCode.UNAVAILABLE and (details or "").startswith(_NOT_SENT)
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """What one request's successive leases share: its deadline, the
+    replicas found unreachable, and whether it fell back to a random pick."""
+
+    deadline: float
+    unreachable: list[Replica] = field(default_factory=list)
+    random_mode: bool = False
+
+
+class _NotSent(Exception):
+    """A call failed before it left (see ``_never_sent``): try another replica."""
 
 
 class ReplicaStream:
@@ -114,18 +143,28 @@ class Router:
         Raises NotFound, LoopDetected, Overloaded, Unavailable, DeadlineExceeded
         or the error the replica answered with.
         """
-        async with self.lease(meta, allow_random=allow_random) as lease:
-            call = lease.conn.unary(path)(
-                body, timeout=lease.remaining(), metadata=lease.metadata, wait_for_ready=False
-            )
+        attempts = self._attempts(meta)
+        while True:
             try:
-                response = await call
-            except grpc.aio.AioRpcError as exc:
-                raise _rpc_error(exc) from None
-            finally:
-                call.cancel()  # no-op once done; stops the replica if we were cancelled
-            assert isinstance(response, bytes)
-            return response
+                async with self.lease(meta, allow_random=allow_random, attempts=attempts) as lease:
+                    call = lease.conn.unary(path)(
+                        body,
+                        timeout=lease.remaining(),
+                        metadata=lease.metadata,
+                        wait_for_ready=False,
+                    )
+                    try:
+                        response = await call
+                    except grpc.aio.AioRpcError as exc:
+                        if _never_sent(exc.code(), exc.details()):
+                            raise _NotSent from None
+                        raise _rpc_error(exc) from None
+                    finally:
+                        call.cancel()  # no-op once done; stops the replica if we were cancelled
+                    assert isinstance(response, bytes)
+                    return response
+            except _NotSent:
+                continue  # lease() marked the replica unreachable
 
     @asynccontextmanager
     async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[ReplicaStream]:
@@ -134,42 +173,87 @@ class Router:
         Yields its responses; leaving the block cancels the call if it is still
         running (the client went away). Raises like :meth:`unary` on entry.
         """
-        async with self.lease(meta) as lease:
-            call = lease.conn.stream()(
-                None, timeout=lease.remaining(), metadata=lease.metadata, wait_for_ready=False
-            )
+        attempts = self._attempts(meta)
+        while True:
             try:
-                try:
-                    await call.write(body)
-                    await call.done_writing()
-                except asyncio.InvalidStateError:
-                    pass  # the call already ended; read() reports its status
-                except grpc.aio.AioRpcError as exc:
-                    raise _rpc_error(exc) from None
-                yield ReplicaStream(call, lease.replica)
-            finally:
-                call.cancel()
+                async with self.lease(meta, attempts=attempts) as lease:
+                    call = lease.conn.stream()(
+                        None,
+                        timeout=lease.remaining(),
+                        metadata=lease.metadata,
+                        wait_for_ready=False,
+                    )
+                    try:
+                        await self._send_one(call, body)
+                        yield ReplicaStream(call, lease.replica)
+                        return
+                    finally:
+                        call.cancel()
+            except _NotSent:
+                continue  # lease() marked the replica unreachable
+
+    @staticmethod
+    async def _send_one(call: grpc.aio.StreamStreamCall, body: bytes) -> None:
+        """Write the request and half-close; raises _NotSent when the call
+        failed before it left, the anyserve error when it failed otherwise."""
+        try:
+            await call.write(body)
+            await call.done_writing()
+        except asyncio.InvalidStateError:
+            # The call already ended: read() reports its status, unless it
+            # never left.
+            if _never_sent(await call.code(), await call.details()):
+                raise _NotSent from None
+        except grpc.aio.AioRpcError as exc:
+            if _never_sent(exc.code(), exc.details()):
+                raise _NotSent from None
+            raise _rpc_error(exc) from None
+
+    def _attempts(self, meta: RequestMeta) -> _Attempts:
+        self._check_hops(meta)
+        return _Attempts(anyio.current_time() + meta.timeout)
 
     @asynccontextmanager
-    async def lease(self, meta: RequestMeta, *, allow_random: bool = True) -> AsyncIterator[Lease]:
+    async def lease(
+        self,
+        meta: RequestMeta,
+        *,
+        allow_random: bool = True,
+        attempts: _Attempts | None = None,
+    ) -> AsyncIterator[Lease]:
         """Choose and connect a replica for ``meta``, holding an in-flight slot.
 
         Tries further candidates only when a connection could not be made
-        (see the module docstring); raises when none is left.
+        (see the module docstring); raises when none is left. A block that
+        raises ``_NotSent`` marks its replica unreachable in ``attempts`` (the
+        caller then leases again with the same ``attempts``).
         """
-        self._check_hops(meta)
-        deadline = anyio.current_time() + meta.timeout
-        unreachable: list[Replica] = []
-        random_mode = False
+        if attempts is None:
+            attempts = self._attempts(meta)
+        deadline = attempts.deadline
+        unreachable = attempts.unreachable
         while True:
-            replica, random_mode = self._choose(meta, unreachable, random_mode, allow_random)
+            replica, attempts.random_mode = self._choose(
+                meta, unreachable, attempts.random_mode, allow_random
+            )
             conn = self.pool.get(replica.endpoint)
             replica.in_flight += 1
             conn.calls += 1
             try:
                 left = deadline - anyio.current_time()
                 if await conn.connect(min(self.connect_timeout, max(left, 0.0))):
-                    yield Lease(replica, conn, meta.metadata(), deadline)
+                    try:
+                        yield Lease(replica, conn, meta.metadata(), deadline)
+                    except _NotSent:
+                        logger.warning(
+                            "request %s: connection to replica %s at %s failed before the"
+                            " request was sent; trying another",
+                            meta.request_id,
+                            replica.replica_id,
+                            replica.endpoint,
+                        )
+                        unreachable.append(replica)
+                        raise
                     return
             finally:
                 replica.in_flight -= 1
@@ -216,8 +300,20 @@ class Router:
                 return self._first_free(found, meta, "random (no match)"), True
             if unreachable:
                 raise self._unreachable(meta, unreachable)
+        if meta.visited and self._went_round(meta, allow_random):
+            raise LoopDetected(
+                f"{meta.describe()} went round every replica that could take it"
+                f" without being served; replicas tried: {', '.join(meta.visited)}"
+            )
         tried = f"; replicas tried: {', '.join(meta.visited)}" if meta.visited else ""
         raise NotFound(f"no replica serves {meta.describe()}{tried}")
+
+    def _went_round(self, meta: RequestMeta, allow_random: bool) -> bool:
+        """True when a delegated request found nothing left only because every
+        replica it could go to was visited already: a loop, not a miss."""
+        if self.registry.candidates(meta.query, meta.model_name):
+            return True
+        return allow_random and self.no_match == "random" and len(self.registry) > 0
 
     def _first_free(self, found: list[Replica], meta: RequestMeta, why: str) -> Replica:
         for replica in found:

@@ -9,13 +9,15 @@ the dispatcher never parses a request or a response.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Protocol
 
 from anyserve import rpc
 from anyserve.app import HandlerInfo
 from anyserve.capability import Capability, query_from_headers
 from anyserve.errors import InvalidArgument, NotFound, Overloaded, from_code_name
+from anyserve.proto import ModelStreamInferResponse
 from anyserve.replica.manager import Manager
 
 log = logging.getLogger("anyserve.dispatcher")
@@ -30,7 +32,7 @@ class Delegator(Protocol):
 
     def stream(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float
-    ) -> AsyncIterator[bytes]: ...
+    ) -> AsyncGenerator[bytes, None]: ...
 
 
 class Dispatcher:
@@ -110,12 +112,19 @@ class Dispatcher:
         try:
             handler = self._route(payload, metadata, stream=False)
             slot = await self.manager.acquire(handler.name)
-        except (NotFound, Overloaded):
+        except (NotFound, Overloaded) as local:
             # Nothing here can serve it (no handler, stopped, or no room to
             # start it): hand it back to the API server for another replica.
-            if self.delegator is not None and self.delegator.allowed(metadata):
+            if self.delegator is None or not self.delegator.allowed(metadata):
+                raise
+            try:
                 return await self.delegator.unary(payload, metadata, timeout)
-            raise
+            except NotFound:
+                # Nobody else has it either: "no room here, retry later" (429)
+                # tells the client more than "not found" when we do have it.
+                if isinstance(local, Overloaded):
+                    raise local from None
+                raise
         call_id, sink = slot.open_call(payload, stream=False, metadata=metadata, timeout=timeout)
         done = False
         try:
@@ -139,12 +148,22 @@ class Dispatcher:
         try:
             handler = self._route(payload, metadata, stream=True)
             slot = await self.manager.acquire(handler.name)
-        except (NotFound, Overloaded):
-            if self.delegator is not None and self.delegator.allowed(metadata):
-                async for chunk in self.delegator.stream(payload, metadata, timeout):
-                    yield chunk
-                return
-            raise
+        except (NotFound, Overloaded) as local:
+            if self.delegator is None or not self.delegator.allowed(metadata):
+                raise
+            async with aclosing(self.delegator.stream(payload, metadata, timeout)) as chunks:
+                first = True
+                try:
+                    async for chunk in chunks:
+                        if first and isinstance(local, Overloaded) and _not_found_in_band(chunk):
+                            raise local
+                        first = False
+                        yield chunk
+                except NotFound:
+                    if isinstance(local, Overloaded):
+                        raise local from None
+                    raise
+            return
         call_id, sink = slot.open_call(
             payload, stream=handler.stream, metadata=metadata, timeout=timeout
         )
@@ -167,3 +186,10 @@ class Dispatcher:
                     raise from_code_name(header.error.code, header.error.message)
         finally:
             slot.close_call(call_id, cancel=not done)
+
+
+def _not_found_in_band(message: bytes) -> bool:
+    """Whether a serialized stream response is an in-band NOT_FOUND error."""
+    response = ModelStreamInferResponse.FromString(message)
+    code = response.infer_response.parameters[rpc.ERROR_CODE].string_param
+    return bool(response.error_message) and code == "NOT_FOUND"
