@@ -27,6 +27,11 @@ VISITED = "x-anyserve-visited"
 # Capabilities on the current context.call chain ("type=chat>type=embed").
 CALL_CHAIN = "x-anyserve-call-chain"
 AUTHORIZATION = "authorization"
+# Set by the API server on its own ModelStreamInfer calls to a replica: each
+# message then carries every response ready at that moment (see pack_batch), so
+# a fast token stream costs one gRPC message per batch instead of per token.
+# Negotiated per hop; never forwarded.
+BATCH = "x-anyserve-batch"
 
 # Response parameter naming the replica that served a request.
 SERVED_BY = "anyserve_served_by"
@@ -46,7 +51,8 @@ def grpc_options(max_message: int = DEFAULT_MAX_MESSAGE) -> list[tuple[str, int]
     ]
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
     out = bytearray()
     while True:
         bits = value & 0x7F
@@ -61,7 +67,26 @@ def _varint(value: int) -> bytes:
 def wrap_stream_response(infer_response: bytes) -> bytes:
     """Serialized ``ModelStreamInferResponse{infer_response=<bytes>}`` built by
     concatenation, without parsing the response (field 2, length-delimited)."""
-    return b"\x12" + _varint(len(infer_response)) + infer_response
+    return b"\x12" + encode_varint(len(infer_response)) + infer_response
+
+
+def pack_batch(messages: list[bytes]) -> bytes:
+    """Several serialized messages in one: each prefixed by its varint length."""
+    return b"".join(encode_varint(len(m)) + m for m in messages)
+
+
+def unpack_batch(data: bytes) -> list[bytes]:
+    """The inverse of :func:`pack_batch`; raises ValueError on malformed data."""
+    messages: list[bytes] = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        length, pos = _read_varint(data, pos)
+        if pos + length > end:
+            raise ValueError("truncated batch")
+        messages.append(data[pos : pos + length])
+        pos += length
+    return messages
 
 
 def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
@@ -130,6 +155,11 @@ def forwardable(metadata: object) -> dict[str, str]:
     internals, binary (``-bin``) values and credentials stay behind."""
     out: dict[str, str] = {}
     for key, value in metadata or ():  # type: ignore[attr-defined]
-        if key.startswith("x-") and not key.endswith("-bin") and isinstance(value, str):
+        if (
+            key.startswith("x-")
+            and not key.endswith("-bin")
+            and key != BATCH
+            and isinstance(value, str)
+        ):
             out[key] = value
     return out

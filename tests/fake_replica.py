@@ -180,6 +180,12 @@ class FakeReplica:
     async def _stream(self, requests: AsyncIterator[bytes], context: Context) -> None:
         md = self._record(context)
         self.stream_started.set()
+        batched = md.get(rpc.BATCH) == "1"
+
+        async def write(message: bytes) -> None:
+            # Like a real replica: one response per batch when the API server asks.
+            await context.write(rpc.pack_batch([message]) if batched else message)
+
         try:
             async for raw in requests:
                 request = ModelInferRequest.FromString(raw)
@@ -189,7 +195,7 @@ class FakeReplica:
                     await asyncio.sleep(self.first_delay)
                 for index in range(self.chunks):
                     if self.error_after is not None and index == self.error_after:
-                        await context.write(self._stream_error(request))
+                        await write(self._stream_error(request))
                         break
                     if index and self.chunk_delay:
                         await asyncio.sleep(self.chunk_delay)
@@ -197,7 +203,7 @@ class FakeReplica:
                     text = response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
                     text.contents.bytes_contents.append(f"chunk-{index}".encode())
                     message = ModelStreamInferResponse(infer_response=response)
-                    await context.write(message.SerializeToString())
+                    await write(message.SerializeToString())
         except asyncio.CancelledError:
             self.cancelled.set()
             raise

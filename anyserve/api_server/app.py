@@ -36,15 +36,6 @@ _PROTOBUF_TYPES = (PROTOBUF, "application/protobuf", "application/vnd.google.pro
 Endpoint = Callable[[ApiState, Request], Awaitable[Response]]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _is_protobuf(request: Request) -> bool:
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     return ctype in _PROTOBUF_TYPES
@@ -74,7 +65,7 @@ async def _decode_infer(
             # The URL names the model: append field 1 (model_name); in protobuf
             # the last value of a field wins, so nothing has to be re-encoded.
             encoded = name.encode()
-            body = body + b"\x0a" + _varint(len(encoded)) + encoded
+            body = body + b"\x0a" + rpc.encode_varint(len(encoded)) + encoded
         meta.model_name = name or in_body
         return body, None
     header = request.headers.get(rest.HEADER_LENGTH)

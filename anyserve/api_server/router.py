@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import anyio
 import grpc.aio
 
+from anyserve import rpc
 from anyserve.api_server.channels import ChannelPool, Connection
 from anyserve.api_server.config import NoMatchPolicy
 from anyserve.api_server.meta import RequestMeta
@@ -41,6 +42,7 @@ from anyserve.api_server.registry import Registry, Replica
 from anyserve.errors import (
     AnyServeError,
     DeadlineExceeded,
+    HandlerError,
     LoopDetected,
     NotFound,
     Overloaded,
@@ -98,9 +100,12 @@ class _NotSent(Exception):
 class ReplicaStream:
     """The responses of one request sent on a replica's ``ModelStreamInfer``."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall, replica: Replica) -> None:
+    def __init__(
+        self, call: grpc.aio.StreamStreamCall, replica: Replica, batched: bool = False
+    ) -> None:
         self._call = call
         self.replica = replica
+        self.batched = batched
 
     async def read(self) -> bytes | None:
         """The next serialized ModelStreamInferResponse, or None at the clean end.
@@ -113,6 +118,19 @@ class ReplicaStream:
             raise _rpc_error(exc) from None
         # Anything but bytes is grpc.aio.EOF (absent from the type stubs).
         return message if isinstance(message, bytes) else None
+
+    async def read_batch(self) -> list[bytes] | None:
+        """The next responses (several when the stream was opened ``batched``),
+        or None at the clean end. Raises like :meth:`read`."""
+        message = await self.read()
+        if message is None:
+            return None
+        if not self.batched:
+            return [message]
+        try:
+            return rpc.unpack_batch(message)
+        except ValueError as exc:
+            raise HandlerError(f"replica sent a malformed stream batch: {exc}") from None
 
 
 class Router:
@@ -167,25 +185,30 @@ class Router:
                 continue  # lease() marked the replica unreachable
 
     @asynccontextmanager
-    async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[ReplicaStream]:
+    async def stream(
+        self, body: bytes, meta: RequestMeta, *, batched: bool = False
+    ) -> AsyncIterator[ReplicaStream]:
         """Send one request on a replica's ``ModelStreamInfer`` and half-close.
 
         Yields its responses; leaving the block cancels the call if it is still
-        running (the client went away). Raises like :meth:`unary` on entry.
+        running (the client went away). ``batched`` asks the replica to send
+        every response ready at once in one message (read them with
+        ``read_batch``). Raises like :meth:`unary` on entry.
         """
         attempts = self._attempts(meta)
         while True:
             try:
                 async with self.lease(meta, attempts=attempts) as lease:
+                    metadata = [*lease.metadata, (rpc.BATCH, "1")] if batched else lease.metadata
                     call = lease.conn.stream()(
                         None,
                         timeout=lease.remaining(),
-                        metadata=lease.metadata,
+                        metadata=metadata,
                         wait_for_ready=False,
                     )
                     try:
                         await self._send_one(call, body)
-                        yield ReplicaStream(call, lease.replica)
+                        yield ReplicaStream(call, lease.replica, batched)
                         return
                     finally:
                         call.cancel()

@@ -96,16 +96,16 @@ class StreamRelay(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
         try:
-            async with self._router.stream(self._body, self._meta) as stream:
+            async with self._router.stream(self._body, self._meta, batched=True) as stream:
                 gone, first = await _first_or_disconnect(stream, receive)
                 if gone:
                     return  # leaving the block cancels the replica's call
-                message = None if first is None else _parse(first)
-                error = None if message is None else in_band_error(message)
-                if error is not None:
-                    raise error
+                if first:
+                    error = in_band_error(_parse(first[0]))
+                    if error is not None:
+                        raise error
                 started = True
-                await self._relay(scope, receive, send, stream, message)
+                await self._relay(scope, receive, send, stream, first)
         except AnyServeError as exc:
             if started:  # headers are out: _relay reports errors as events
                 raise
@@ -117,7 +117,7 @@ class StreamRelay(Response):
         receive: Receive,
         send: Send,
         stream: ReplicaStream,
-        first: ModelStreamInferResponse | None,
+        first: list[bytes] | None,
     ) -> None:
         events_in, events_out = anyio.create_memory_object_stream[bytes](_BUFFER)
         async with anyio.create_task_group() as tg:
@@ -136,19 +136,25 @@ class StreamRelay(Response):
     async def _pump(
         self,
         stream: ReplicaStream,
-        message: ModelStreamInferResponse | None,
+        batch: list[bytes] | None,
         events: MemoryObjectSendStream[bytes],
     ) -> None:
+        """Render each batch the replica sends into one chunk of SSE events."""
         async with events:
             try:
-                while message is not None:
-                    error = in_band_error(message)
-                    if error is not None:
-                        await events.send(error_event(error))
-                        return
-                    await events.send(data_event(self._render(message.infer_response)))
-                    raw = await stream.read()
-                    message = None if raw is None else _parse(raw)
+                while batch is not None:
+                    rendered: list[bytes] = []
+                    for raw in batch:
+                        message = _parse(raw)
+                        error = in_band_error(message)
+                        if error is not None:
+                            rendered.append(error_event(error))
+                            await events.send(b"".join(rendered))
+                            return
+                        rendered.append(data_event(self._render(message.infer_response)))
+                    if rendered:
+                        await events.send(b"".join(rendered))
+                    batch = await stream.read_batch()
             except AnyServeError as exc:
                 await events.send(error_event(exc))
                 return
@@ -157,14 +163,14 @@ class StreamRelay(Response):
 
 async def _first_or_disconnect(
     stream: ReplicaStream, receive: Receive
-) -> tuple[bool, bytes | None]:
-    """Wait for the replica's first response unless the client goes first.
+) -> tuple[bool, list[bytes] | None]:
+    """Wait for the replica's first responses unless the client goes first.
 
-    Returns ``(client_gone, first response or None at a clean empty end)``.
+    Returns ``(client_gone, first batch or None at a clean empty end)``.
     The body was read already, so the next ASGI message can only be the
     disconnect.
     """
-    first: bytes | None = None
+    first: list[bytes] | None = None
     error: AnyServeError | None = None
     done = False
     async with anyio.create_task_group() as tg:
@@ -176,7 +182,7 @@ async def _first_or_disconnect(
 
         tg.start_soon(watch)
         try:
-            first = await stream.read()
+            first = await stream.read_batch()
         except AnyServeError as exc:
             error = exc  # raised below, not wrapped in the task group's ExceptionGroup
         done = True

@@ -22,6 +22,9 @@ from anyserve.replica.manager import Manager
 
 log = logging.getLogger("anyserve.dispatcher")
 
+# Most stream responses relayed in one batch (bounds one gRPC message's size).
+MAX_BATCH = 256
+
 
 class Delegator(Protocol):
     """Sends a request this replica cannot serve back through the API server."""
@@ -139,8 +142,12 @@ class Dispatcher:
 
     async def stream(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float
-    ) -> AsyncIterator[bytes]:
-        """Run a streaming call; yields serialized ModelStreamInferResponse messages.
+    ) -> AsyncIterator[list[bytes]]:
+        """Run a streaming call; yields batches of serialized
+        ModelStreamInferResponse messages: each batch is every response that
+        was ready when the previous one was taken (one when the handler is
+        slower than the caller), so a fast stream crosses the next hop in few
+        messages without holding any response back.
 
         Leaving the iteration early (the client went away) cancels the handler.
         Raises the anyserve error that ended the call.
@@ -158,7 +165,7 @@ class Dispatcher:
                         if first and isinstance(local, Overloaded) and _not_found_in_band(chunk):
                             raise local
                         first = False
-                        yield chunk
+                        yield [chunk]
                 except NotFound:
                     if isinstance(local, Overloaded):
                         raise local from None
@@ -170,20 +177,33 @@ class Dispatcher:
         done = False
         try:
             await slot.drain_writer()
-            while True:
-                header, body = await sink.next()
-                kind = header.WhichOneof("kind")
-                if kind == "chunk":
-                    yield body
-                elif kind == "end":
-                    done = True
-                    if not handler.stream:
-                        # A unary handler served on the streaming endpoint.
-                        yield rpc.wrap_stream_response(body)
-                    return
-                elif kind == "error":
-                    done = True
-                    raise from_code_name(header.error.code, header.error.message)
+            while not done:
+                batch: list[bytes] = []
+                frame = await sink.next()
+                while True:
+                    header, body = frame
+                    kind = header.WhichOneof("kind")
+                    if kind == "chunk":
+                        batch.append(body)
+                    elif kind == "end":
+                        done = True
+                        if not handler.stream:
+                            # A unary handler served on the streaming endpoint.
+                            batch.append(rpc.wrap_stream_response(body))
+                        break
+                    elif kind == "error":
+                        done = True
+                        if batch:
+                            yield batch
+                        raise from_code_name(header.error.code, header.error.message)
+                    if len(batch) >= MAX_BATCH:
+                        break
+                    ready = sink.take_ready()
+                    if ready is None:
+                        break
+                    frame = ready
+                if batch:
+                    yield batch
         finally:
             slot.close_call(call_id, cancel=not done)
 

@@ -10,6 +10,14 @@ Dispatcher and worker talk over a Unix socketpair created per process and
 inherited by the child (no socket files, so nothing to clean up and nothing
 another user could connect to). A worker that dies fails its in-flight calls at
 once with UNAVAILABLE naming its exit code.
+
+Resources: a slot holds its handler's ``resources`` from the moment it is
+wanted until its process has exited, so the declared ``--resources`` are never
+exceeded, not even while a worker drains to make room for another.
+
+Stopping is done by the manager's own task group, never by the caller: a
+request that gives up (deadline, client gone) half-way through a switch leaves
+no worker half-stopped.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from anyserve import wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import HandlerInfo
 from anyserve.errors import AnyServeError, NotFound, Overloaded, Unavailable
+from anyserve.replica.worker import EXIT_BAD_APP
 
 log = logging.getLogger("anyserve.manager")
 
@@ -43,6 +52,10 @@ CRASH_LIMIT = 5
 CRASH_WINDOW = 60.0
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
+# Seconds a worker that never said hello gets to exit after its connection
+# closes before it is terminated (a ready worker gets REAP_GRACE).
+REAP_GRACE = 5.0
+REAP_GRACE_STARTING = 0.5
 
 
 class State(StrEnum):
@@ -84,6 +97,17 @@ class CallSink:
             raise item
         return item
 
+    def take_ready(self) -> tuple[wpb.Header, bytes] | None:
+        """The next frame if one is already here, else None (never waits);
+        raises the error that ended the call instead."""
+        try:
+            item = self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if isinstance(item, AnyServeError):
+            raise item
+        return item
+
 
 class Slot:
     """One worker process position of a handler, kept alive by the supervisor."""
@@ -111,6 +135,11 @@ class Slot:
         self._calls: dict[int, CallSink] = {}
         self._next_call = 1
         self._stop_requested = asyncio.Event()
+
+    @property
+    def holds_resources(self) -> bool:
+        """Wanted, or its process has not exited yet (still draining)."""
+        return self.wanted or not self.stopped.is_set()
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able row for /registry and ``anyserve workers list``."""
@@ -198,7 +227,6 @@ class Manager:
         # Handlers stopped by command: not started on demand until started again.
         self.disabled: set[str] = set()
         self._tg: anyio.abc.TaskGroup | None = None
-        self._load_lock = anyio.Lock()
         self._stopping = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------
@@ -254,7 +282,7 @@ class Manager:
         used: dict[str, float] = {}
         for slots in self.slots.values():
             for slot in slots:
-                if slot.wanted and slot.id not in exclude:
+                if slot.holds_resources and slot.id not in exclude:
                     for key, amount in slot.handler.resources.items():
                         used[key] = used.get(key, 0.0) + amount
         return used
@@ -277,6 +305,13 @@ class Manager:
             for key, need in handler.resources.items()
         )
 
+    def exceeds_total(self, handler: HandlerInfo) -> bool:
+        """Whether one worker of ``handler`` needs more than the replica has in
+        all (it can never run here, whatever is stopped)."""
+        return bool(self.resources) and any(
+            need > self.resources.get(key, 0.0) + 1e-9 for key, need in handler.resources.items()
+        )
+
     def _idle_victims(self, handler: HandlerInfo) -> list[Slot] | None:
         """Idle workers of other handlers whose stopping makes room, or None."""
         chosen: set[str] = set()
@@ -288,7 +323,8 @@ class Manager:
                 if self.fits(handler, exclude=chosen):
                     return victims
                 overlaps = any(k in handler.resources for k in slot.handler.resources)
-                if slot.state is State.READY and slot.inflight == 0 and overlaps:
+                idle = slot.wanted and slot.state is State.READY and slot.inflight == 0
+                if idle and overlaps:
                     chosen.add(slot.id)
                     victims.append(slot)
         return victims if self.fits(handler, exclude=chosen) else None
@@ -297,40 +333,56 @@ class Manager:
         """Start a handler's workers on demand, stopping idle workers of other
         handlers when resources are short ("switching" capability).
 
-        Raises Overloaded (retry later) when it does not fit and no idle worker
-        can make room, NotFound for a handler stopped by command.
+        Returns at once: the new workers are STARTING (their processes start
+        once the stopped workers have exited); wait for them with
+        :meth:`acquire`. Raises Overloaded (retry later) when it does not fit
+        and no idle worker can make room, NotFound for a handler stopped by
+        command.
         """
         handler = self._handler(name)
-        async with self._load_lock:
-            if any(s.wanted for s in self.slots[name]):
-                return
-            if name in self.disabled:
-                raise NotFound(f"handler {name} is stopped on this replica")
-            if not self.fits(handler):
-                victims = self._idle_victims(handler)
-                if victims is None:
-                    raise Overloaded(
-                        f"cannot start {name}: it needs {dict(handler.resources)}, "
-                        f"{self.free()} is free and no idle worker can make room",
-                        retry_after=1.0,
-                    )
-                for victim in victims:
-                    log.info("stopping idle worker %s to make room for %s", victim.id, name)
-                    await self.stop_worker(victim.id, drain=True, disable=False)
-            log.info("starting %s on demand", name)
-            self.start_handler(name)
+        if any(s.wanted for s in self.slots[name]):
+            return
+        if name in self.disabled:
+            raise NotFound(
+                f"handler {name} was stopped on this replica; "
+                f"start it with `anyserve workers start {name}`"
+            )
+        if self.exceeds_total(handler):
+            raise NotFound(
+                f"handler {name} needs {dict(handler.resources)} per worker; "
+                f"this replica has {self.resources} in all"
+            )
+        victims: list[Slot] = []
+        if not self.fits(handler):
+            found = self._idle_victims(handler)
+            if found is None:
+                raise Overloaded(
+                    f"cannot start {name} on this replica: it needs {dict(handler.resources)}, "
+                    f"{self.free()} is free and no idle worker can make room",
+                    retry_after=1.0,
+                )
+            victims = found
+            for victim in victims:
+                log.info("stopping idle worker %s to make room for %s", victim.id, name)
+                self._begin_stop(victim, drain=True)
+        log.info("starting %s on demand", name)
+        self.start_handler(name, after=victims)
 
-    def start_handler(self, name: str, count: int | None = None) -> list[Slot]:
+    def start_handler(
+        self, name: str, count: int | None = None, *, after: list[Slot] | None = None
+    ) -> list[Slot]:
         """Start ``count`` more workers for handler ``name`` (default: its
-        ``workers``, at least one) and return their slots; failed slots are
-        restarted. Raises NotFound for an unknown handler."""
+        ``workers``, at least one) and return their slots; failed and stopped
+        slots are reused. The processes start once every slot in ``after``
+        has stopped. Raises NotFound for an unknown handler."""
         handler = self._handler(name)
         assert self._tg is not None, "Manager.run() is not running"
         self.disabled.discard(name)
         slots = self.slots[name]
         started: list[Slot] = []
         for slot in slots:
-            if not slot.wanted:
+            # A slot still draining keeps its process until it exits: not reusable yet.
+            if not slot.wanted and slot.stopped.is_set():
                 started.append(slot)
         want = count if count is not None else max(handler.workers, 1)
         while len(started) < want:
@@ -345,32 +397,81 @@ class Manager:
             slot.ready.clear()
             slot.stopped.clear()
             slot._stop_requested = asyncio.Event()
-            self._tg.start_soon(self._supervise, slot, name=f"supervise {slot.id}")
+            self._tg.start_soon(
+                self._supervise, slot, list(after or ()), name=f"supervise {slot.id}"
+            )
         self.on_change()
         return started[:want]
 
     async def stop_worker(
         self, worker_id: str, *, drain: bool = True, disable: bool = True
     ) -> Slot:
-        """Stop one worker: it takes no new calls, in-flight calls finish (up to
-        the drain timeout when ``drain``), then the process exits. With
-        ``disable`` (a stop by command) the handler is not started on demand
-        again once its last worker is gone."""
+        """Stop one worker and wait until its process has exited: it takes no
+        new calls, in-flight calls finish (up to the drain timeout when
+        ``drain``), then the process exits. With ``disable`` (a stop by
+        command) the handler is not started on demand again once its last
+        worker is gone. Cancelling the wait does not cancel the stop."""
         slot = self.slot(worker_id)
-        if not slot.wanted:
-            return slot
+        self.begin_stop(slot, drain=drain, disable=disable)
+        await slot.stopped.wait()
+        return slot
+
+    def begin_stop(self, slot: Slot, *, drain: bool = True, disable: bool = True) -> None:
+        """Start stopping ``slot`` (see :meth:`stop_worker`) without waiting."""
+        name = slot.handler.name
+        if disable and not any(s.wanted for s in self.slots[name] if s is not slot):
+            self.disabled.add(name)
+        if slot.wanted:
+            self._begin_stop(slot, drain=drain)
+        else:
+            self.on_change()
+
+    def disable(self, name: str) -> None:
+        """Keep handler ``name`` from starting on demand (its running workers
+        are left alone) until :meth:`start_handler` starts it again."""
+        self._handler(name)
+        self.disabled.add(name)
+        self.on_change()
+
+    def _begin_stop(self, slot: Slot, *, drain: bool) -> None:
+        assert self._tg is not None, "Manager.run() is not running"
         slot.wanted = False
-        if disable and not any(s.wanted for s in self.slots[slot.handler.name]):
-            self.disabled.add(slot.handler.name)
-        if slot.state is State.READY:
+        if slot.state in (State.READY, State.STARTING):
+            # Out of the registration before the process goes.
             slot.state = State.DRAINING
         self.on_change()
+        self._tg.start_soon(self._finish_stop, slot, drain, name=f"stop {slot.id}")
+
+    async def _finish_stop(self, slot: Slot, drain: bool) -> None:
         if drain:
             with anyio.move_on_after(self.config.drain_timeout):
                 await slot.idle.wait()
+            if slot.inflight:
+                log.warning(
+                    "worker %s: %d calls still running after the %.0fs drain timeout",
+                    slot.id,
+                    slot.inflight,
+                    self.config.drain_timeout,
+                )
         slot._stop_requested.set()
-        await slot.stopped.wait()
-        return slot
+
+    def availability(self, name: str) -> str:
+        """How the replica offers handler ``name`` to the API server:
+        ``loaded`` (a worker is ready), ``loadable`` (a request may start it,
+        or its workers are starting), ``failed`` (crash loop), ``stopped``
+        (stopped by command) or ``unfit`` (needs more than the replica has)."""
+        slots = self.slots.get(name, [])
+        if any(s.state is State.READY for s in slots):
+            return "loaded"
+        if any(s.wanted for s in slots):
+            return "loadable"
+        if any(s.state is State.FAILED for s in slots):
+            return "failed"
+        if name in self.disabled:
+            return "stopped"
+        if self.exceeds_total(self._handler(name)):
+            return "unfit"
+        return "loadable"
 
     def loadable(self, name: str) -> bool:
         """True when a request may start this handler on demand."""
@@ -379,6 +480,7 @@ class Manager:
             name not in self.disabled
             and not any(s.wanted for s in slots)
             and not any(s.state is State.FAILED for s in slots)
+            and not self.exceeds_total(self._handler(name))
         )
 
     def slot(self, worker_id: str) -> Slot:
@@ -408,13 +510,15 @@ class Manager:
 
     async def acquire(self, name: str) -> Slot:
         """A ready worker for handler ``name``: waits for one that is starting and
-        starts a loadable handler on demand (callers bound the wait with their
-        deadline).
+        starts a loadable handler on demand. Callers bound the wait with their
+        deadline; without one it ends after the start timeout.
 
-        Raises Unavailable when the handler failed (crash loop), NotFound when
-        it was stopped by command, Overloaded when it cannot be started for lack
-        of resources or all its workers have max_concurrency x 4 calls queued.
+        Raises Unavailable when the handler failed (crash loop) or no worker
+        became ready in time, NotFound when it was stopped by command,
+        Overloaded when it cannot be started for lack of resources or all its
+        workers have max_concurrency x 4 calls queued.
         """
+        deadline: float | None = None
         while True:
             slot = self.pick(name)
             if slot is not None:
@@ -430,7 +534,15 @@ class Manager:
                     raise Unavailable(f"handler {name} failed: {failed[0].failure}")
                 await self.load(name)
                 continue
-            await _wait_any([s.ready for s in starting])
+            if deadline is None:
+                deadline = anyio.current_time() + self.config.start_timeout
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await _wait_any([s.ready for s in starting])
+            if anyio.current_time() >= deadline and self.pick(name) is None:
+                raise Unavailable(
+                    f"handler {name} has no ready worker after "
+                    f"{self.config.start_timeout:.0f}s (start timeout)"
+                )
 
     # -- supervision ---------------------------------------------------------
 
@@ -463,9 +575,12 @@ class Manager:
             cmd += ["--api-server", cfg.api_server]
         return cmd
 
-    async def _supervise(self, slot: Slot) -> None:
+    async def _supervise(self, slot: Slot, after: list[Slot]) -> None:
         backoff = BACKOFF_START
         try:
+            for other in after:
+                # Switching: the workers making room must be gone first.
+                await other.stopped.wait()
             while slot.wanted:
                 started = time.monotonic()
                 reason = await self._run_once(slot)
@@ -480,7 +595,9 @@ class Manager:
                     slot.state = State.FAILED
                     slot.wanted = False
                     slot.failure = (
-                        f"crashed {len(slot.crashes)} times in {CRASH_WINDOW:.0f}s; last: {reason}"
+                        f"worker {slot.id} crashed {len(slot.crashes)} times in "
+                        f"{CRASH_WINDOW:.0f}s, the last time: {reason}; start it again "
+                        f"with `anyserve workers start {slot.handler.name}`"
                     )
                     log.error("worker %s marked failed: %s", slot.id, slot.failure)
                     slot.ready.set()
@@ -493,7 +610,8 @@ class Manager:
                 slot.ready.clear()
                 slot.restarts += 1
                 self.on_change()
-                await anyio.sleep(backoff)
+                with anyio.move_on_after(backoff):
+                    await slot._stop_requested.wait()  # a stop ends the backoff early
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
             if slot.state is not State.FAILED:
@@ -517,6 +635,7 @@ class Manager:
         slot.pid = proc.pid
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
         reason = "stopped"
+        hello = False
         try:
             async with anyio.create_task_group() as tg:
 
@@ -530,6 +649,9 @@ class Manager:
                         header, _ = await wire.read_frame(reader, self.config.max_frame)
                     if header.WhichOneof("kind") != "hello":
                         raise wire.ConnectionClosed("worker did not say hello")
+                    hello = True
+                    if not slot.wanted:
+                        raise wire.ConnectionClosed("stopped while starting")
                     slot._writer = writer
                     slot.state = State.READY
                     slot.ready.set()
@@ -550,7 +672,7 @@ class Manager:
                 slot.ready.clear()
             writer.close()
             with anyio.CancelScope(shield=True):
-                code = await _reap(proc)
+                code = await _reap(proc, REAP_GRACE if hello else REAP_GRACE_STARTING)
             if reason == "stopped" and slot.wanted:
                 reason = _exit_text(code)
             slot.last_exit = _exit_text(code)
@@ -570,10 +692,12 @@ def _exit_text(code: int | None) -> str:
         except ValueError:
             name = f"signal {-code}"
         return f"was killed by {name} (exit code {code})"
+    if code == EXIT_BAD_APP:
+        return f"exited with code {code} (could not import the app or find its handler)"
     return f"exited with code {code}"
 
 
-async def _reap(proc: asyncio.subprocess.Process, grace: float = 5.0) -> int | None:
+async def _reap(proc: asyncio.subprocess.Process, grace: float = REAP_GRACE) -> int | None:
     """Wait for the process; terminate, then kill it if it lingers."""
     for action in (None, proc.terminate, proc.kill):
         if action is not None:

@@ -228,6 +228,9 @@ class _Servicer:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
         metadata = rpc.forwardable(context.invocation_metadata())
+        batched = any(
+            key == rpc.BATCH and value == "1" for key, value in context.invocation_metadata() or ()
+        )
         # asyncio.Lock: an uncontended acquire does not yield to the loop (one
         # loop cycle saved per streamed chunk compared with anyio.Lock).
         lock = asyncio.Lock()
@@ -238,15 +241,19 @@ class _Servicer:
 
         async def serve_one(payload: bytes) -> None:
             try:
-                async for chunk in self.dispatcher.stream(
+                async for batch in self.dispatcher.stream(
                     payload, metadata, context.time_remaining() or 0.0
                 ):
-                    await write(chunk)
+                    if batched:
+                        await write(rpc.pack_batch(batch))
+                    else:
+                        for chunk in batch:
+                            await write(chunk)
             except AnyServeError as exc:
                 # Triton's convention: a failed request on a stream is reported
                 # in-band and the stream stays open for the others.
-                request_id = _peek_id(payload)
-                await write(rpc.stream_error(exc.message, exc.grpc_code.name, request_id))
+                error = rpc.stream_error(exc.message, exc.grpc_code.name, _peek_id(payload))
+                await write(rpc.pack_batch([error]) if batched else error)
 
         async with anyio.create_task_group() as tg:
             async for payload in requests:
