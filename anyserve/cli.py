@@ -261,23 +261,17 @@ def _admin(replica: str, token: str | None, method: str, request: Any) -> Any:
 
 
 def _print_workers(reply: Any) -> None:
-    rows = [("ID", "CAPABILITY", "PID", "STATE", "INFLIGHT")]
+    """One row per worker; a failed worker's reason goes last, unpadded."""
+    rows = [("ID", "CAPABILITY", "PID", "STATE", "INFLIGHT", "RESTARTS", "ERROR")]
     for w in reply.workers:
         cap = ",".join(f"{k}={v}" for k, v in sorted(w.capability.items()))
         rows.append(
-            (
-                w.id,
-                cap,
-                str(w.pid or "-"),
-                w.state + (f" ({w.error})" if w.error else ""),
-                str(w.inflight),
-            )
+            (w.id, cap, str(w.pid or "-"), w.state, str(w.inflight), str(w.restarts), w.error)
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        typer.echo(
-            "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4]
-        )
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        typer.echo("  ".join([*cells, row[-1]]).rstrip())
 
 
 @workers_app.command("list")

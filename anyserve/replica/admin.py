@@ -3,6 +3,10 @@
 Served on the replica port (``anyserve.admin.Admin``). With a token configured,
 every call needs ``authorization: Bearer <token>`` metadata, compared in
 constant time.
+
+``StartWorker`` answers once the started workers are ready (or failed: then
+with UNAVAILABLE naming the failure); ``StopWorker`` once they have exited. Both
+are bounded by the call's deadline; a stop that outlives it still completes.
 """
 
 from __future__ import annotations
@@ -10,14 +14,23 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+import anyio
 import grpc
 import grpc.aio
 
 from anyserve import rpc
 from anyserve._proto import admin_pb2 as apb
 from anyserve.capability import Capability
-from anyserve.errors import AnyServeError, InvalidArgument, NotFound, Overloaded, Unauthenticated
-from anyserve.replica.manager import Manager, Slot
+from anyserve.errors import (
+    AnyServeError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    Unauthenticated,
+    Unavailable,
+)
+from anyserve.replica.manager import Manager, Slot, State
 
 SERVICE = "anyserve.admin.Admin"
 LIST_WORKERS = f"/{SERVICE}/ListWorkers"
@@ -111,17 +124,40 @@ class AdminServicer:
             name = self.handler_for(request.capability)
             handler = self.manager.handlers[name]
             count = request.count or max(handler.workers, 1)
-            running = sum(1 for s in self.manager.slots[name] if s.wanted)
-            if not self.manager.fits(handler, count=max(count - running, 0)):
+            running = [s for s in self.manager.slots[name] if s.wanted]
+            more = max(count - len(running), 0)
+            if not self.manager.fits(handler, count=more):
                 raise Overloaded(
                     f"{name} needs {dict(handler.resources)} per worker; "
-                    f"the replica has {self.manager.free()} free"
+                    f"the replica has {self.manager.free()} free "
+                    "(stop a worker that holds them first)"
                 )
-            if count > running:
-                self.manager.start_handler(name, count=count - running)
+            started = self.manager.start_handler(name, count=more) if more else []
+            slots = [*running, *started]
+            await self._settle(slots, context)
+            if slots and all(s.state is State.FAILED for s in slots):
+                raise Unavailable(f"handler {name} failed: {slots[0].failure}")
         except AnyServeError as exc:
             await context.abort(exc.grpc_code, exc.message)
         return self._reply()
+
+    async def _settle(self, slots: list[Slot], context: grpc.aio.ServicerContext) -> None:
+        """Wait while any of ``slots`` is starting (crash-loop restarts included)."""
+        left = context.time_remaining()
+        timeout = self.manager.config.start_timeout if left is None else max(left - 0.2, 0.0)
+        with anyio.move_on_after(timeout):
+            for slot in slots:
+                # ready is set once the slot is READY, FAILED or STOPPED; a crash
+                # while starting clears it again for the restart.
+                while slot.wanted and slot.state is not State.READY:
+                    if slot.ready.is_set():
+                        # Only while the replica shuts down (every slot is woken);
+                        # Event.wait() would return without yielding.
+                        await anyio.sleep(0.01)
+                    else:
+                        await slot.ready.wait()
+            return
+        raise DeadlineExceeded("workers are still starting; see `anyserve workers list`")
 
     async def stop_worker(
         self, request: apb.StopWorkerRequest, context: grpc.aio.ServicerContext
@@ -130,11 +166,17 @@ class AdminServicer:
             self._authorize(context)
             if request.worker_id in self.manager.handlers or "=" in request.worker_id:
                 name = self.handler_for(request.worker_id)
-                ids = [s.id for s in self.manager.slots[name] if s.wanted]
+                slots = [s for s in self.manager.slots[name] if s.wanted]
+                if not slots:
+                    # Nothing running: still keep it from starting on demand.
+                    self.manager.disable(name)
             else:
-                ids = [self.manager.slot(request.worker_id).id]
-            for worker_id in ids:
-                await self.manager.stop_worker(worker_id, drain=request.drain)
+                slots = [self.manager.slot(request.worker_id)]
+            # Every worker leaves the registration at once, then they drain together.
+            for slot in slots:
+                self.manager.begin_stop(slot, drain=request.drain)
+            for slot in slots:
+                await slot.stopped.wait()
         except AnyServeError as exc:
             await context.abort(exc.grpc_code, exc.message)
         return self._reply()

@@ -168,19 +168,24 @@ class Replica:
         loaded: list[dict[str, str]] = []
         loadable: list[dict[str, str]] = []
         for handler in self.handlers:
-            slots = self.manager.slots.get(handler.name, [])
             cap = handler.capability.to_dict()
-            if any(s.state is State.READY for s in slots):
-                if cap not in loaded:
-                    loaded.append(cap)
-            elif not any(s.state is State.FAILED for s in slots) and cap not in loadable:
+            availability = self.manager.availability(handler.name)
+            if availability == "loaded" and cap not in loaded:
+                loaded.append(cap)
+            elif availability == "loadable" and cap not in loadable:
                 loadable.append(cap)
         return {
             "replica_id": self.replica_id,
             "endpoint": self.endpoint,
             "capabilities": loaded,
             "loadable": [c for c in loadable if c not in loaded],
-            "workers": [s.describe() for slots in self.manager.slots.values() for s in slots],
+            # Stopped slots are history, not workers.
+            "workers": [
+                s.describe()
+                for slots in self.manager.slots.values()
+                for s in slots
+                if s.state is not State.STOPPED
+            ],
         }
 
 
