@@ -58,7 +58,7 @@ def _row(metric: str, samples_ms: list[float], note: str = "") -> dict[str, Any]
 
 async def _measure(repeats: int) -> tuple[list[float], list[float]]:
     from anyserve import codec
-    from anyserve.replica.manager import State
+    from anyserve.replica.slot import State
     from anyserve.testing import GrpcClient, start_replica
 
     request = ModelInferRequest(id="bench")

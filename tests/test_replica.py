@@ -13,8 +13,8 @@ import pytest
 
 from anyserve import codec
 from anyserve.proto import ModelInferRequest
-from anyserve.replica.manager import State
 from anyserve.replica.server import Replica
+from anyserve.replica.slot import State
 from anyserve.testing import GrpcClient, start_replica, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -29,8 +29,9 @@ from anyserve.api_server.config import ApiServerConfig
 from anyserve.cluster import Cluster, start_cluster
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 from anyserve.replica import admin
-from anyserve.replica.manager import CRASH_LIMIT, Manager, State
+from anyserve.replica.manager import CRASH_LIMIT, Manager
 from anyserve.replica.server import Replica
+from anyserve.replica.slot import State
 from anyserve.testing import GrpcClient, start_replica, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -30,7 +30,8 @@ from anyserve.errors import (
     Unauthenticated,
     Unavailable,
 )
-from anyserve.replica.manager import Manager, Slot, State
+from anyserve.replica.manager import Manager
+from anyserve.replica.slot import Slot, State
 
 SERVICE = "anyserve.admin.Admin"
 LIST_WORKERS = f"/{SERVICE}/ListWorkers"

@@ -23,28 +23,22 @@ no worker half-stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
 
 import anyio
 
 from anyserve import wire
-from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import HandlerInfo
 from anyserve.errors import AnyServeError, NotFound, Overloaded, Unavailable
-from anyserve.replica.worker import EXIT_BAD_APP
+from anyserve.replica.processes import REAP_GRACE, exit_text, reap
+from anyserve.replica.slot import Slot, State
 
 log = logging.getLogger("anyserve.manager")
 
@@ -54,16 +48,7 @@ BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
 # Seconds a worker that never said hello gets to exit after its connection
 # closes before it is terminated (a ready worker gets REAP_GRACE).
-REAP_GRACE = 5.0
 REAP_GRACE_STARTING = 0.5
-
-
-class State(StrEnum):
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 @dataclass
@@ -80,127 +65,6 @@ class WorkerConfig:
     drain_timeout: float = 30.0
     log_level: str = "info"
     env: Mapping[str, str] = field(default_factory=dict)
-
-
-class CallSink:
-    """Frames of one call, from the connection reader to the waiting dispatcher."""
-
-    __slots__ = ("queue",)
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[wpb.Header, bytes] | AnyServeError] = asyncio.Queue()
-
-    async def next(self) -> tuple[wpb.Header, bytes]:
-        """The next frame; raises the error that ended the call instead."""
-        item = await self.queue.get()
-        if isinstance(item, AnyServeError):
-            raise item
-        return item
-
-    def take_ready(self) -> tuple[wpb.Header, bytes] | None:
-        """The next frame if one is already here, else None (never waits);
-        raises the error that ended the call instead."""
-        try:
-            item = self.queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        if isinstance(item, AnyServeError):
-            raise item
-        return item
-
-
-class Slot:
-    """One worker process position of a handler, kept alive by the supervisor."""
-
-    def __init__(self, worker_id: str, handler: HandlerInfo) -> None:
-        self.id = worker_id
-        self.handler = handler
-        self.state = State.STOPPED
-        self.pid: int | None = None
-        self.inflight = 0
-        self.restarts = 0
-        self.last_exit: str = ""
-        self.failure: str = ""
-        self.wanted = False
-        # Set while the slot is READY, FAILED or STOPPED: waiters re-check state.
-        self.ready = asyncio.Event()
-        self.ready.set()
-        # Set once the supervisor has let go of the slot (stopped or failed).
-        self.stopped = asyncio.Event()
-        self.stopped.set()
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self.crashes: deque[float] = deque()
-        self._writer: asyncio.StreamWriter | None = None
-        self._calls: dict[int, CallSink] = {}
-        self._next_call = 1
-        self._stop_requested = asyncio.Event()
-
-    @property
-    def holds_resources(self) -> bool:
-        """Wanted, or its process has not exited yet (still draining)."""
-        return self.wanted or not self.stopped.is_set()
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able row for /registry and ``anyserve workers list``."""
-        return {
-            "id": self.id,
-            "handler": self.handler.name,
-            "capability": self.handler.capability.to_dict(),
-            "pid": self.pid,
-            "state": self.state.value,
-            "inflight": self.inflight,
-            "restarts": self.restarts,
-            "error": self.failure or None,
-        }
-
-    # -- calls -------------------------------------------------------------
-
-    def open_call(
-        self, payload: bytes, *, stream: bool, metadata: Mapping[str, str], timeout: float
-    ) -> tuple[int, CallSink]:
-        """Send a Call frame; raises Unavailable when the worker is not ready."""
-        writer = self._writer
-        if writer is None or self.state is not State.READY:
-            raise Unavailable(f"worker {self.id} is {self.state.value}")
-        call_id = self._next_call
-        self._next_call += 1
-        sink = CallSink()
-        self._calls[call_id] = sink
-        self.inflight += 1
-        self.idle.clear()
-        call = wpb.Call(stream=stream, timeout=timeout, metadata=metadata)
-        wire.write_frame(writer, wpb.Header(call_id=call_id, call=call), payload)
-        return call_id, sink
-
-    async def drain_writer(self) -> None:
-        """Wait while the socket buffer to the worker is full (backpressure)."""
-        writer = self._writer
-        if writer is not None:
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-
-    def close_call(self, call_id: int, *, cancel: bool) -> None:
-        """Forget a call; tell the worker to cancel it when it has not finished."""
-        if self._calls.pop(call_id, None) is None:
-            return
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.idle.set()
-        writer = self._writer
-        if cancel and writer is not None and not writer.is_closing():
-            wire.write_frame(writer, wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
-
-    def _fail_calls(self, error: AnyServeError) -> None:
-        for sink in self._calls.values():
-            sink.queue.put_nowait(error)
-
-    async def _read_loop(self, reader: asyncio.StreamReader, max_frame: int) -> None:
-        while True:
-            header, payload = await wire.read_frame(reader, max_frame)
-            sink = self._calls.get(header.call_id)
-            if sink is not None:
-                sink.queue.put_nowait((header, payload))
 
 
 class Manager:
@@ -396,7 +260,7 @@ class Manager:
             slot.state = State.STARTING
             slot.ready.clear()
             slot.stopped.clear()
-            slot._stop_requested = asyncio.Event()
+            slot.stop_requested = asyncio.Event()
             self._tg.start_soon(
                 self._supervise, slot, list(after or ()), name=f"supervise {slot.id}"
             )
@@ -453,7 +317,7 @@ class Manager:
                     slot.inflight,
                     self.config.drain_timeout,
                 )
-        slot._stop_requested.set()
+        slot.stop_requested.set()
 
     def availability(self, name: str) -> str:
         """How the replica offers handler ``name`` to the API server:
@@ -611,7 +475,7 @@ class Manager:
                 slot.restarts += 1
                 self.on_change()
                 with anyio.move_on_after(backoff):
-                    await slot._stop_requested.wait()  # a stop ends the backoff early
+                    await slot.stop_requested.wait()  # a stop ends the backoff early
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
             if slot.state is not State.FAILED:
@@ -640,7 +504,7 @@ class Manager:
             async with anyio.create_task_group() as tg:
 
                 async def watch_stop() -> None:
-                    await slot._stop_requested.wait()
+                    await slot.stop_requested.wait()
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_stop)
@@ -652,93 +516,36 @@ class Manager:
                     hello = True
                     if not slot.wanted:
                         raise wire.ConnectionClosed("stopped while starting")
-                    slot._writer = writer
-                    slot.state = State.READY
-                    slot.ready.set()
+                    slot.connect(writer)
                     log.info(
                         "worker %s (pid %d) ready for %s", slot.id, proc.pid, slot.handler.name
                     )
                     self.on_change()
-                    await slot._read_loop(reader, self.config.max_frame)
+                    await slot.serve(reader, self.config.max_frame)
                 except TimeoutError:
                     reason = f"did not start within {self.config.start_timeout:.0f}s"
                 except (wire.ConnectionClosed, AnyServeError):
                     pass
                 tg.cancel_scope.cancel()
         finally:
-            slot._writer = None
-            if slot.state is State.READY:
-                slot.state = State.DRAINING
-                slot.ready.clear()
+            slot.disconnect()
             writer.close()
             with anyio.CancelScope(shield=True):
-                code = await _reap(proc, REAP_GRACE if hello else REAP_GRACE_STARTING)
+                code = await reap(proc, REAP_GRACE if hello else REAP_GRACE_STARTING)
             if reason == "stopped" and slot.wanted:
-                reason = _exit_text(code)
-            slot.last_exit = _exit_text(code)
-            slot._fail_calls(Unavailable(f"worker {slot.id} (pid {proc.pid}) {_exit_text(code)}"))
-            slot._calls.clear()
-            slot.inflight = 0
-            slot.idle.set()
+                reason = exit_text(code)
+            slot.last_exit = exit_text(code)
+            slot.fail_calls(Unavailable(f"worker {slot.id} (pid {proc.pid}) {exit_text(code)}"))
         return reason
 
 
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "exited"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} (exit code {code})"
-    if code == EXIT_BAD_APP:
-        return f"exited with code {code} (could not import the app or find its handler)"
-    return f"exited with code {code}"
-
-
-async def _reap(proc: asyncio.subprocess.Process, grace: float = REAP_GRACE) -> int | None:
-    """Wait for the process; terminate, then kill it if it lingers."""
-    for action in (None, proc.terminate, proc.kill):
-        if action is not None:
-            with contextlib.suppress(ProcessLookupError):
-                action()
-        with anyio.move_on_after(grace):
-            return await proc.wait()
-    return proc.returncode
-
-
 async def _wait_any(events: list[asyncio.Event]) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
+    """Return once any of ``events`` is set."""
+    async with anyio.create_task_group() as tg:
 
+        async def wait(event: asyncio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
 
-async def describe_app(
-    app: str, app_dir: str | None = None, timeout: float = 120.0
-) -> tuple[str, list[HandlerInfo]]:
-    """Import the app in a throwaway worker process and return its handlers.
-
-    Raises RuntimeError with the import error when the app cannot be loaded.
-    """
-    cmd = [sys.executable, "-m", "anyserve.replica.worker", "--describe", "--app", app]
-    if app_dir:
-        cmd += ["--app-dir", app_dir]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        with anyio.fail_after(timeout):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-15:]
-        raise RuntimeError(f"cannot load app {app!r}:\n" + "\n".join(tail))
-    data = json.loads(out)
-    return str(data["name"]), [HandlerInfo.from_dict(h) for h in data["handlers"]]
+        for event in events:
+            tg.start_soon(wait, event)

@@ -29,8 +29,10 @@ from anyserve.errors import AnyServeError, NotFound
 from anyserve.objects import ObjectStore
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
-from anyserve.replica.manager import Manager, State, WorkerConfig, describe_app
+from anyserve.replica.manager import Manager, WorkerConfig
+from anyserve.replica.processes import describe_app
 from anyserve.replica.registration import Registration
+from anyserve.replica.slot import State
 
 log = logging.getLogger("anyserve.replica")
 
