@@ -24,7 +24,40 @@ app = typer.Typer(
 )
 
 
+NoMatch = Annotated[
+    str,
+    typer.Option(
+        help="When no replica matches: 'reject' answers 404, 'random' sends the request to "
+        "a random replica, which may delegate it (the seed's scenario 2).",
+    ),
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        envvar="ANYSERVE_TOKEN", help="Shared secret required for registration and admin."
+    ),
+]
+LogLevel = Annotated[
+    str,
+    typer.Option(help="debug, info, warning or error (debug explains every routing decision)."),
+]
+Host = Annotated[str, typer.Option(help="Address to bind.")]
+HttpPort = Annotated[int, typer.Option("--port", help="API server HTTP port.")]
+GrpcPort = Annotated[int, typer.Option(help="API server gRPC port (KServe v2 proxy; 0: any).")]
+HopLimit = Annotated[int, typer.Option(help="Most delegation hops before 508.")]
+Heartbeat = Annotated[
+    float, typer.Option(help="Seconds between replica heartbeats (3 missed: dropped).")
+]
+MaxBodyMib = Annotated[int, typer.Option(help="HTTP body limit in MiB (413 beyond).")]
+MaxInflight = Annotated[int, typer.Option(help="Requests in flight per replica before 429.")]
+RequestTimeout = Annotated[float, typer.Option(help="Deadline (s) for requests that set none.")]
+
+
 def _setup_logging(level: str) -> None:
+    if level.lower() not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter(
+            f"--log-level must be debug, info, warning or error, not {level!r}"
+        )
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -85,7 +118,7 @@ def start(
         typer.Option(envvar="ANYSERVE_TOKEN", help="Shared secret for registration and admin."),
     ] = None,
     grace: Annotated[float, typer.Option(help="Seconds to drain calls on shutdown.")] = 10.0,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: LogLevel = "info",
 ) -> None:
     """Start one replica: a KServe v2 gRPC server and its worker processes."""
     from anyserve.replica.server import Replica, ReplicaConfig
@@ -135,54 +168,48 @@ def _run_until_signal(serve: Callable[..., Coroutine[Any, Any, Any]]) -> None:
         raise typer.Exit(2) from None
 
 
-NoMatch = Annotated[
-    str,
-    typer.Option(
-        help="When no replica matches: 'reject' answers 404, 'random' sends the request to "
-        "a random replica, which may delegate it (the seed's scenario 2)."
-    ),
-]
-Token = Annotated[
-    str | None,
-    typer.Option(
-        envvar="ANYSERVE_TOKEN", help="Shared secret required for registration and admin."
-    ),
-]
+def _api_config(**options: Any) -> Any:
+    """An ApiServerConfig from the shared API server options; BadParameter if invalid."""
+    from anyserve.api_server.config import MIB, ApiServerConfig
 
-
-def _api_config(
-    host: str, port: int, grpc_port: int, no_match: str, token: str | None, hop_limit: int
-) -> Any:
-    from anyserve.api_server.config import ApiServerConfig
-
+    options["max_body"] = options.pop("max_body_mib") * MIB
+    options["max_inflight_per_replica"] = options.pop("max_inflight")
     try:
-        return ApiServerConfig(
-            host=host,
-            port=port,
-            grpc_port=grpc_port,
-            no_match=no_match,  # type: ignore[arg-type]
-            token=token,
-            hop_limit=hop_limit,
-        )
+        return ApiServerConfig(**options)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
 
 @app.command("api-server")
 def api_server(
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe v2 proxy).")] = 8081,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: HttpPort = 8080,
+    grpc_port: GrpcPort = 8081,
+    host: Host = "127.0.0.1",
     no_match: NoMatch = "reject",
     token: Token = None,
-    hop_limit: Annotated[int, typer.Option(help="Most delegation hops before 508.")] = 4,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    hop_limit: HopLimit = 4,
+    heartbeat_interval: Heartbeat = 2.0,
+    max_body_mib: MaxBodyMib = 64,
+    max_inflight: MaxInflight = 256,
+    request_timeout: RequestTimeout = 300.0,
+    log_level: LogLevel = "info",
 ) -> None:
-    """Start the API server alone (same as `python -m anyserve.api_server`)."""
+    """Start the API server alone (`python -m anyserve.api_server` is the same command)."""
     from anyserve.api_server.server import ApiServer
 
     _setup_logging(log_level)
-    config = _api_config(host, port, grpc_port, no_match, token, hop_limit)
+    config = _api_config(
+        host=host,
+        port=port,
+        grpc_port=grpc_port,
+        no_match=no_match,
+        token=token,
+        hop_limit=hop_limit,
+        heartbeat_interval=heartbeat_interval,
+        max_body_mib=max_body_mib,
+        max_inflight=max_inflight,
+        request_timeout=request_timeout,
+    )
 
     async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with ApiServer(config):
@@ -197,25 +224,40 @@ def run(
     apps: Annotated[
         list[str], typer.Argument(help="Apps to serve, one replica each (module:attr).")
     ],
-    port: Annotated[int, typer.Option(help="API server HTTP port.")] = 8080,
-    grpc_port: Annotated[int, typer.Option(help="API server gRPC port.")] = 8081,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: HttpPort = 8080,
+    grpc_port: GrpcPort = 8081,
+    host: Host = "127.0.0.1",
     no_match: NoMatch = "reject",
     token: Token = None,
-    hop_limit: Annotated[int, typer.Option(help="Most delegation hops before 508.")] = 4,
+    hop_limit: HopLimit = 4,
+    heartbeat_interval: Heartbeat = 2.0,
+    max_body_mib: MaxBodyMib = 64,
+    max_inflight: MaxInflight = 256,
+    request_timeout: RequestTimeout = 300.0,
     object_store: Annotated[
         str | None, typer.Option(help="Object directory (default: a temporary one).")
     ] = None,
     resources: Annotated[
         str | None, typer.Option(help="What each replica has, e.g. gpu=1.")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: LogLevel = "info",
 ) -> None:
     """Run a whole local system: an API server plus one replica per app."""
     from anyserve.cluster import start_cluster
 
     _setup_logging(log_level)
-    config = _api_config(host, port, grpc_port, no_match, token, hop_limit)
+    config = _api_config(
+        host=host,
+        port=port,
+        grpc_port=grpc_port,
+        no_match=no_match,
+        token=token,
+        hop_limit=hop_limit,
+        heartbeat_interval=heartbeat_interval,
+        max_body_mib=max_body_mib,
+        max_inflight=max_inflight,
+        request_timeout=request_timeout,
+    )
     options: dict[str, Any] = {"host": host, "app_dir": os.getcwd(), "log_level": log_level}
     if resources:
         options["resources"] = parse_resources(resources)
@@ -224,7 +266,7 @@ def run(
         async with start_cluster(
             apps, api=config, object_store=object_store, replica_options=options
         ) as cluster:
-            typer.echo(cluster.describe(), err=False)
+            typer.echo(cluster.describe())
             typer.echo("anyserve is running; press Ctrl-C to stop.")
             task_status.started()
             await anyio.sleep_forever()
