@@ -19,6 +19,9 @@ from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import HandlerInfo
 from anyserve.errors import AnyServeError, Unavailable
 
+# Frames read from a worker before the reader lets other tasks run.
+YIELD_EVERY = 16
+
 
 class State(StrEnum):
     STARTING = "starting"
@@ -149,11 +152,20 @@ class Slot:
     async def serve(self, reader: asyncio.StreamReader, max_frame: int) -> None:
         """Hand each frame from the worker to its call until the connection ends
         (raises wire.ConnectionClosed then)."""
+        unyielded = 0
         while True:
             header, payload = await wire.read_frame(reader, max_frame)
             sink = self._calls.get(header.call_id)
             if sink is not None:
                 sink.queue.put_nowait((header, payload))
+            # read_frame does not suspend while frames are buffered, so a worker
+            # flooding a stream would keep the callers from running until the
+            # socket is drained (the first token waits for the last): let them
+            # run every few frames.
+            unyielded += 1
+            if unyielded >= YIELD_EVERY:
+                unyielded = 0
+                await asyncio.sleep(0)
 
     def disconnect(self) -> None:
         """The connection ended: no new calls go to this worker."""

@@ -1,0 +1,82 @@
+"""The `anyserve` command line against a running system (real subprocesses)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio.to_thread
+import pytest
+
+from anyserve.cluster import Cluster, start_cluster
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def anyserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "anyserve.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # A thread, so the in-process cluster keeps serving while the CLI runs.
+    return await anyio.to_thread.run_sync(lambda: anyserve(*args))
+
+
+@pytest.fixture(scope="module")
+async def cluster() -> AsyncIterator[Cluster]:
+    async with start_cluster(["examples.chat_app:app", "examples.embed_app:app"]) as cluster:
+        yield cluster
+
+
+async def test_infer_prints_outputs(cluster: Cluster) -> None:
+    done = await run_cli(
+        "infer", "-c", "type=embed", "-i", "text=hello", "--api-server", cluster.url
+    )
+    assert done.returncode == 0, done.stderr
+    assert "dims: 8" in done.stdout and "replica: embed_app" in done.stdout
+
+
+async def test_infer_stream_prints_tokens(cluster: Cluster) -> None:
+    done = await run_cli("infer", "-c", "type=chat", "--stream", "--api-server", cluster.url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Hello world!"
+
+
+async def test_infer_error_is_clear(cluster: Cluster) -> None:
+    done = await run_cli("infer", "-c", "type=nothing", "--api-server", cluster.url)
+    assert done.returncode == 1
+    assert "404" in done.stderr and "type=nothing" in done.stderr
+    bad = await run_cli("infer", "-c", "type", "--api-server", cluster.url)
+    assert bad.returncode == 2 and "key=value" in bad.stderr
+
+
+async def test_registry_table(cluster: Cluster) -> None:
+    done = await run_cli("registry", "--api-server", cluster.url)
+    assert done.returncode == 0, done.stderr
+    assert "chat_app" in done.stdout and "embed_app" in done.stdout
+    assert "loaded    type=embed" in done.stdout
+    assert "worker embed-0" in done.stdout
+
+
+def test_help_explains_every_command() -> None:
+    done = anyserve("--help")
+    assert done.returncode == 0
+    for command in ("run", "start", "api-server", "workers", "infer", "registry"):
+        assert command in done.stdout
+
+
+def test_start_with_a_broken_app_says_why(tmp_path: Path) -> None:
+    done = anyserve("start", "--app", "no_such_module_here:app", "--port", "0", timeout=60)
+    assert done.returncode == 1
+    assert "cannot load app 'no_such_module_here:app'" in done.stderr
+    assert "No module named 'no_such_module_here'" in done.stderr
