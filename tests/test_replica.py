@@ -247,6 +247,29 @@ async def test_killed_worker_fails_call_then_comes_back(
     assert int(marker.read_text()) == slot.pid
 
 
+async def test_slow_consumer_blocks_stream_send(client: GrpcClient, tmp_path: Path) -> None:
+    from tests.apps.forms_app import FLOOD_CHUNKS
+
+    marker = tmp_path / "flood"
+    done = marker.with_suffix(".done")
+    call = client.stream(text_request(str(marker)), capability={"type": "flood"}, timeout=60)
+    await call.read()
+    # The client reads nothing more: the handler's stream.send() must block
+    # long before it has sent everything (no unbounded buffering on the way).
+    with pytest.raises(TimeoutError):
+        await wait_until(done.exists, timeout=3.0)
+    # What may be sent ahead: the credit window (64) plus what gRPC's own flow
+    # control buffers (~1,500 here); without backpressure it is ~10,000 by now.
+    assert int(marker.read_text()) < 5_000
+    # Reading on lets it finish, with nothing lost.
+    received = 1
+    while (message := await call.read()) is not grpc.aio.EOF:
+        assert message.error_message == ""
+        received += 1
+    assert received == FLOOD_CHUNKS
+    await wait_until(done.exists, timeout=5.0)
+
+
 async def test_deadline_cancels_unary_handler(client: GrpcClient, tmp_path: Path) -> None:
     marker = tmp_path / "unary.pid"
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -204,6 +204,9 @@ class Dispatcher:
                     frame = ready
                 if batch:
                     yield batch
+                    # The caller took the batch: the worker may send as many more.
+                    if not done:
+                        slot.grant(call_id, len(batch))
         finally:
             slot.close_call(call_id, cancel=not done)
 

@@ -130,6 +130,13 @@ class Slot:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
 
+    def grant(self, call_id: int, chunks: int) -> None:
+        """Let the worker send ``chunks`` more responses of a stream call."""
+        writer = self._writer
+        if writer is not None and not writer.is_closing() and call_id in self._calls:
+            credit = wpb.Credit(chunks=chunks)
+            wire.write_frame(writer, wpb.Header(call_id=call_id, credit=credit))
+
     def close_call(self, call_id: int, *, cancel: bool) -> None:
         """Forget a call; tell the worker to cancel it when it has not finished."""
         if self._calls.pop(call_id, None) is None:

@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -40,12 +40,30 @@ log = logging.getLogger("anyserve.worker")
 EXIT_BAD_APP = 3
 # Names the handler a worker process serves (unset in the describe process).
 HANDLER_ENV = "ANYSERVE_HANDLER"
+# Chunks of one stream a worker may send ahead of what its caller has taken;
+# the dispatcher grants more as the caller takes them (see Credit in worker.proto).
+STREAM_WINDOW = 64
 
 
 @dataclass
 class _Call:
     context: Context
     scope: anyio.CancelScope
+    # Chunks this stream may still send before the dispatcher grants more.
+    credits: int = 0
+    granted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def grant(self, chunks: int) -> None:
+        self.credits += chunks
+        self.granted.set()
+
+    async def spend(self) -> None:
+        """Take one credit, waiting while the caller is behind (backpressure).
+        Returns at once when the call is cancelled (the sender then stops)."""
+        while self.credits <= 0 and not self.context.cancelled:
+            self.granted.clear()
+            await self.granted.wait()
+        self.credits -= 1
 
 
 class WorkerServer:
@@ -92,18 +110,26 @@ class WorkerServer:
                     tg.start_soon(self._run, header.call_id, header.call, payload)
                 elif kind == "cancel":
                     self._cancel(header.call_id)
+                elif kind == "credit":
+                    call = self.calls.get(header.call_id)
+                    if call is not None:
+                        call.grant(header.credit.chunks)
                 else:
                     log.warning("ignoring unexpected %s frame from the dispatcher", kind)
             # The replica is gone: nobody can receive results any more.
+            for call_id in list(self.calls):
+                self._cancel(call_id)
             tg.cancel_scope.cancel()
 
     def _cancel(self, call_id: int) -> None:
         call = self.calls.get(call_id)
         if call is not None:
             # The flag makes a sync handler's next stream.send() raise; the
-            # scope cancels an async handler at its next await.
+            # scope cancels an async handler at its next await; a send waiting
+            # for credit wakes up and sees the flag.
             call.context.cancelled = True
             call.scope.cancel()
+            call.granted.set()
 
     def _send(self, header: wpb.Header, payload: bytes = b"") -> None:
         wire.write_frame(self.writer, header, payload)
@@ -130,9 +156,14 @@ class WorkerServer:
         raw = len(request.raw_input_contents) > 0
         results: list[Any] = []
         first = True
+        scope = anyio.CancelScope()
+        state = _Call(context, scope, credits=STREAM_WINDOW)
 
         async def emit_stream(chunk: Any) -> None:
             nonlocal first
+            if context.cancelled:
+                raise StreamClosed("the caller has gone")
+            await state.spend()
             if context.cancelled:
                 raise StreamClosed("the caller has gone")
             response = codec.to_stream_response(chunk, request)
@@ -151,8 +182,7 @@ class WorkerServer:
             results.append(value)
 
         emit = emit_stream if call.stream else emit_unary
-        scope = anyio.CancelScope()
-        self.calls[call_id] = _Call(context, scope)
+        self.calls[call_id] = state
         tokens = context.bind()
         try:
             with scope:
