@@ -168,10 +168,27 @@ def _run_until_signal(serve: Callable[..., Coroutine[Any, Any, Any]]) -> None:
         raise typer.Exit(2) from None
 
 
-def _api_config(**options: Any) -> Any:
-    """An ApiServerConfig from the shared API server options; BadParameter if invalid."""
+# The API server options `api-server` and `run` share (Typer has no option groups).
+_API_OPTIONS = (
+    "host",
+    "port",
+    "grpc_port",
+    "no_match",
+    "token",
+    "hop_limit",
+    "heartbeat_interval",
+    "max_body_mib",
+    "max_inflight",
+    "request_timeout",
+)
+
+
+def _api_config(values: dict[str, Any]) -> Any:
+    """An ApiServerConfig from a command's shared API server options (its
+    ``locals()``); typer.BadParameter when they are invalid."""
     from anyserve.api_server.config import MIB, ApiServerConfig
 
+    options = {name: values[name] for name in _API_OPTIONS}
     options["max_body"] = options.pop("max_body_mib") * MIB
     options["max_inflight_per_replica"] = options.pop("max_inflight")
     try:
@@ -198,18 +215,7 @@ def api_server(
     from anyserve.api_server.server import ApiServer
 
     _setup_logging(log_level)
-    config = _api_config(
-        host=host,
-        port=port,
-        grpc_port=grpc_port,
-        no_match=no_match,
-        token=token,
-        hop_limit=hop_limit,
-        heartbeat_interval=heartbeat_interval,
-        max_body_mib=max_body_mib,
-        max_inflight=max_inflight,
-        request_timeout=request_timeout,
-    )
+    config = _api_config(locals())
 
     async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with ApiServer(config):
@@ -246,18 +252,7 @@ def run(
     from anyserve.cluster import start_cluster
 
     _setup_logging(log_level)
-    config = _api_config(
-        host=host,
-        port=port,
-        grpc_port=grpc_port,
-        no_match=no_match,
-        token=token,
-        hop_limit=hop_limit,
-        heartbeat_interval=heartbeat_interval,
-        max_body_mib=max_body_mib,
-        max_inflight=max_inflight,
-        request_timeout=request_timeout,
-    )
+    config = _api_config(locals())
     options: dict[str, Any] = {"host": host, "app_dir": os.getcwd(), "log_level": log_level}
     if resources:
         options["resources"] = parse_resources(resources)

@@ -525,7 +525,7 @@ class Manager:
                 except TimeoutError:
                     reason = f"did not start within {self.config.start_timeout:.0f}s"
                 except (wire.ConnectionClosed, AnyServeError):
-                    pass
+                    pass  # the worker went away; the finally below says why
                 tg.cancel_scope.cancel()
         finally:
             slot.disconnect()

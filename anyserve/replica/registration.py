@@ -169,7 +169,7 @@ class Registration:
 
 
 class _Refused(Exception):
-    pass
+    """The API server answered the registration with an error status."""
 
 
 def _error_text(response: httpx.Response) -> str:

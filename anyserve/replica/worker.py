@@ -202,7 +202,7 @@ class WorkerServer:
                 self._send(wpb.Header(call_id=call_id, end=wpb.End()), response.SerializeToString())
             await self.writer.drain()
         except StreamClosed:
-            pass
+            pass  # the caller went away (cancel or lost replica): nobody to answer
         except AnyServeError as exc:
             self._error(call_id, exc)
         except Exception as exc:
