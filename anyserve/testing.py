@@ -1,7 +1,23 @@
 """Test helpers: in-process replicas and API servers on port 0, and gRPC clients.
 
-Registered as a pytest plugin (``-p anyserve.testing``), it provides fixtures;
-the helpers below work in any anyio-based test too::
+Installing anyserve registers this module as a pytest plugin (entry point
+``pytest11``), which provides two fixtures for anyio tests:
+
+* ``anyserve_apps`` - the apps to serve (override it in your test module);
+* ``anyserve_cluster`` - a running :class:`~anyserve.cluster.Cluster` of those
+  apps: API server, one replica per app with real worker processes, and a
+  temporary object store, all on free local ports::
+
+    @pytest.fixture
+    def anyserve_apps() -> list[str]:
+        return ["my_app:app"]
+
+    @pytest.mark.anyio
+    async def test_chat(anyserve_cluster):
+        async with anyserve.client.Client(anyserve_cluster.url) as client:
+            response = await client.infer({"type": "chat"}, {"text_input": "hi"})
+
+The helpers below work in any anyio-based test too::
 
     async with start_replica("my_app:app") as replica:
         async with GrpcClient(replica.endpoint) as client:
@@ -20,9 +36,11 @@ from typing import Any
 import anyio
 import grpc
 import grpc.aio
+import pytest
 
 from anyserve import rpc
 from anyserve.capability import query_to_metadata
+from anyserve.cluster import Cluster, start_cluster
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
 from anyserve.replica.server import Replica, ReplicaConfig
 
@@ -110,3 +128,18 @@ async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.
     with anyio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110 - the condition lives in another process
             await anyio.sleep(interval)
+
+
+@pytest.fixture
+def anyserve_apps() -> list[str]:
+    """The apps ``anyserve_cluster`` serves; override this fixture to choose them."""
+    return []
+
+
+@pytest.fixture
+async def anyserve_cluster(anyserve_apps: list[str]) -> AsyncIterator[Cluster]:
+    """A running local cluster of ``anyserve_apps`` (stopped after the test)."""
+    if not anyserve_apps:
+        raise pytest.UsageError("override the anyserve_apps fixture to name the apps to serve")
+    async with start_cluster(anyserve_apps) as cluster:
+        yield cluster

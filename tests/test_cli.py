@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio.to_thread
 import pytest
 
-from anyserve.cluster import Cluster, start_cluster
+from anyserve.cluster import Cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -32,10 +31,15 @@ async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return await anyio.to_thread.run_sync(lambda: anyserve(*args))
 
 
-@pytest.fixture(scope="module")
-async def cluster() -> AsyncIterator[Cluster]:
-    async with start_cluster(["examples.chat_app:app", "examples.embed_app:app"]) as cluster:
-        yield cluster
+@pytest.fixture
+def anyserve_apps() -> list[str]:
+    return ["examples.chat_app:app", "examples.embed_app:app"]
+
+
+@pytest.fixture
+def cluster(anyserve_cluster: Cluster) -> Cluster:
+    """The plugin's cluster fixture (anyserve.testing), as users would use it."""
+    return anyserve_cluster
 
 
 async def test_infer_prints_outputs(cluster: Cluster) -> None:

@@ -149,16 +149,16 @@ async def sleepy(request: ModelInferRequest, context: Context) -> str:
     return "rested"
 
 
-FLOOD_CHUNKS = 20_000
+FLOOD_CHUNKS = 1_000
 
 
 @app.capability(type="flood", stream=True)
 def flood(request: ModelInferRequest, context: Context, stream: Stream) -> None:
-    """Sends 20,000 chunks of 1 KiB as fast as it may; records progress."""
+    """Sends 1,000 chunks of 64 KiB as fast as it may; records progress."""
     marker = Path(_text(request))
-    payload = b"x" * 1024
+    payload = b"x" * 65536
     for n in range(FLOOD_CHUNKS):
         stream.send({"data": payload})
-        if n % 500 == 0:
+        if n % 20 == 0:
             marker.write_text(str(n))
     marker.with_suffix(".done").write_text("done")
