@@ -18,12 +18,14 @@ __version__ = "0.1.0"
 from anyserve import objects
 from anyserve.app import AnyServe
 from anyserve.capability import Capability
+from anyserve.client import Client
 from anyserve.context import Context, Stream, StreamClosed, call, current
 from anyserve.objects import ObjectStore, ObjRef
 
 __all__ = [
     "AnyServe",
     "Capability",
+    "Client",
     "Context",
     "ObjRef",
     "ObjectStore",
