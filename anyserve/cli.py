@@ -110,6 +110,9 @@ def start(
         str | None, typer.Option(help="Shared object directory (NFS/NAS across machines).")
     ] = "/tmp/anyserve-objects",
     object_ttl: Annotated[float, typer.Option(help="Seconds an object lives.")] = 3600.0,
+    object_max_mib: Annotated[
+        float | None, typer.Option(help="Largest object a handler may create, in MiB.")
+    ] = None,
     resources: Annotated[
         str | None, typer.Option(help="What this replica has, e.g. gpu=1,mem=16.")
     ] = None,
@@ -133,6 +136,7 @@ def start(
         advertise=advertise,
         object_store=object_store,
         object_ttl=object_ttl,
+        object_max_size=int(object_max_mib * 1024 * 1024) if object_max_mib else None,
         token=token,
         resources=parse_resources(resources),
         app_dir=os.getcwd(),

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import grpc
 
-# Prefix that marks a NOT_FOUND as a loop, so the HTTP edge can answer 508.
+# Prefixes that survive a gRPC hop where two classes share one status code:
+# a NOT_FOUND that is a loop (HTTP 508), a RESOURCE_EXHAUSTED that is a payload
+# over a limit (HTTP 413, not 429).
 LOOP_PREFIX = "loop detected: "
+TOO_LARGE_PREFIX = "payload too large: "
 
 
 class AnyServeError(Exception):
@@ -67,10 +70,19 @@ class LoopDetected(NotFound):
 
 
 class PayloadTooLarge(AnyServeError):
-    """A body or frame is over the configured limit."""
+    """A body, frame or object is over the configured limit.
+
+    The message always starts with ``TOO_LARGE_PREFIX`` so that a 413 stays a
+    413 (and not a 429) after a trip through gRPC.
+    """
 
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 413
+
+    def __init__(self, message: str) -> None:
+        if not message.startswith(TOO_LARGE_PREFIX):
+            message = TOO_LARGE_PREFIX + message
+        super().__init__(message)
 
 
 class Overloaded(AnyServeError):
@@ -124,6 +136,8 @@ def from_grpc(code: grpc.StatusCode, message: str) -> AnyServeError:
     """Rebuild the anyserve error for a gRPC status received from another hop."""
     if code == grpc.StatusCode.NOT_FOUND and message.startswith(LOOP_PREFIX):
         return LoopDetected(message)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and message.startswith(TOO_LARGE_PREFIX):
+        return PayloadTooLarge(message)
     if code == grpc.StatusCode.CANCELLED:
         return Unavailable(message or "call cancelled")
     cls = _BY_CODE.get(code, AnyServeError)

@@ -175,3 +175,26 @@ async def test_call_cycle_is_a_clear_loop_error(http: httpx.AsyncClient) -> None
     message = json.loads(response.text)["error"]
     assert message.startswith("loop detected")
     assert "step=a" in message and "step=b" in message
+
+
+async def test_replica_limits_reach_its_workers(tmp_path: Path) -> None:
+    """--object-ttl and --object-max-size apply inside the handlers, not only to the sweeper."""
+    async with (
+        start_cluster(
+            ["tests.apps.objects_app:app"],
+            object_store=str(tmp_path),
+            replica_options={"object_ttl": 60.0, "object_max_size": 1000},
+        ) as small,
+        httpx.AsyncClient(base_url=small.url, timeout=30) as http,
+    ):
+        store = {"X-Capability-Type": "store", "X-Capability-Style": "async"}
+        too_big = await http.post("/infer", headers=store, json=inputs(blob="x" * 5000))
+        assert too_big.status_code == 413, too_big.text
+        response = await http.post("/infer", headers=store, json=inputs(blob="small"))
+        ref = outputs(response.json())["ref"]
+        two_minutes_ago = time.time() - 120
+        os.utime(tmp_path / f"{ref}.bin", (two_minutes_ago, two_minutes_ago))
+        response = await http.post(
+            "/infer", headers={"X-Capability-Type": "read"}, json=inputs(ref=ref)
+        )
+        assert response.status_code == 404 and "expired" in response.json()["error"]

@@ -59,6 +59,8 @@ class WorkerConfig:
     app_dir: str | None = None
     replica_id: str = ""
     object_store: str | None = None
+    object_ttl: float = 3600.0
+    object_max_size: int | None = None
     api_server: str | None = None
     max_frame: int = wire.DEFAULT_MAX_FRAME
     start_timeout: float = 120.0
@@ -434,7 +436,9 @@ class Manager:
         if cfg.app_dir:
             cmd += ["--app-dir", cfg.app_dir]
         if cfg.object_store:
-            cmd += ["--object-store", cfg.object_store]
+            cmd += ["--object-store", cfg.object_store, "--object-ttl", str(cfg.object_ttl)]
+            if cfg.object_max_size:
+                cmd += ["--object-max-size", str(cfg.object_max_size)]
         if cfg.api_server:
             cmd += ["--api-server", cfg.api_server]
         return cmd

@@ -49,6 +49,7 @@ class ReplicaConfig:
     advertise: str | None = None
     object_store: str | None = None
     object_ttl: float = 3600.0
+    object_max_size: int | None = None
     token: str | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
     app_dir: str | None = None
@@ -92,7 +93,9 @@ class Replica:
         self.replica_id = cfg.replica_id or f"{socket.gethostname()}-{self.port}"
         if cfg.object_store:
             os.makedirs(cfg.object_store, mode=0o700, exist_ok=True)
-            self.store = ObjectStore(cfg.object_store, ttl=cfg.object_ttl)
+            self.store = ObjectStore(
+                cfg.object_store, ttl=cfg.object_ttl, max_object_size=cfg.object_max_size
+            )
         worker_env = {"ANYSERVE_TOKEN": cfg.token} if cfg.token else {}
         self.manager = Manager(
             self.handlers,
@@ -101,6 +104,8 @@ class Replica:
                 app_dir=cfg.app_dir or os.getcwd(),
                 replica_id=self.replica_id,
                 object_store=cfg.object_store,
+                object_ttl=cfg.object_ttl,
+                object_max_size=cfg.object_max_size,
                 api_server=cfg.api_server,
                 max_frame=cfg.max_message,
                 log_level=cfg.log_level,

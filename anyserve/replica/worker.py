@@ -228,7 +228,12 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _serve(args: argparse.Namespace, handler: Handler) -> None:
-    store = ObjectStore(args.object_store) if args.object_store else None
+    store = None
+    if args.object_store:
+        # The same TTL and size limit as the replica's sweeper uses.
+        store = ObjectStore(
+            args.object_store, ttl=args.object_ttl, max_object_size=args.object_max_size
+        )
     caller: ApiCaller | None = None
     if args.api_server:
         caller = ApiCaller(args.api_server, token=os.environ.get("ANYSERVE_TOKEN"))
@@ -265,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-id", default="")
     parser.add_argument("--replica-id", default="")
     parser.add_argument("--object-store", default=None)
+    parser.add_argument("--object-ttl", type=float, default=3600.0)
+    parser.add_argument("--object-max-size", type=int, default=None)
     parser.add_argument("--api-server", default=None)
     parser.add_argument("--max-frame", type=int, default=wire.DEFAULT_MAX_FRAME)
     parser.add_argument("--log-level", default="info")
