@@ -281,6 +281,9 @@ app.add_typer(workers_app, name="workers")
 Replica = Annotated[str, typer.Option("--replica", help="The replica's gRPC address, HOST:PORT.")]
 
 
+ADMIN_TIMEOUT = 180.0
+
+
 def _admin(replica: str, token: str | None, method: str, request: Any) -> Any:
     import grpc
 
@@ -295,7 +298,9 @@ def _admin(replica: str, token: str | None, method: str, request: Any) -> Any:
             response_deserializer=apb.WorkersReply.FromString,
         )
         try:
-            return call(request, metadata=metadata, timeout=60)
+            # Longer than a worker's start timeout (120 s) plus a drain (30 s),
+            # so `workers start/stop` report the outcome rather than giving up.
+            return call(request, metadata=metadata, timeout=ADMIN_TIMEOUT)
         except grpc.RpcError as exc:
             typer.echo(f"anyserve: {exc.code().name}: {exc.details()}", err=True)
             raise typer.Exit(1) from None
