@@ -177,7 +177,7 @@ async def _first_or_disconnect(
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
-                pass
+                pass  # the body was read already; anything else is ignored
             tg.cancel_scope.cancel()
 
         tg.start_soon(watch)

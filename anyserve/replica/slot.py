@@ -66,7 +66,6 @@ class Slot:
         self.handler = handler
         self.state = State.STOPPED
         self.pid: int | None = None
-        self.inflight = 0
         self.restarts = 0
         self.last_exit: str = ""
         self.failure: str = ""
@@ -85,6 +84,11 @@ class Slot:
         self._writer: asyncio.StreamWriter | None = None
         self._calls: dict[int, CallSink] = {}
         self._next_call = 1
+
+    @property
+    def inflight(self) -> int:
+        """Calls sent to this worker and not finished yet."""
+        return len(self._calls)
 
     @property
     def holds_resources(self) -> bool:
@@ -117,7 +121,6 @@ class Slot:
         self._next_call += 1
         sink = CallSink()
         self._calls[call_id] = sink
-        self.inflight += 1
         self.idle.clear()
         call = wpb.Call(stream=stream, timeout=timeout, metadata=metadata)
         wire.write_frame(writer, wpb.Header(call_id=call_id, call=call), payload)
@@ -141,8 +144,7 @@ class Slot:
         """Forget a call; tell the worker to cancel it when it has not finished."""
         if self._calls.pop(call_id, None) is None:
             return
-        self.inflight -= 1
-        if self.inflight == 0:
+        if not self._calls:
             self.idle.set()
         writer = self._writer
         if cancel and writer is not None and not writer.is_closing():
@@ -186,5 +188,4 @@ class Slot:
         for sink in self._calls.values():
             sink.queue.put_nowait(error)
         self._calls.clear()
-        self.inflight = 0
         self.idle.set()
