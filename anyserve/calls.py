@@ -19,7 +19,7 @@ import httpx
 from anyserve import codec, rpc
 from anyserve.capability import Capability, query_to_metadata
 from anyserve.context import Context
-from anyserve.errors import LoopDetected, Unavailable, from_code_name, from_grpc
+from anyserve.errors import LoopDetected, Unavailable, from_rpc_error, from_stream_response
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
 
 log = logging.getLogger("anyserve.calls")
@@ -69,7 +69,7 @@ class ApiChannel:
                 payload, metadata=self._metadata(metadata), timeout=timeout or None
             )
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc.code(), exc.details() or "") from None
+            raise from_rpc_error(exc) from None
         return response
 
     async def stream(
@@ -83,7 +83,7 @@ class ApiChannel:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc.code(), exc.details() or "") from None
+            raise from_rpc_error(exc) from None
         finally:
             call.cancel()
 
@@ -158,9 +158,9 @@ class ApiCaller:
         await self._discover()
         async for message in self.channel.stream(payload, metadata, timeout):
             chunk = ModelStreamInferResponse.FromString(message)
-            if chunk.error_message:
-                code = chunk.infer_response.parameters[rpc.ERROR_CODE].string_param or "INTERNAL"
-                raise from_code_name(code, chunk.error_message)
+            error = from_stream_response(chunk)
+            if error is not None:
+                raise error
             yield chunk.infer_response
 
     async def aclose(self) -> None:
@@ -168,7 +168,7 @@ class ApiCaller:
 
 
 class Delegator:
-    """Hands requests a replica cannot serve back to the API server (DESIGN §5).
+    """Hands requests a replica cannot serve back to the API server.
 
     The request keeps its metadata (capability query, request id, call chain)
     and gains ``x-delegated-from`` and this replica in ``x-anyserve-visited`` so

@@ -23,53 +23,22 @@ from anyserve.errors import (
     DeadlineExceeded,
     HandlerError,
     InvalidArgument,
-    LoopDetected,
-    NotFound,
-    Overloaded,
-    PayloadTooLarge,
-    Unauthenticated,
     Unavailable,
-    from_code_name,
+    from_error_body,
+    from_http,
 )
 from anyserve.proto import InferParameter, ModelInferRequest, ModelInferResponse
 
-__all__ = ["Client", "error_from_http"]
+__all__ = ["Client"]
 
 PROTOBUF = "application/x-protobuf"
-
-_BY_STATUS: dict[int, type[AnyServeError]] = {
-    400: InvalidArgument,
-    401: Unauthenticated,
-    404: NotFound,
-    413: PayloadTooLarge,
-    429: Overloaded,
-    500: HandlerError,
-    503: Unavailable,
-    504: DeadlineExceeded,
-    508: LoopDetected,
-}
-
-
-def error_from_http(status: int, message: str, retry_after: str | None = None) -> AnyServeError:
-    """The anyserve error for an HTTP error status (AnyServeError when unknown)."""
-    cls = _BY_STATUS.get(status, AnyServeError)
-    if cls is Overloaded:
-        try:
-            return Overloaded(message, float(retry_after or 1))
-        except ValueError:
-            return Overloaded(message)
-    return cls(message or f"HTTP {status}")
 
 
 async def _raise_for_status(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
     await response.aread()
-    try:
-        message = str(response.json().get("error", ""))
-    except (ValueError, AttributeError):
-        message = response.text[:500]
-    raise error_from_http(response.status_code, message, response.headers.get("retry-after"))
+    raise from_http(response.status_code, response.content, response.headers.get("retry-after"))
 
 
 class Client:
@@ -245,9 +214,9 @@ async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str
 def _stream_error(data: str) -> AnyServeError:
     try:
         doc = json.loads(data)
-        return from_code_name(str(doc.get("code") or "INTERNAL"), str(doc.get("error", "")))
-    except (ValueError, AttributeError):
+    except ValueError:
         return HandlerError(data)
+    return from_error_body(doc)
 
 
 def _param(value: Any) -> InferParameter:

@@ -1,39 +1,72 @@
-"""The anyserve exception tree.
+"""The anyserve exception tree, and the one place errors cross a process boundary.
 
-Every error a request can meet is one of these classes, and each class maps to
-exactly one gRPC status code and one HTTP status (DESIGN.md section 10)::
+Every error a request can meet is one of these classes. Each has a wire name
+(``error_type``), one gRPC status code and one HTTP status::
 
-    AnyServeError                 500  INTERNAL
-    ├── InvalidArgument           400  INVALID_ARGUMENT   malformed body, bad tensor, bad reference
-    ├── NotFound                  404  NOT_FOUND          no replica/handler/object
-    │   └── LoopDetected          508  NOT_FOUND          delegation hop limit or call cycle
-    ├── PayloadTooLarge           413  RESOURCE_EXHAUSTED body or frame over the limit
-    ├── Overloaded                429  RESOURCE_EXHAUSTED queue full (carries retry_after)
-    ├── Unavailable               503  UNAVAILABLE        replica or worker unreachable or died
-    ├── DeadlineExceeded          504  DEADLINE_EXCEEDED
-    ├── Unauthenticated           401  UNAUTHENTICATED    missing or wrong token
-    └── HandlerError              500  INTERNAL           the user's handler raised
+    class                 error_type          HTTP  gRPC                meaning
+    AnyServeError         internal            500   INTERNAL            unexpected failure
+    ├── InvalidArgument   invalid_argument    400   INVALID_ARGUMENT    malformed input
+    ├── NotFound          not_found           404   NOT_FOUND           nothing serves it
+    │   └── LoopDetected  loop_detected       508   NOT_FOUND           hop limit, call cycle
+    ├── PayloadTooLarge   payload_too_large   413   RESOURCE_EXHAUSTED  over a size limit
+    ├── Overloaded        overloaded          429   RESOURCE_EXHAUSTED  queue full
+    ├── Unavailable       unavailable         503   UNAVAILABLE         replica/worker lost
+    ├── DeadlineExceeded  deadline_exceeded   504   DEADLINE_EXCEEDED   deadline passed
+    ├── Unauthenticated   unauthenticated     401   UNAUTHENTICATED     missing/wrong token
+    └── HandlerError      handler_error       500   INTERNAL            the handler raised
 
 Handlers may raise these themselves to choose the status the client sees; any
 other exception from a handler becomes a ``HandlerError`` carrying its message.
+
+An error keeps its class and message through every hop. This module converts
+an :class:`AnyServeError` to and from each form it travels in:
+
+* a gRPC status: the status code and message, plus trailing metadata
+  ``anyserve-error: <error_type>`` (and ``retry-after`` for Overloaded), so
+  two classes that share a status code stay apart (:func:`abort`,
+  :func:`grpc_trailers`, :func:`from_grpc`, :func:`from_rpc_error`);
+* an HTTP answer: the status and a JSON body ``{"error": message, "type":
+  error_type, "code": gRPC status name}`` with ``Retry-After`` on 429
+  (:func:`to_http`, :func:`from_http`); an SSE ``event: error`` carries the
+  same body (:func:`error_body`, :func:`from_error_body`);
+* a worker ``Error`` frame (:func:`to_frame`, :func:`from_frame`);
+* an in-band error on a ``ModelStreamInfer`` stream, Triton's convention:
+  ``error_message`` set, the type in the response parameter ``anyserve_error``
+  (:func:`to_stream_error`, :func:`from_stream_response`).
+
+Errors from peers that are not anyserve (no ``anyserve-error`` trailer, no
+``type`` in a body) are classified by their status code alone.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, ClassVar, NoReturn, TypeVar
+
 import grpc
 
-# Prefixes that survive a gRPC hop where two classes share one status code:
-# a NOT_FOUND that is a loop (HTTP 508), a RESOURCE_EXHAUSTED that is a payload
-# over a limit (HTTP 413, not 429).
-LOOP_PREFIX = "loop detected: "
-TOO_LARGE_PREFIX = "payload too large: "
+from anyserve._proto import worker_pb2 as wpb
+from anyserve.proto import InferParameter, ModelInferResponse, ModelStreamInferResponse
+
+#: gRPC trailing-metadata key carrying an error's ``error_type``.
+TRAILER = "anyserve-error"
+#: Key (trailing metadata, HTTP header) carrying Overloaded's retry delay in seconds.
+RETRY_AFTER = "retry-after"
+#: Response parameter of an in-band stream error naming its ``error_type``.
+STREAM_PARAM = "anyserve_error"
+#: Response parameter of an in-band Overloaded error carrying its retry delay.
+STREAM_RETRY_PARAM = "anyserve_retry_after"
 
 
 class AnyServeError(Exception):
     """Base class. ``message`` is what the client sees."""
 
-    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    http_status: int = 500
+    error_type: ClassVar[str] = "internal"
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    http_status: ClassVar[int] = 500
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -43,6 +76,7 @@ class AnyServeError(Exception):
 class InvalidArgument(AnyServeError):
     """The request (body, tensor, header or object reference) is malformed."""
 
+    error_type = "invalid_argument"
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     http_status = 400
 
@@ -50,6 +84,7 @@ class InvalidArgument(AnyServeError):
 class NotFound(AnyServeError):
     """No replica, handler or object answers to what was asked for."""
 
+    error_type = "not_found"
     grpc_code = grpc.StatusCode.NOT_FOUND
     http_status = 404
 
@@ -57,37 +92,40 @@ class NotFound(AnyServeError):
 class LoopDetected(NotFound):
     """A request went round too many hops (delegation) or calls (context.call).
 
-    The message always starts with ``LOOP_PREFIX`` so that the loop survives a
-    trip through gRPC, where it travels as a plain NOT_FOUND.
+    Its message starts with ``loop detected:`` so that a client reading only
+    the gRPC status (a plain NOT_FOUND) still sees what happened.
     """
 
+    error_type = "loop_detected"
     http_status = 508
 
     def __init__(self, message: str) -> None:
-        if not message.startswith(LOOP_PREFIX):
-            message = LOOP_PREFIX + message
+        if not message.startswith("loop detected: "):
+            message = "loop detected: " + message
         super().__init__(message)
 
 
 class PayloadTooLarge(AnyServeError):
     """A body, frame or object is over the configured limit.
 
-    The message always starts with ``TOO_LARGE_PREFIX`` so that a 413 stays a
-    413 (and not a 429) after a trip through gRPC.
+    Its message starts with ``payload too large:`` so that a client reading
+    only the gRPC status (RESOURCE_EXHAUSTED) can tell it from Overloaded.
     """
 
+    error_type = "payload_too_large"
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 413
 
     def __init__(self, message: str) -> None:
-        if not message.startswith(TOO_LARGE_PREFIX):
-            message = TOO_LARGE_PREFIX + message
+        if not message.startswith("payload too large: "):
+            message = "payload too large: " + message
         super().__init__(message)
 
 
 class Overloaded(AnyServeError):
     """Too many requests in flight; retry after ``retry_after`` seconds."""
 
+    error_type = "overloaded"
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
 
@@ -99,6 +137,7 @@ class Overloaded(AnyServeError):
 class Unavailable(AnyServeError):
     """A replica or worker could not be reached, or died while serving."""
 
+    error_type = "unavailable"
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
 
@@ -106,6 +145,7 @@ class Unavailable(AnyServeError):
 class DeadlineExceeded(AnyServeError):
     """The request's deadline passed before it was answered."""
 
+    error_type = "deadline_exceeded"
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     http_status = 504
 
@@ -113,6 +153,7 @@ class DeadlineExceeded(AnyServeError):
 class Unauthenticated(AnyServeError):
     """A token is required and was missing or wrong."""
 
+    error_type = "unauthenticated"
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
     http_status = 401
 
@@ -120,34 +161,224 @@ class Unauthenticated(AnyServeError):
 class HandlerError(AnyServeError):
     """The user's handler raised; the message is the exception's."""
 
+    error_type = "handler_error"
 
-_BY_CODE: dict[grpc.StatusCode, type[AnyServeError]] = {
+
+#: Every class, by its wire name.
+ERROR_TYPES: dict[str, type[AnyServeError]] = {
+    cls.error_type: cls
+    for cls in (
+        AnyServeError,
+        InvalidArgument,
+        NotFound,
+        LoopDetected,
+        PayloadTooLarge,
+        Overloaded,
+        Unavailable,
+        DeadlineExceeded,
+        Unauthenticated,
+        HandlerError,
+    )
+}
+
+# Peers that are not anyserve: the class a bare status stands for.
+_BY_GRPC_CODE: dict[grpc.StatusCode, type[AnyServeError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    # A call cancelled under us (the peer went away) is a lost peer to our caller.
+    grpc.StatusCode.CANCELLED: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.INTERNAL: HandlerError,
+}
+_BY_HTTP_STATUS: dict[int, type[AnyServeError]] = {
+    cls.http_status: cls for cls in ERROR_TYPES.values() if cls is not HandlerError
 }
 
 
-def from_grpc(code: grpc.StatusCode, message: str) -> AnyServeError:
-    """Rebuild the anyserve error for a gRPC status received from another hop."""
-    if code == grpc.StatusCode.NOT_FOUND and message.startswith(LOOP_PREFIX):
-        return LoopDetected(message)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and message.startswith(TOO_LARGE_PREFIX):
-        return PayloadTooLarge(message)
-    if code == grpc.StatusCode.CANCELLED:
-        return Unavailable(message or "call cancelled")
-    cls = _BY_CODE.get(code, AnyServeError)
+def _build(cls: type[AnyServeError], message: str, retry_after: float | None) -> AnyServeError:
+    if cls is Overloaded:
+        return Overloaded(message, 1.0 if retry_after is None else retry_after)
     return cls(message)
 
 
-def from_code_name(name: str, message: str) -> AnyServeError:
-    """Rebuild an error from a status code name such as ``"NOT_FOUND"``."""
+def _seconds(value: object) -> float | None:
     try:
-        code = grpc.StatusCode[name]
-    except KeyError:
-        code = grpc.StatusCode.INTERNAL
-    return from_grpc(code, message)
+        seconds = float(str(value))
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _retry_header(exc: AnyServeError) -> str:
+    # Whole seconds, at least 1: what HTTP's Retry-After allows.
+    return str(max(1, math.ceil(exc.retry_after))) if isinstance(exc, Overloaded) else ""
+
+
+# --------------------------------------------------------------------------- gRPC
+
+
+def grpc_trailers(exc: AnyServeError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that carries ``exc``'s class across a gRPC hop."""
+    if isinstance(exc, Overloaded):
+        return ((TRAILER, exc.error_type), (RETRY_AFTER, _retry_header(exc)))
+    return ((TRAILER, exc.error_type),)
+
+
+async def abort(context: Any, exc: AnyServeError) -> NoReturn:
+    """End a grpc.aio call with ``exc`` (status, message and class trailer).
+
+    ``context`` is a ``grpc.aio.ServicerContext``; its ``abort`` raises.
+    """
+    await context.abort(exc.grpc_code, exc.message, grpc_trailers(exc))
+    raise AssertionError("ServicerContext.abort() returned")  # pragma: no cover
+
+
+def from_grpc(
+    code: grpc.StatusCode, message: str, trailers: Iterable[tuple[str, Any]] | None = None
+) -> AnyServeError:
+    """Rebuild the error a gRPC peer ended a call with.
+
+    The ``anyserve-error`` trailer names the class; without one (a peer that is
+    not anyserve, or gRPC's own failure) the status code decides, and gRPC's
+    own "message larger than max" is a PayloadTooLarge.
+    """
+    error_type, retry_after = None, None
+    for key, value in trailers or ():
+        if key == TRAILER:
+            error_type = str(value)
+        elif key == RETRY_AFTER:
+            retry_after = _seconds(value)
+    cls = ERROR_TYPES.get(error_type or "")
+    if cls is None:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in message:
+            cls = PayloadTooLarge
+        else:
+            cls = _BY_GRPC_CODE.get(code, AnyServeError)
+    return _build(cls, message or code.name, retry_after)
+
+
+def from_rpc_error(exc: grpc.RpcError) -> AnyServeError:
+    """The anyserve error for a failed grpc.aio call (``AioRpcError``)."""
+    return from_grpc(exc.code(), exc.details() or "", exc.trailing_metadata())
+
+
+_Self = TypeVar("_Self")
+_Result = TypeVar("_Result")
+
+
+def grpc_method(
+    method: Callable[[_Self, Any, Any], Awaitable[_Result]],
+) -> Callable[[_Self, Any, Any], Awaitable[_Result]]:
+    """Decorate a unary grpc.aio servicer method ``(self, request, context)``:
+    an AnyServeError it raises ends the call through :func:`abort`."""
+
+    @functools.wraps(method)
+    async def wrapper(self: _Self, request: Any, context: Any) -> _Result:
+        try:
+            return await method(self, request, context)
+        except AnyServeError as exc:
+            await abort(context, exc)
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def error_body(exc: AnyServeError) -> dict[str, Any]:
+    """``{"error": message, "type": error_type, "code": gRPC status name}``, plus
+    ``retry_after`` for Overloaded: the JSON of an HTTP error and of an SSE
+    ``event: error``."""
+    body: dict[str, Any] = {
+        "error": exc.message,
+        "type": exc.error_type,
+        "code": exc.grpc_code.name,
+    }
+    if isinstance(exc, Overloaded):
+        body["retry_after"] = exc.retry_after
+    return body
+
+
+def to_http(exc: AnyServeError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """``(status, JSON body, headers)`` of the HTTP answer for ``exc``."""
+    headers = {"Retry-After": _retry_header(exc)} if isinstance(exc, Overloaded) else {}
+    return exc.http_status, error_body(exc), headers
+
+
+def from_error_body(doc: object, status: int | None = None) -> AnyServeError:
+    """Rebuild an error from a body made by :func:`error_body` (an HTTP error's
+    JSON or an SSE error event's data). A body without ``type`` is classified
+    by its gRPC ``code``, else by ``status``."""
+    if not isinstance(doc, Mapping):
+        doc = {"error": str(doc)}
+    message = str(doc.get("error") or "")
+    cls = ERROR_TYPES.get(str(doc.get("type") or ""))
+    if cls is None:
+        code = grpc.StatusCode.__members__.get(str(doc.get("code")))
+        cls = None if code is None else _BY_GRPC_CODE.get(code)
+    if cls is None:
+        cls = _BY_HTTP_STATUS.get(status or 500, AnyServeError)
+    return _build(cls, message or f"HTTP {status}", _seconds(doc.get("retry_after", "")))
+
+
+def from_http(status: int, body: bytes | str, retry_after: str | None = None) -> AnyServeError:
+    """Rebuild the error of an HTTP error answer (status, body, Retry-After)."""
+    try:
+        doc: object = json.loads(body)
+    except ValueError:
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        doc = {"error": text[:500]}
+    if not isinstance(doc, Mapping):
+        doc = {"error": str(doc)}
+    if retry_after is not None and "retry_after" not in doc:
+        doc = {**doc, "retry_after": retry_after}
+    return from_error_body(doc, status)
+
+
+# --------------------------------------------------------------------------- worker frames
+
+
+def to_frame(exc: AnyServeError) -> wpb.Error:
+    """The worker ``Error`` frame body for ``exc``."""
+    retry_after = exc.retry_after if isinstance(exc, Overloaded) else 0.0
+    return wpb.Error(code=exc.error_type, message=exc.message, retry_after=retry_after)
+
+
+def from_frame(frame: wpb.Error) -> AnyServeError:
+    """Rebuild the error a worker reported in an ``Error`` frame."""
+    cls = ERROR_TYPES.get(frame.code, AnyServeError)
+    return _build(cls, frame.message, frame.retry_after or None)
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def to_stream_error(exc: AnyServeError, request_id: str = "", model_name: str = "") -> bytes:
+    """A serialized ``ModelStreamInferResponse`` reporting ``exc`` in-band for
+    one request of a stream (Triton's convention: ``error_message`` set)."""
+    response = ModelInferResponse(id=request_id, model_name=model_name)
+    response.parameters[STREAM_PARAM].CopyFrom(InferParameter(string_param=exc.error_type))
+    if isinstance(exc, Overloaded):
+        response.parameters[STREAM_RETRY_PARAM].CopyFrom(
+            InferParameter(double_param=exc.retry_after)
+        )
+    message = ModelStreamInferResponse(error_message=exc.message, infer_response=response)
+    return message.SerializeToString()
+
+
+def from_stream_response(message: ModelStreamInferResponse) -> AnyServeError | None:
+    """The error a stream response reports in-band, or None when it is a result.
+
+    A response from a peer that is not anyserve (no ``anyserve_error``
+    parameter) is a HandlerError, what Triton means by it.
+    """
+    if not message.error_message:
+        return None
+    params = message.infer_response.parameters
+    # Membership first: indexing a message map inserts the key.
+    error_type = params[STREAM_PARAM].string_param if STREAM_PARAM in params else ""
+    retry_after = params[STREAM_RETRY_PARAM].double_param if STREAM_RETRY_PARAM in params else None
+    cls = ERROR_TYPES.get(error_type, HandlerError)
+    return _build(cls, message.error_message, retry_after)

@@ -1,7 +1,7 @@
 """Names and byte-level helpers shared by every gRPC hop.
 
 anyserve forwards serialized KServe messages between hops without parsing them
-(DESIGN.md section 11). The method paths, metadata keys and the few helpers that
+(only the worker parses a request). The method paths, metadata keys and the few helpers that
 build or inspect serialized messages directly live here, so the API server, the
 replica and the client agree on them.
 """
@@ -35,8 +35,6 @@ BATCH = "x-anyserve-batch"
 
 # Response parameter naming the replica that served a request.
 SERVED_BY = "anyserve_served_by"
-# Parameter of an in-band stream error carrying its gRPC status code name.
-ERROR_CODE = "anyserve_error_code"
 
 # gRPC message size limit on every hop (requests carry tensors).
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
@@ -133,20 +131,6 @@ def peek_string_field(buf: bytes | memoryview, field: int) -> str:
         if pos > end:
             raise ValueError("truncated message")
     return found
-
-
-def stream_error(message: str, code_name: str, request_id: str = "") -> bytes:
-    """Serialized in-band stream error: ``error_message`` plus the status code name
-    in ``infer_response.parameters[ERROR_CODE]`` (so an HTTP edge can pick a status)."""
-    from anyserve.proto import InferParameter, ModelInferResponse, ModelStreamInferResponse
-
-    response = ModelStreamInferResponse(
-        error_message=message,
-        infer_response=ModelInferResponse(
-            id=request_id, parameters={ERROR_CODE: InferParameter(string_param=code_name)}
-        ),
-    )
-    return response.SerializeToString()
 
 
 def forwardable(metadata: object) -> dict[str, str]:

@@ -25,6 +25,7 @@ import httpx
 from anyserve import rpc
 from anyserve.api_server.server import ApiServer, ApiServerConfig
 from anyserve.codec import pack_raw
+from anyserve.errors import HandlerError, to_stream_error
 from anyserve.proto import (
     InferParameter,
     ModelInferRequest,
@@ -161,7 +162,8 @@ class FakeReplica:
             try:
                 answer = await call(request, metadata=out_md, timeout=5)
             except grpc.aio.AioRpcError as exc:
-                await context.abort(exc.code(), exc.details() or "")
+                # Relayed as a replica does: the class rides in the trailers.
+                await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata()))
         assert isinstance(answer, bytes)
         return answer
 
@@ -209,10 +211,7 @@ class FakeReplica:
             raise
 
     def _stream_error(self, request: ModelInferRequest) -> bytes:
-        response = ModelInferResponse(id=request.id, model_name=request.model_name)
-        response.parameters[rpc.ERROR_CODE].CopyFrom(InferParameter(string_param="INTERNAL"))
-        message = ModelStreamInferResponse(error_message="boom", infer_response=response)
-        return message.SerializeToString()
+        return to_stream_error(HandlerError("boom"), request.id, request.model_name)
 
     async def _ready(self, request: bytes, context: Context) -> bytes:
         self._record(context)

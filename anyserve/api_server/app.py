@@ -5,7 +5,7 @@ tensor extension (``Inference-Header-Content-Length``) and the generate
 extension become a serialized ``ModelInferRequest``; a body sent as
 ``application/x-protobuf`` is forwarded as is and its response passed back
 without parsing. Every error is ``{"error": "..."}`` with the status of the
-error table (DESIGN.md section 10).
+error table (docs/protocol.md), built by :mod:`anyserve.errors`.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ async def _on_http(request: Request, exc: Exception) -> Response:
 
 async def _on_crash(request: Request, exc: Exception) -> Response:
     # Logged by Starlette's ServerErrorMiddleware, which re-raises after this.
-    return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+    return error_response(AnyServeError(f"internal error: {type(exc).__name__}: {exc}"))
 
 
 def build_app(state: ApiState) -> Starlette:

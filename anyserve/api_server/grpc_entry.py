@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import grpc
@@ -30,14 +30,11 @@ from anyserve import rpc
 from anyserve.api_server import model_meta
 from anyserve.api_server.meta import RequestMeta, parse_meta
 from anyserve.api_server.state import ApiState
-from anyserve.errors import AnyServeError, InvalidArgument, NotFound, Overloaded
+from anyserve.errors import AnyServeError, InvalidArgument, NotFound, grpc_method, to_stream_error
 from anyserve.proto import (
-    InferParameter,
-    ModelInferResponse,
     ModelMetadataRequest,
     ModelReadyRequest,
     ModelReadyResponse,
-    ModelStreamInferResponse,
     ServerLiveResponse,
     ServerReadyResponse,
 )
@@ -47,14 +44,6 @@ logger = logging.getLogger(__name__)
 # grpc is untyped here (see pyproject): a grpc.aio.ServicerContext.
 Context = Any
 _OUT_BUFFER = 64  # responses of one client stream waiting for the client
-
-
-def in_band_error(exc: AnyServeError, request_id: str, model_name: str) -> bytes:
-    """A serialized ModelStreamInferResponse reporting ``exc`` for one request."""
-    response = ModelInferResponse(id=request_id, model_name=model_name)
-    response.parameters[rpc.ERROR_CODE].CopyFrom(InferParameter(string_param=exc.grpc_code.name))
-    message = ModelStreamInferResponse(error_message=exc.message, infer_response=response)
-    return message.SerializeToString()
 
 
 class GrpcEntry:
@@ -90,14 +79,6 @@ class GrpcEntry:
         return parse_meta(pairs, model_name=model_name, timeout=self._timeout(context))
 
     @staticmethod
-    async def _abort(context: Context, exc: AnyServeError) -> NoReturn:
-        trailing: tuple[tuple[str, str], ...] = ()
-        if isinstance(exc, Overloaded):
-            trailing = (("retry-after", str(max(1, math.ceil(exc.retry_after)))),)
-        await context.abort(exc.grpc_code, exc.message, trailing)
-        raise AssertionError("context.abort() raises")  # pragma: no cover
-
-    @staticmethod
     def _peek(request: bytes, field: int) -> str:
         try:
             return rpc.peek_string_field(request, field)
@@ -106,15 +87,13 @@ class GrpcEntry:
 
     # ----------------------------------------------------------------- inference
 
+    @grpc_method
     async def model_infer(self, request: bytes, context: Context) -> bytes:
         """Route one ModelInferRequest and return the replica's response bytes."""
-        try:
-            meta = self._meta(context, self._peek(request, 1))
-            if not meta.query and not meta.model_name:
-                raise InvalidArgument("set x-capability-* metadata or the request's model_name")
-            return await self._state.router.unary(rpc.MODEL_INFER, request, meta)
-        except AnyServeError as exc:
-            await self._abort(context, exc)
+        meta = self._meta(context, self._peek(request, 1))
+        if not meta.query and not meta.model_name:
+            raise InvalidArgument("set x-capability-* metadata or the request's model_name")
+        return await self._state.router.unary(rpc.MODEL_INFER, request, meta)
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Context) -> None:
         """Relay every request of the client's stream; see the module docstring."""
@@ -151,7 +130,7 @@ class GrpcEntry:
                     while (message := await stream.read()) is not None:
                         await out.send(message)
             except AnyServeError as exc:
-                await out.send(in_band_error(exc, request_id, model_name))
+                await out.send(to_stream_error(exc, request_id, model_name))
 
     # ----------------------------------------------------------------- metadata
 
@@ -167,33 +146,29 @@ class GrpcEntry:
         """Name "anyserve", version and extensions."""
         return model_meta.server_metadata().SerializeToString()
 
+    @grpc_method
     async def model_ready(self, request: bytes, context: Context) -> bytes:
         """Forwarded to a replica serving the name; served by none -> ready=false."""
         try:
             parsed = ModelReadyRequest.FromString(request)
         except Exception:
-            await self._abort(context, InvalidArgument("malformed ModelReadyRequest"))
+            raise InvalidArgument("malformed ModelReadyRequest") from None
+        meta = self._meta(context, parsed.name)
         try:
-            meta = self._meta(context, parsed.name)
-            try:
-                ready = await model_meta.model_ready(self._state, meta, parsed.version)
-            except NotFound:
-                ready = False
-            return ModelReadyResponse(ready=ready).SerializeToString()
-        except AnyServeError as exc:
-            await self._abort(context, exc)
+            ready = await model_meta.model_ready(self._state, meta, parsed.version)
+        except NotFound:
+            ready = False
+        return ModelReadyResponse(ready=ready).SerializeToString()
 
+    @grpc_method
     async def model_metadata(self, request: bytes, context: Context) -> bytes:
         """Forwarded to a replica serving the name (NOT_FOUND when none does)."""
         try:
             parsed = ModelMetadataRequest.FromString(request)
         except Exception:
-            await self._abort(context, InvalidArgument("malformed ModelMetadataRequest"))
-        try:
-            meta = self._meta(context, parsed.name)
-            return await model_meta.model_metadata(self._state, meta, parsed.version)
-        except AnyServeError as exc:
-            await self._abort(context, exc)
+            raise InvalidArgument("malformed ModelMetadataRequest") from None
+        meta = self._meta(context, parsed.name)
+        return await model_meta.model_metadata(self._state, meta, parsed.version)
 
 
 async def start_grpc_server(state: ApiState, host: str, port: int) -> tuple[grpc.aio.Server, int]:

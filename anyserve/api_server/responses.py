@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from anyserve.errors import AnyServeError, InvalidArgument, Overloaded, PayloadTooLarge
+from anyserve.errors import AnyServeError, InvalidArgument, PayloadTooLarge, to_http
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -23,13 +22,11 @@ def json_response(
 
 
 def error_response(exc: AnyServeError, request_id: str = "") -> Response:
-    """``{"error": message}`` with the error's HTTP status (and Retry-After on 429)."""
-    headers: dict[str, str] = {}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    """The HTTP answer for ``exc`` (:func:`anyserve.errors.to_http`)."""
+    status, body, headers = to_http(exc)
     if request_id:
         headers["X-Request-Id"] = request_id
-    return json_response({"error": exc.message}, exc.http_status, headers)
+    return json_response(body, status, headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

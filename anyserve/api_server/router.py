@@ -1,6 +1,6 @@
 """Choosing a replica for a request and forwarding its serialized bytes there.
 
-Choice (DESIGN.md sections 4 and 5): the registry's best candidate that is
+Choice (docs/architecture.md): the registry's best candidate that is
 not at its in-flight cap; a delegated request (``x-delegated-from``) excludes
 every replica on its visited list and is refused with LoopDetected once that
 list reaches the hop limit; when nothing matches, ``no_match="reject"`` answers
@@ -40,14 +40,13 @@ from anyserve.api_server.config import NoMatchPolicy
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry, Replica
 from anyserve.errors import (
-    AnyServeError,
     DeadlineExceeded,
     HandlerError,
     LoopDetected,
     NotFound,
     Overloaded,
     Unavailable,
-    from_grpc,
+    from_rpc_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,10 +67,6 @@ class Lease:
         if left <= 0:
             raise DeadlineExceeded("deadline passed before the request reached a replica")
         return left
-
-
-def _rpc_error(exc: grpc.aio.AioRpcError) -> AnyServeError:
-    return from_grpc(exc.code(), exc.details() or exc.code().name)
 
 
 # How gRPC fails a fail-fast call for which no connection could be picked:
@@ -115,7 +110,7 @@ class ReplicaStream:
         try:
             message = await self._call.read()
         except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from None
+            raise from_rpc_error(exc) from None
         # Anything but bytes is grpc.aio.EOF (absent from the type stubs).
         return message if isinstance(message, bytes) else None
 
@@ -176,7 +171,7 @@ class Router:
                     except grpc.aio.AioRpcError as exc:
                         if _never_sent(exc.code(), exc.details()):
                             raise _NotSent from None
-                        raise _rpc_error(exc) from None
+                        raise from_rpc_error(exc) from None
                     finally:
                         call.cancel()  # no-op once done; stops the replica if we were cancelled
                     assert isinstance(response, bytes)
@@ -230,7 +225,7 @@ class Router:
         except grpc.aio.AioRpcError as exc:
             if _never_sent(exc.code(), exc.details()):
                 raise _NotSent from None
-            raise _rpc_error(exc) from None
+            raise from_rpc_error(exc) from None
 
     def _attempts(self, meta: RequestMeta) -> _Attempts:
         self._check_hops(meta)

@@ -1,7 +1,8 @@
 """Relaying a replica's ``ModelStreamInfer`` responses to an HTTP client as SSE.
 
-Event conventions (DESIGN.md section 9): one ``data:`` event per response; an
-in-band or status error becomes ``event: error`` with ``{"error", "code"}``
+Event conventions (docs/protocol.md): one ``data:`` event per response; an
+in-band or status error becomes ``event: error`` whose data is the error body
+of :func:`anyserve.errors.error_body` (``{"error", "type", "code"}``)
 and ends the stream with no end marker; a clean end is ``event: done`` with
 ``data: [DONE]``. When the very first thing the replica says is an error, no
 SSE stream is started: the client gets the HTTP status and a JSON error.
@@ -25,11 +26,10 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from anyserve import rpc
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import error_response
 from anyserve.api_server.router import ReplicaStream, Router
-from anyserve.errors import AnyServeError, HandlerError, from_code_name
+from anyserve.errors import AnyServeError, HandlerError, error_body, from_stream_response
 from anyserve.proto import ModelInferResponse, ModelStreamInferResponse
 
 Render = Callable[[ModelInferResponse], bytes]
@@ -47,18 +47,8 @@ def data_event(payload: bytes) -> bytes:
 
 
 def error_event(exc: AnyServeError) -> bytes:
-    """``event: error`` with ``{"error": message, "code": gRPC status name}``."""
-    body = json.dumps({"error": exc.message, "code": exc.grpc_code.name})
-    return b"event: error\n" + data_event(body.encode())
-
-
-def in_band_error(message: ModelStreamInferResponse) -> AnyServeError | None:
-    """The error a stream response carries (Triton convention), or None."""
-    if not message.error_message:
-        return None
-    params = message.infer_response.parameters
-    code = params[rpc.ERROR_CODE].string_param if rpc.ERROR_CODE in params else ""
-    return from_code_name(code or "INTERNAL", message.error_message)
+    """``event: error`` whose data is the error's JSON body."""
+    return b"event: error\n" + data_event(json.dumps(error_body(exc)).encode())
 
 
 def _parse(raw: bytes) -> ModelStreamInferResponse:
@@ -101,7 +91,7 @@ class StreamRelay(Response):
                 if gone:
                     return  # leaving the block cancels the replica's call
                 if first:
-                    error = in_band_error(_parse(first[0]))
+                    error = from_stream_response(_parse(first[0]))
                     if error is not None:
                         raise error
                 started = True
@@ -146,7 +136,7 @@ class StreamRelay(Response):
                     rendered: list[bytes] = []
                     for raw in batch:
                         message = _parse(raw)
-                        error = in_band_error(message)
+                        error = from_stream_response(message)
                         if error is not None:
                             rendered.append(error_event(error))
                             await events.send(b"".join(rendered))

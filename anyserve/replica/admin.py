@@ -22,13 +22,13 @@ from anyserve import rpc
 from anyserve._proto import admin_pb2 as apb
 from anyserve.capability import Capability
 from anyserve.errors import (
-    AnyServeError,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
     Overloaded,
     Unauthenticated,
     Unavailable,
+    grpc_method,
 )
 from anyserve.replica.manager import Manager
 from anyserve.replica.slot import Slot, State
@@ -108,38 +108,34 @@ class AdminServicer:
             raise InvalidArgument(f"{text!r} matches several handlers {names}; name one")
         return closest[0].name
 
+    @grpc_method
     async def list_workers(
         self, request: apb.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> apb.WorkersReply:
-        try:
-            self._authorize(context)
-        except AnyServeError as exc:
-            await context.abort(exc.grpc_code, exc.message)
+        self._authorize(context)
         return self._reply()
 
+    @grpc_method
     async def start_worker(
         self, request: apb.StartWorkerRequest, context: grpc.aio.ServicerContext
     ) -> apb.WorkersReply:
-        try:
-            self._authorize(context)
-            name = self.handler_for(request.capability)
-            handler = self.manager.handlers[name]
-            count = request.count or max(handler.workers, 1)
-            running = [s for s in self.manager.slots[name] if s.wanted]
-            more = max(count - len(running), 0)
-            if not self.manager.fits(handler, count=more):
-                raise Overloaded(
-                    f"{name} needs {dict(handler.resources)} per worker; "
-                    f"the replica has {self.manager.free()} free "
-                    "(stop a worker that holds them first)"
-                )
-            started = self.manager.start_handler(name, count=more) if more else []
-            slots = [*running, *started]
-            await self._settle(slots, context)
-            if slots and all(s.state is State.FAILED for s in slots):
-                raise Unavailable(f"handler {name} failed: {slots[0].failure}")
-        except AnyServeError as exc:
-            await context.abort(exc.grpc_code, exc.message)
+        self._authorize(context)
+        name = self.handler_for(request.capability)
+        handler = self.manager.handlers[name]
+        count = request.count or max(handler.workers, 1)
+        running = [s for s in self.manager.slots[name] if s.wanted]
+        more = max(count - len(running), 0)
+        if not self.manager.fits(handler, count=more):
+            raise Overloaded(
+                f"{name} needs {dict(handler.resources)} per worker; "
+                f"the replica has {self.manager.free()} free "
+                "(stop a worker that holds them first)"
+            )
+        started = self.manager.start_handler(name, count=more) if more else []
+        slots = [*running, *started]
+        await self._settle(slots, context)
+        if slots and all(s.state is State.FAILED for s in slots):
+            raise Unavailable(f"handler {name} failed: {slots[0].failure}")
         return self._reply()
 
     async def _settle(self, slots: list[Slot], context: grpc.aio.ServicerContext) -> None:
@@ -160,24 +156,22 @@ class AdminServicer:
             return
         raise DeadlineExceeded("workers are still starting; see `anyserve workers list`")
 
+    @grpc_method
     async def stop_worker(
         self, request: apb.StopWorkerRequest, context: grpc.aio.ServicerContext
     ) -> apb.WorkersReply:
-        try:
-            self._authorize(context)
-            if request.worker_id in self.manager.handlers or "=" in request.worker_id:
-                name = self.handler_for(request.worker_id)
-                slots = [s for s in self.manager.slots[name] if s.wanted]
-                if not slots:
-                    # Nothing running: still keep it from starting on demand.
-                    self.manager.disable(name)
-            else:
-                slots = [self.manager.slot(request.worker_id)]
-            # Every worker leaves the registration at once, then they drain together.
-            for slot in slots:
-                self.manager.begin_stop(slot, drain=request.drain)
-            for slot in slots:
-                await slot.stopped.wait()
-        except AnyServeError as exc:
-            await context.abort(exc.grpc_code, exc.message)
+        self._authorize(context)
+        if request.worker_id in self.manager.handlers or "=" in request.worker_id:
+            name = self.handler_for(request.worker_id)
+            slots = [s for s in self.manager.slots[name] if s.wanted]
+            if not slots:
+                # Nothing running: still keep it from starting on demand.
+                self.manager.disable(name)
+        else:
+            slots = [self.manager.slot(request.worker_id)]
+        # Every worker leaves the registration at once, then they drain together.
+        for slot in slots:
+            self.manager.begin_stop(slot, drain=request.drain)
+        for slot in slots:
+            await slot.stopped.wait()
         return self._reply()

@@ -1,7 +1,7 @@
 """The dispatcher: from an incoming request to the worker that runs it.
 
 It decides which handler serves a request (capability query from metadata, else
-the model name; the endpoint decides the kind, DESIGN.md section 9), picks the
+the model name; the endpoint decides the kind: docs/protocol.md), picks the
 least busy worker of that handler, and relays frames. Payloads stay serialized:
 the dispatcher never parses a request or a response.
 """
@@ -16,7 +16,7 @@ from typing import Protocol
 from anyserve import rpc
 from anyserve.app import HandlerInfo
 from anyserve.capability import Capability, query_from_headers
-from anyserve.errors import InvalidArgument, NotFound, Overloaded, from_code_name
+from anyserve.errors import InvalidArgument, NotFound, Overloaded, from_frame, from_stream_response
 from anyserve.proto import ModelStreamInferResponse
 from anyserve.replica.manager import Manager
 
@@ -135,7 +135,7 @@ class Dispatcher:
             header, body = await sink.next()
             done = True
             if header.WhichOneof("kind") == "error":
-                raise from_code_name(header.error.code, header.error.message)
+                raise from_frame(header.error)
             return body
         finally:
             slot.close_call(call_id, cancel=not done)
@@ -195,7 +195,7 @@ class Dispatcher:
                         done = True
                         if batch:
                             yield batch
-                        raise from_code_name(header.error.code, header.error.message)
+                        raise from_frame(header.error)
                     if len(batch) >= MAX_BATCH:
                         break
                     ready = sink.take_ready()
@@ -212,7 +212,6 @@ class Dispatcher:
 
 
 def _not_found_in_band(message: bytes) -> bool:
-    """Whether a serialized stream response is an in-band NOT_FOUND error."""
-    response = ModelStreamInferResponse.FromString(message)
-    code = response.infer_response.parameters[rpc.ERROR_CODE].string_param
-    return bool(response.error_message) and code == "NOT_FOUND"
+    """Whether a serialized stream response is an in-band NotFound error."""
+    error = from_stream_response(ModelStreamInferResponse.FromString(message))
+    return isinstance(error, NotFound)

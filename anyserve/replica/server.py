@@ -25,7 +25,7 @@ from anyserve import __version__, rpc
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.app import HandlerInfo
 from anyserve.calls import ApiChannel, Delegator
-from anyserve.errors import AnyServeError, NotFound
+from anyserve.errors import AnyServeError, NotFound, grpc_method, to_stream_error
 from anyserve.objects import ObjectStore
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
@@ -170,7 +170,7 @@ class Replica:
             self.registration.notify()
 
     def registration_body(self) -> dict[str, Any]:
-        """The seed's /register body plus loadable capabilities and workers."""
+        """The /register body: loaded and loadable capabilities, and the workers."""
         assert self.manager is not None
         loaded: list[dict[str, str]] = []
         loadable: list[dict[str, str]] = []
@@ -228,13 +228,10 @@ class _Servicer:
         assert self.replica.dispatcher is not None
         return self.replica.dispatcher
 
+    @grpc_method
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         metadata = rpc.forwardable(context.invocation_metadata())
-        try:
-            return await self.dispatcher.unary(request, metadata, context.time_remaining() or 0.0)
-        except AnyServeError as exc:
-            await context.abort(exc.grpc_code, exc.message)
-            raise  # abort raises; this line only satisfies the type checker
+        return await self.dispatcher.unary(request, metadata, context.time_remaining() or 0.0)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -264,7 +261,7 @@ class _Servicer:
             except AnyServeError as exc:
                 # Triton's convention: a failed request on a stream is reported
                 # in-band and the stream stays open for the others.
-                error = rpc.stream_error(exc.message, exc.grpc_code.name, _peek_id(payload))
+                error = to_stream_error(exc, _peek_id(payload))
                 await write(rpc.pack_batch([error]) if batched else error)
 
         async with anyio.create_task_group() as tg:
@@ -291,14 +288,11 @@ class _Servicer:
             raise NotFound(f"no capability named {name!r} on this replica")
         return found
 
+    @grpc_method
     async def model_ready(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        try:
-            handlers = self._named(request.name)
-        except NotFound as exc:
-            await context.abort(exc.grpc_code, exc.message)
-            raise
+        handlers = self._named(request.name)
         manager = self.replica.manager
         assert manager is not None
         ready = any(manager.pick(h.name) is not None for h in handlers)
@@ -311,14 +305,11 @@ class _Servicer:
             name="anyserve", version=__version__, extensions=["capabilities", "streaming"]
         )
 
+    @grpc_method
     async def model_metadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            handlers = self._named(request.name)
-        except NotFound as exc:
-            await context.abort(exc.grpc_code, exc.message)
-            raise
+        handlers = self._named(request.name)
         return pb.ModelMetadataResponse(
             name=request.name, versions=["1"], platform=f"anyserve/{handlers[0].name}"
         )

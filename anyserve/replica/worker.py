@@ -30,7 +30,7 @@ from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import Handler, load_app
 from anyserve.calls import ApiCaller
 from anyserve.context import Caller, Context, StreamClosed
-from anyserve.errors import AnyServeError, InvalidArgument
+from anyserve.errors import AnyServeError, HandlerError, InvalidArgument, to_frame
 from anyserve.objects import ObjectStore
 from anyserve.proto import InferParameter, ModelInferRequest
 
@@ -212,14 +212,13 @@ class WorkerServer:
                 context.request_id,
                 "".join(traceback.format_exception(exc)),
             )
-            self._error(call_id, AnyServeError(_describe(exc)))
+            self._error(call_id, HandlerError(_describe(exc)))
         finally:
             Context.unbind(tokens)
             del self.calls[call_id]
 
     def _error(self, call_id: int, exc: AnyServeError) -> None:
-        error = wpb.Error(code=exc.grpc_code.name, message=exc.message)
-        self._send(wpb.Header(call_id=call_id, error=error))
+        self._send(wpb.Header(call_id=call_id, error=to_frame(exc)))
 
 
 def _describe(exc: BaseException) -> str:
