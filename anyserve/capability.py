@@ -84,7 +84,7 @@ class Capability(Mapping[str, str]):
         """How well this capability answers to a KServe model name.
 
         Returns 2 when ``model`` equals the name, 1 when there is no match by
-        model but ``type`` equals it, 0 otherwise (DESIGN.md section 4).
+        model but ``type`` equals it, 0 otherwise.
         """
         if self._items.get("model") == name:
             return 2
@@ -142,22 +142,21 @@ def query_to_metadata(query: Mapping[str, str]) -> list[tuple[str, str]]:
     return [(HEADER_PREFIX + k.replace("_", "-"), v) for k, v in query.items()]
 
 
-def best_match(
-    candidates: Iterable[Capability], query: Mapping[str, str]
-) -> tuple[int, list[Capability]]:
-    """The closest matches of ``query`` among ``candidates``.
+#: How well a capability answers a request: lower is better (see :func:`rank`).
+Rank = tuple[int, int]
 
-    Returns ``(extra_keys, capabilities)`` for the smallest number of extra keys,
-    or ``(-1, [])`` when nothing matches.
+
+def rank(cap: Capability, query: Mapping[str, str], name: str = "") -> Rank | None:
+    """How well ``cap`` answers a request, or None when it does not match.
+
+    With a capability ``query`` (headers win over a name): the query must be a
+    subset of ``cap``; closer is fewer keys beyond the query. Without one, the
+    KServe model ``name`` addresses ``cap`` by its ``model`` value, else its
+    ``type`` value; a ``model`` match beats a ``type`` match, then fewer keys
+    win. This is the one ranking used by the API server's registry, the
+    replica's dispatcher and the admin service.
     """
-    best = -1
-    found: list[Capability] = []
-    for cap in candidates:
-        if not cap.matches(query):
-            continue
-        extra = cap.extra_keys(query)
-        if best < 0 or extra < best:
-            best, found = extra, [cap]
-        elif extra == best:
-            found.append(cap)
-    return best, found
+    if query:
+        return (0, len(cap) - len(query)) if cap.matches(query) else None
+    score = cap.serves_name(name) if name else 0
+    return (2 - score, len(cap)) if score else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from anyserve.capability import Capability, best_match, query_from_headers, query_to_metadata
+from anyserve.capability import Capability, query_from_headers, query_to_metadata, rank
 from anyserve.errors import InvalidArgument
 
 
@@ -21,9 +21,17 @@ def test_subset_matching_and_closest_match() -> None:
     embed = Capability(type="embed")
     assert chat_demo.matches({"type": "chat"})
     assert not chat.matches({"type": "chat", "model": "demo"})
-    assert best_match([chat_demo, embed, chat], {"type": "chat"}) == (0, [chat])
-    assert best_match([chat_demo, embed], {"type": "chat"}) == (1, [chat_demo])
-    assert best_match([embed], {"type": "chat"}) == (-1, [])
+    query = {"type": "chat"}
+    assert rank(chat, query) == (0, 0)
+    assert rank(chat_demo, query) == (0, 1)
+    assert rank(embed, query) is None
+    assert min([chat_demo, embed, chat], key=lambda c: rank(c, query) or (9, 9)) == chat
+    # Without a query the model name decides: model before type, then fewer keys.
+    assert rank(chat_demo, {}, "demo") == (0, 2)
+    assert rank(chat, {}, "chat") == (1, 1)
+    assert rank(chat_demo, {}, "chat") == (1, 2)
+    assert rank(embed, {}, "chat") is None
+    assert rank(chat, {}, "") is None
 
 
 def test_model_name_addressing() -> None:

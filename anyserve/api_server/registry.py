@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from anyserve.capability import Capability
+from anyserve.capability import Capability, rank
 
 # Rank of a replica for one request: lower is better.
 Rank = tuple[int, ...]
@@ -40,27 +40,15 @@ class Replica:
     last_seen: float = 0.0  # monotonic, for expiry
     in_flight: int = 0
 
-    def rank_query(self, query: Mapping[str, str]) -> Rank | None:
-        """``(extra keys, loadable?)`` of this replica's best capability for the query."""
+    def rank(self, query: Mapping[str, str], name: str) -> Rank | None:
+        """``(capability rank, loadable?)`` of this replica's best capability
+        for a request (see :func:`anyserve.capability.rank`), or None."""
         best: Rank | None = None
         for loadable, caps in ((0, self.capabilities), (1, self.loadable)):
             for cap in caps:
-                if cap.matches(query):
-                    rank = (cap.extra_keys(query), loadable)
-                    if best is None or rank < best:
-                        best = rank
-        return best
-
-    def rank_name(self, name: str) -> Rank | None:
-        """``(model before type, fewer keys, loadable?)`` of the best capability by name."""
-        best: Rank | None = None
-        for loadable, caps in ((0, self.capabilities), (1, self.loadable)):
-            for cap in caps:
-                score = cap.serves_name(name)
-                if score:
-                    rank = (-score, len(cap), loadable)
-                    if best is None or rank < best:
-                        best = rank
+                found = rank(cap, query, name)
+                if found is not None and (best is None or (*found, loadable) < best):
+                    best = (*found, loadable)
         return best
 
     def to_json(self, now: float) -> dict[str, Any]:
@@ -157,9 +145,9 @@ class Registry:
         for replica in self._replicas.values():
             if replica.replica_id in exclude or not self._alive(replica, now):
                 continue
-            rank = replica.rank_query(query) if query else replica.rank_name(name)
-            if rank is not None:
-                ranked.append((rank, replica.in_flight, random.random(), replica))
+            found = replica.rank(query, name)
+            if found is not None:
+                ranked.append((found, replica.in_flight, random.random(), replica))
         ranked.sort(key=lambda item: item[:3])
         return [item[3] for item in ranked]
 
