@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 
 from anyserve.api_server.meta import RequestMeta, http_timeout, parse_meta
-from anyserve.api_server.registry import Registry, Replica
+from anyserve.api_server.registry import Registry, ReplicaEntry
 from anyserve.capability import Capability
 from anyserve.errors import InvalidArgument
 
@@ -24,7 +24,7 @@ def caps(*items: dict[str, object]) -> list[Capability]:
     return [Capability(item) for item in items]
 
 
-def ids(replicas: Sequence[Replica]) -> list[str]:
+def ids(replicas: Sequence[ReplicaEntry]) -> list[str]:
     return [r.replica_id for r in replicas]
 
 

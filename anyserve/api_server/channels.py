@@ -10,7 +10,7 @@ sent over a connection that is up.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import grpc
@@ -41,6 +41,26 @@ _CHANNEL_OPTIONS = [
 # grpc is untyped here (see pyproject): these callables take and return bytes.
 Unary = Any
 Streaming = Any
+
+
+class ReplicaConnection(Protocol):
+    """What the router needs of a connection to one replica (the seam that
+    lets tests route against fakes, as httpx's transports do)."""
+
+    endpoint: str
+    calls: int
+
+    async def connect(self, within: float) -> bool: ...
+
+    def unary(self, path: str) -> Unary: ...
+
+    def stream(self) -> Streaming: ...
+
+
+class Connections(Protocol):
+    """Where the router gets connections from: :class:`ChannelPool`, or a fake."""
+
+    def get(self, endpoint: str) -> ReplicaConnection: ...
 
 
 class Connection:

@@ -27,7 +27,7 @@ Rank = tuple[int, ...]
 
 
 @dataclass(eq=False, slots=True)
-class Replica:
+class ReplicaEntry:
     """One registered replica. ``in_flight`` is maintained by the router."""
 
     replica_id: str
@@ -72,7 +72,7 @@ class Registry:
     def __init__(self, ttl: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self._clock = clock
-        self._replicas: dict[str, Replica] = {}
+        self._replicas: dict[str, ReplicaEntry] = {}
 
     def upsert(
         self,
@@ -81,7 +81,7 @@ class Registry:
         capabilities: Sequence[Capability],
         loadable: Sequence[Capability] = (),
         workers: Sequence[Any] = (),
-    ) -> tuple[Replica, bool]:
+    ) -> tuple[ReplicaEntry, bool]:
         """Register or refresh a replica; its capabilities are replaced.
 
         Returns ``(replica, created)``. The in-flight count survives a refresh.
@@ -90,7 +90,7 @@ class Registry:
         replica = self._replicas.get(replica_id)
         created = replica is None or not self._alive(replica, now)
         if replica is None:
-            replica = Replica(replica_id, endpoint, (), registered_at=now_wall)
+            replica = ReplicaEntry(replica_id, endpoint, (), registered_at=now_wall)
             self._replicas[replica_id] = replica
         elif created:
             replica.registered_at = now_wall
@@ -102,11 +102,11 @@ class Registry:
         replica.last_seen = now
         return replica, created
 
-    def remove(self, replica_id: str) -> Replica | None:
+    def remove(self, replica_id: str) -> ReplicaEntry | None:
         """Drop a replica; returns it, or None when it was not registered."""
         return self._replicas.pop(replica_id, None)
 
-    def expire(self) -> list[Replica]:
+    def expire(self) -> list[ReplicaEntry]:
         """Drop and return every replica whose heartbeat is older than the TTL."""
         now = self._clock()
         stale = [r for r in self._replicas.values() if not self._alive(r, now)]
@@ -114,14 +114,14 @@ class Registry:
             del self._replicas[replica.replica_id]
         return stale
 
-    def get(self, replica_id: str) -> Replica | None:
+    def get(self, replica_id: str) -> ReplicaEntry | None:
         """The live replica with this id, or None."""
         replica = self._replicas.get(replica_id)
         if replica is None or not self._alive(replica, self._clock()):
             return None
         return replica
 
-    def __iter__(self) -> Iterator[Replica]:
+    def __iter__(self) -> Iterator[ReplicaEntry]:
         """Live replicas, in registration order."""
         now = self._clock()
         return iter([r for r in self._replicas.values() if self._alive(r, now)])
@@ -136,12 +136,12 @@ class Registry:
 
     def candidates(
         self, query: Mapping[str, str], name: str, exclude: Collection[str] = ()
-    ) -> list[Replica]:
+    ) -> list[ReplicaEntry]:
         """Live replicas that serve the query (or, without a query, the model
         name), best first: closest match, loaded before loadable, least in
         flight, ties in random order. Replicas in ``exclude`` are skipped."""
         now = self._clock()
-        ranked: list[tuple[Rank, int, float, Replica]] = []
+        ranked: list[tuple[Rank, int, float, ReplicaEntry]] = []
         for replica in self._replicas.values():
             if replica.replica_id in exclude or not self._alive(replica, now):
                 continue
@@ -151,7 +151,7 @@ class Registry:
         ranked.sort(key=lambda item: item[:3])
         return [item[3] for item in ranked]
 
-    def shuffled(self, exclude: Collection[str] = ()) -> list[Replica]:
+    def shuffled(self, exclude: Collection[str] = ()) -> list[ReplicaEntry]:
         """Every live replica not in ``exclude``, in random order (the seed's
         no-match behaviour: a random replica may know someone who can serve)."""
         now = self._clock()
@@ -163,5 +163,5 @@ class Registry:
         random.shuffle(found)
         return found
 
-    def _alive(self, replica: Replica, now: float) -> bool:
+    def _alive(self, replica: ReplicaEntry, now: float) -> bool:
         return now - replica.last_seen <= self.ttl

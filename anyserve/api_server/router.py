@@ -35,10 +35,10 @@ import anyio
 import grpc.aio
 
 from anyserve import rpc
-from anyserve.api_server.channels import ChannelPool, Connection
+from anyserve.api_server.channels import Connections, ReplicaConnection
 from anyserve.api_server.config import NoMatchPolicy
 from anyserve.api_server.meta import RequestMeta
-from anyserve.api_server.registry import Registry, Replica
+from anyserve.api_server.registry import Registry, ReplicaEntry
 from anyserve.errors import (
     DeadlineExceeded,
     HandlerError,
@@ -56,8 +56,8 @@ logger = logging.getLogger(__name__)
 class Lease:
     """A replica chosen for one request, connected, with its in-flight slot held."""
 
-    replica: Replica
-    conn: Connection
+    replica: ReplicaEntry
+    conn: ReplicaConnection
     metadata: list[tuple[str, str]]
     deadline: float  # anyio.current_time() by which the call must end
 
@@ -84,7 +84,7 @@ class _Attempts:
     replicas found unreachable, and whether it fell back to a random pick."""
 
     deadline: float
-    unreachable: list[Replica] = field(default_factory=list)
+    unreachable: list[ReplicaEntry] = field(default_factory=list)
     random_mode: bool = False
 
 
@@ -96,7 +96,7 @@ class ReplicaStream:
     """The responses of one request sent on a replica's ``ModelStreamInfer``."""
 
     def __init__(
-        self, call: grpc.aio.StreamStreamCall, replica: Replica, batched: bool = False
+        self, call: grpc.aio.StreamStreamCall, replica: ReplicaEntry, batched: bool = False
     ) -> None:
         self._call = call
         self.replica = replica
@@ -134,7 +134,7 @@ class Router:
     def __init__(
         self,
         registry: Registry,
-        pool: ChannelPool,
+        pool: Connections,
         *,
         no_match: NoMatchPolicy = "reject",
         hop_limit: int = 4,
@@ -300,10 +300,10 @@ class Router:
     def _choose(
         self,
         meta: RequestMeta,
-        unreachable: list[Replica],
+        unreachable: list[ReplicaEntry],
         random_mode: bool,
         allow_random: bool,
-    ) -> tuple[Replica, bool]:
+    ) -> tuple[ReplicaEntry, bool]:
         exclude = set(meta.visited)
         exclude.update(r.replica_id for r in unreachable)
         if not random_mode:
@@ -333,7 +333,7 @@ class Router:
             return True
         return allow_random and self.no_match == "random" and len(self.registry) > 0
 
-    def _first_free(self, found: list[Replica], meta: RequestMeta, why: str) -> Replica:
+    def _first_free(self, found: list[ReplicaEntry], meta: RequestMeta, why: str) -> ReplicaEntry:
         for replica in found:
             if replica.in_flight < self.max_inflight:
                 if logger.isEnabledFor(logging.DEBUG):
@@ -354,6 +354,6 @@ class Router:
         )
 
     @staticmethod
-    def _unreachable(meta: RequestMeta, unreachable: list[Replica]) -> Unavailable:
+    def _unreachable(meta: RequestMeta, unreachable: list[ReplicaEntry]) -> Unavailable:
         names = ", ".join(f"{r.replica_id} ({r.endpoint})" for r in unreachable)
         return Unavailable(f"no reachable replica for {meta.describe()}; unreachable: {names}")
