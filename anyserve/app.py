@@ -9,7 +9,7 @@ Forms accepted (``stream=False`` unless said):
 * ``def h(request, context) -> response`` and ``def h(request) -> response``
   (sync; runs in a bounded thread pool);
 * ``async def h(request, context) -> response``;
-* ``def h(request, context, stream)`` with ``stream=True`` (the seed's form:
+* ``def h(request, context, stream)`` with ``stream=True`` (the classic form:
   ``stream.send(chunk)`` blocks while the consumer is slow and raises
   :class:`~anyserve.context.StreamClosed` once the caller has gone);
 * ``async def h(request, context)`` that ``yield``\\ s chunks (``stream=True``);

@@ -28,7 +28,7 @@ NoMatch = Annotated[
     str,
     typer.Option(
         help="When no replica matches: 'reject' answers 404, 'random' sends the request to "
-        "a random replica, which may delegate it (the seed's scenario 2).",
+        "a random replica not yet visited, which may know one that serves it (delegation).",
     ),
 ]
 Token = Annotated[

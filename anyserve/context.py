@@ -171,7 +171,7 @@ def current() -> Context:
 
 
 def call(capability: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> Any:
-    """The seed's ``anyserve.call(capability=..., inputs=...)``: ``current().call``."""
+    """Module-level ``anyserve.call(capability=..., inputs=...)``: ``current().call``."""
     return current().call(capability, inputs)
 
 
@@ -205,5 +205,5 @@ class Stream:
         await self._emit(response)
 
     def error(self, message: str) -> None:
-        """Send an in-band error response (the seed's ``stream.error``)."""
+        """Send an in-band error response (``stream.error``, kept for handlers written against it)."""
         self.send(ModelStreamInferResponse(error_message=message))

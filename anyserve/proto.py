@@ -1,10 +1,10 @@
-"""The KServe v2 (Open Inference Protocol) messages, as the seed imports them.
+"""The KServe v2 (Open Inference Protocol) messages handlers import.
 
 ``from anyserve.proto import ModelInferRequest, ModelInferResponse,
-ModelStreamInferResponse`` works as in the seed. ``InferTensorContents`` is a
-top-level message in the protocol; it is also reachable as
-``ModelInferResponse.InferTensorContents`` and
-``ModelInferRequest.InferTensorContents`` because the seed's examples spell it so.
+ModelStreamInferResponse``. ``InferTensorContents`` is a top-level message in
+the protocol; it is also reachable as ``ModelInferResponse.InferTensorContents``
+and ``ModelInferRequest.InferTensorContents``, the spelling handlers written
+for nested-message layouts use.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from anyserve._proto.grpc_predict_v2_pb2 import (
     ServerReadyResponse,
 )
 
-# The seed writes ModelInferResponse.InferTensorContents(...); alias the top-level class.
+# Handlers write ModelInferResponse.InferTensorContents(...): alias the top-level class.
 ModelInferResponse.InferTensorContents = InferTensorContents  # type: ignore[attr-defined]
 ModelInferRequest.InferTensorContents = InferTensorContents  # type: ignore[attr-defined]
 

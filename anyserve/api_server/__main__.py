@@ -1,4 +1,4 @@
-"""``python -m anyserve.api_server --port 8080`` (the seed's command).
+"""``python -m anyserve.api_server --port 8080``.
 
 The same command as ``anyserve api-server``: one definition of the options,
 in :mod:`anyserve.cli`.

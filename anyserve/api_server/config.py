@@ -22,8 +22,8 @@ class ApiServerConfig:
 
     ``port``/``grpc_port`` 0 pick free ports (read the real ones from the server).
     ``no_match``: ``"reject"`` answers 404 when no replica matches; ``"random"``
-    forwards to a random replica not yet visited, which may delegate (seed
-    scenario 2). ``token`` (default: ``$ANYSERVE_TOKEN``) guards ``/register`` and
+    forwards to a random replica not yet visited, which may delegate it
+    onwards. ``token`` (default: ``$ANYSERVE_TOKEN``) guards ``/register`` and
     ``/unregister``. ``ttl`` None means three heartbeat intervals.
     """
 

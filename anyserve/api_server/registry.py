@@ -1,6 +1,6 @@
 """The in-memory registry of replicas and how a request picks among them.
 
-Matching (DESIGN.md section 4): a capability query matches a capability when
+Matching (:func:`anyserve.capability.rank`): a capability query matches a capability when
 every key of the query is present with the same value. Candidates are ranked
 closest match first (fewest keys beyond the query), then loaded before
 loadable (no cold start), then fewest in-flight requests, ties at random.
@@ -152,8 +152,8 @@ class Registry:
         return [item[3] for item in ranked]
 
     def shuffled(self, exclude: Collection[str] = ()) -> list[ReplicaEntry]:
-        """Every live replica not in ``exclude``, in random order (the seed's
-        no-match behaviour: a random replica may know someone who can serve)."""
+        """Every live replica not in ``exclude``, in random order (the
+        ``--no-match random`` policy: a random replica may know one that serves)."""
         now = self._clock()
         found = [
             r
