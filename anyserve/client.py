@@ -1,9 +1,11 @@
 """Async client for the API server's HTTP entry.
 
 ``infer`` sends a binary ``ModelInferRequest`` (``application/x-protobuf``) and
-gets the response bytes back unparsed by the server; ``stream`` reads the SSE
-of ``/infer/stream``. HTTP error statuses become the matching
-:mod:`anyserve.errors` class carrying the server's message.
+gets the response bytes back unparsed by the server; ``stream`` sends the same
+to ``/infer/stream``, whose SSE events then carry each ``ModelInferResponse``
+base64-encoded: protobuf end to end, no JSON. HTTP error statuses (and SSE
+error events) become the matching :mod:`anyserve.errors` class carrying the
+server's message.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import httpx
 
 from anyserve.capability import HEADER_PREFIX, Capability
-from anyserve.codec import DATATYPES, encode_into
+from anyserve.codec import encode_into
 from anyserve.errors import (
     AnyServeError,
     DeadlineExceeded,
@@ -27,7 +29,7 @@ from anyserve.errors import (
     from_error_body,
     from_http,
 )
-from anyserve.proto import InferParameter, ModelInferRequest, ModelInferResponse
+from anyserve.proto import ModelInferRequest, ModelInferResponse
 
 __all__ = ["Client"]
 
@@ -91,7 +93,7 @@ class Client:
                 try:
                     encode_into(request.inputs.add(), name, value)
                 except (TypeError, ValueError) as exc:
-                    raise InvalidArgument(str(exc).replace("output", "input", 1)) from None
+                    raise InvalidArgument(str(exc)) from None
         elif inputs:
             raise InvalidArgument("pass either inputs or a request, not both")
         elif model and request.model_name != model:
@@ -157,7 +159,7 @@ class Client:
                         return
                     if event == "error":
                         raise _stream_error(data)
-                    yield response_from_json(data)
+                    yield _stream_response(data)
         except httpx.TimeoutException as exc:
             raise DeadlineExceeded(f"stream from {self.base_url} timed out: {exc}") from None
         except httpx.HTTPError as exc:
@@ -219,53 +221,9 @@ def _stream_error(data: str) -> AnyServeError:
     return from_error_body(doc)
 
 
-def _param(value: Any) -> InferParameter:
-    if isinstance(value, bool):
-        return InferParameter(bool_param=value)
-    if isinstance(value, int):
-        return InferParameter(int64_param=value)
-    if isinstance(value, float):
-        return InferParameter(double_param=value)
-    return InferParameter(string_param=str(value))
-
-
-def _flat(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
-    if not any(isinstance(item, list) for item in data):
-        return data
-    return [leaf for item in data for leaf in _flat(item)]
-
-
-def response_from_json(text: str) -> ModelInferResponse:
-    """Parse a KServe v2 REST JSON response (an SSE event's data) into protobuf.
-
-    Raises HandlerError when the JSON is malformed.
-    """
+def _stream_response(data: str) -> ModelInferResponse:
+    """Decode one SSE event of a protobuf stream: a base64 ModelInferResponse."""
     try:
-        doc = json.loads(text)
-        response = ModelInferResponse(
-            model_name=doc.get("model_name", ""),
-            model_version=doc.get("model_version", ""),
-            id=doc.get("id", ""),
-        )
-        for key, value in (doc.get("parameters") or {}).items():
-            response.parameters[key].CopyFrom(_param(value))
-        for out in doc.get("outputs", []):
-            tensor = response.outputs.add(
-                name=out["name"], datatype=out["datatype"], shape=out.get("shape", [])
-            )
-            params = out.get("parameters") or {}
-            for key, value in params.items():
-                if key != "content_encoding":
-                    tensor.parameters[key].CopyFrom(_param(value))
-            values = _flat(out.get("data", []))
-            if tensor.datatype == "BYTES":
-                if params.get("content_encoding") == "base64":
-                    values = [base64.b64decode(v) for v in values]
-                else:
-                    values = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
-            getattr(tensor.contents, DATATYPES[tensor.datatype][0]).extend(values)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return ModelInferResponse.FromString(base64.b64decode(data, validate=True))
+    except Exception as exc:  # binascii.Error, protobuf's DecodeError
         raise HandlerError(f"malformed stream event from the API server: {exc}") from None
-    return response

@@ -205,5 +205,5 @@ class Stream:
         await self._emit(response)
 
     def error(self, message: str) -> None:
-        """Send an in-band error response (``stream.error``, kept for handlers written against it)."""
+        """Send an in-band error response to the caller (ends nothing by itself)."""
         self.send(ModelStreamInferResponse(error_message=message))

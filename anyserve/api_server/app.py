@@ -2,10 +2,12 @@
 
 Bodies are converted at this edge only: KServe v2 REST JSON, Triton's binary
 tensor extension (``Inference-Header-Content-Length``) and the generate
-extension become a serialized ``ModelInferRequest``; a body sent as
-``application/x-protobuf`` is forwarded as is and its response passed back
-without parsing. Every error is ``{"error": "..."}`` with the status of the
-error table (docs/protocol.md), built by :mod:`anyserve.errors`.
+extension become a serialized ``ModelInferRequest`` (:mod:`anyserve.codec`);
+a body sent as ``application/x-protobuf`` is forwarded as is and answered in
+protobuf (on ``/infer/stream``, each SSE event's data is the base64 of a
+serialized ``ModelInferResponse``). Every error is ``{"error": "..."}`` with
+the status of the error table (docs/protocol.md), built by
+:mod:`anyserve.errors`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from anyserve import rpc
-from anyserve.api_server import control, model_meta, rest
+from anyserve import codec, rpc
+from anyserve.api_server import control, model_meta
 from anyserve.api_server.meta import RequestMeta, http_timeout, parse_meta
 from anyserve.api_server.responses import error_response, json_response, read_body
-from anyserve.api_server.sse import StreamRelay
+from anyserve.api_server.sse import StreamRelay, protobuf_data
 from anyserve.api_server.state import ApiState
 from anyserve.errors import AnyServeError, HandlerError, InvalidArgument
 from anyserve.proto import ModelInferRequest, ModelInferResponse
@@ -68,11 +70,11 @@ async def _decode_infer(
             body = body + b"\x0a" + rpc.encode_varint(len(encoded)) + encoded
         meta.model_name = name or in_body
         return body, None
-    header = request.headers.get(rest.HEADER_LENGTH)
+    header = request.headers.get(codec.HEADER_LENGTH)
     if header is not None:
-        parsed = rest.request_from_binary(body, rest.parse_header_length(header), name)
+        parsed = codec.request_from_binary(body, codec.parse_header_length(header), name)
     else:
-        parsed = rest.request_from_json(body, name)
+        parsed = codec.request_from_json(body, name)
     meta.model_name = parsed.model_name
     return parsed.SerializeToString(), parsed
 
@@ -101,33 +103,36 @@ async def infer(state: ApiState, request: Request) -> Response:
     headers = {"X-Request-Id": meta.request_id}
     if parsed is None:
         return Response(raw, headers=headers, media_type=PROTOBUF)
-    body, header_length = rest.response_to_http(_parse_response(raw), parsed)
+    body, header_length = codec.response_to_http(_parse_response(raw), parsed)
     if header_length is None:
         return Response(body, headers=headers, media_type="application/json")
-    headers[rest.HEADER_LENGTH] = str(header_length)
+    headers[codec.HEADER_LENGTH] = str(header_length)
     return Response(body, headers=headers, media_type="application/octet-stream")
 
 
 async def infer_stream(state: ApiState, request: Request) -> Response:
-    """``POST /infer/stream``: SSE of KServe v2 REST JSON responses."""
+    """``POST /infer/stream``: SSE of responses, answered in the request's kind:
+    base64 of each serialized ``ModelInferResponse`` for a protobuf body, else
+    KServe v2 REST JSON."""
     meta = _request_meta(state, request)
-    payload, _ = await _decode_infer(state, request, meta)
+    payload, parsed = await _decode_infer(state, request, meta)
     _require_target(meta)
-    return StreamRelay(state.router, payload, meta, rest.response_to_json, state.config.sse_ping)
+    render = protobuf_data if parsed is None else codec.response_to_json
+    return StreamRelay(state.router, payload, meta, render, state.config.sse_ping)
 
 
 async def _generate_payload(state: ApiState, request: Request) -> tuple[bytes, RequestMeta]:
     meta = _request_meta(state, request)
     meta.model_name = request.path_params["name"]
     body = await read_body(request, state.config.max_body)
-    return rest.generate_request(body, meta.model_name).SerializeToString(), meta
+    return codec.generate_request(body, meta.model_name).SerializeToString(), meta
 
 
 async def generate(state: ApiState, request: Request) -> Response:
     """``POST /v2/models/{name}/generate``: Triton's flat JSON in and out."""
     payload, meta = await _generate_payload(state, request)
     raw = await state.router.unary(rpc.MODEL_INFER, payload, meta)
-    body = rest.generate_response_json(_parse_response(raw))
+    body = codec.generate_response_json(_parse_response(raw))
     return Response(body, headers={"X-Request-Id": meta.request_id}, media_type="application/json")
 
 
@@ -135,7 +140,7 @@ async def generate_stream(state: ApiState, request: Request) -> Response:
     """``POST /v2/models/{name}/generate_stream``: SSE of flat JSON events."""
     payload, meta = await _generate_payload(state, request)
     return StreamRelay(
-        state.router, payload, meta, rest.generate_response_json, state.config.sse_ping
+        state.router, payload, meta, codec.generate_response_json, state.config.sse_ping
     )
 
 

@@ -1,9 +1,11 @@
 """Relaying a replica's ``ModelStreamInfer`` responses to an HTTP client as SSE.
 
-Event conventions (docs/protocol.md): one ``data:`` event per response; an
-in-band or status error becomes ``event: error`` whose data is the error body
-of :func:`anyserve.errors.error_body` (``{"error", "type", "code"}``)
-and ends the stream with no end marker; a clean end is ``event: done`` with
+Event conventions (docs/protocol.md): one ``data:`` event per response, as
+the ``render`` function given makes it (v2 JSON, the generate extension's flat
+JSON, or base64 protobuf for :func:`protobuf_data`); an in-band or status
+error becomes ``event: error`` whose data is the error body of
+:func:`anyserve.errors.error_body` (``{"error", "type", "code"}``) and ends
+the stream with no end marker; a clean end is ``event: done`` with
 ``data: [DONE]``. When the very first thing the replica says is an error, no
 SSE stream is started: the client gets the HTTP status and a JSON error.
 
@@ -17,6 +19,7 @@ group, which leaves the block and cancels the call to the replica.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -44,6 +47,11 @@ def data_event(payload: bytes) -> bytes:
         lines = payload.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
         return b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
     return b"data: " + payload + b"\n\n"
+
+
+def protobuf_data(response: ModelInferResponse) -> bytes:
+    """Render a response for a protobuf client: base64 of its serialized bytes."""
+    return base64.b64encode(response.SerializeToString())
 
 
 def error_event(exc: AnyServeError) -> bytes:

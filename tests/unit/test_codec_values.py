@@ -1,4 +1,5 @@
-"""anyserve.codec: KServe tensors <-> Python values, cross-checked against tritonclient."""
+"""anyserve.codec.values and .responses: KServe tensors <-> Python values, and handler
+results -> responses, cross-checked against tritonclient."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ CASES: dict[str, list[Any]] = {
 }
 
 
-def typed_request(datatype: str, values: list[Any], shape: list[int] | None = None) -> Any:
+def typed_request(
+    datatype: str, values: list[Any], shape: list[int] | None = None
+) -> ModelInferRequest:
     tensor = Input(name="x", datatype=datatype, shape=[len(values)] if shape is None else shape)
     if values:
         getattr(tensor.contents, codec.DATATYPES[datatype][0]).extend(values)
@@ -58,7 +61,9 @@ def triton_raw(datatype: str, values: list[Any]) -> bytes:
     return np.array(values, dtype=triton_to_np_dtype(datatype)).tobytes()
 
 
-def raw_request(datatype: str, values: list[Any], shape: list[int] | None = None) -> Any:
+def raw_request(
+    datatype: str, values: list[Any], shape: list[int] | None = None
+) -> ModelInferRequest:
     tensor = Input(name="x", datatype=datatype, shape=[len(values)] if shape is None else shape)
     return ModelInferRequest(inputs=[tensor], raw_input_contents=[triton_raw(datatype, values)])
 
@@ -177,7 +182,7 @@ def test_empty_and_wildcard_shapes() -> None:
         ),
     ],
 )
-def test_malformed_inputs_raise_invalid_argument(request_: Any, message: str) -> None:
+def test_malformed_inputs_raise_invalid_argument(request_: ModelInferRequest, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         codec.decode_inputs(request_)
 
@@ -232,7 +237,7 @@ def test_numpy_is_optional() -> None:
 # --------------------------------------------------------------------------- encoding
 
 
-def contents_of(tensor: Any) -> list[Any]:
+def contents_of(tensor: Input | Output) -> list[Any]:
     return list(getattr(tensor.contents, codec.DATATYPES[tensor.datatype][0]))
 
 
@@ -384,3 +389,164 @@ def test_use_raw_outputs_keeps_existing_raw_and_fails_atomically() -> None:
         codec.use_raw_outputs(bad)
     assert not bad.raw_output_contents
     assert bad.outputs[0].contents.int_contents == [1]
+
+
+# --------------------------------------------------------------------------- input/output wording
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ({1: 2}, TypeError, r"^input 'in': cannot encode a value of type dict"),
+        ([1, "a"], TypeError, r"^input 'in': a list must hold only"),
+        ([object()], TypeError, r"^input 'in': a list must hold only"),
+        (np.array([1j]), TypeError, r"^input 'in': numpy dtype complex128 has no KServe"),
+        (np.array([object()], dtype=object), TypeError, r"^input 'in': cannot encode object"),
+        (2**63, ValueError, r"^input 'in': integer out of the INT64 range"),
+    ],
+)
+def test_encode_input_errors_name_the_input(
+    value: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        codec.encode_input("in", value)
+
+
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (
+            ModelInferResponse(
+                outputs=[
+                    Output(
+                        name="y",
+                        datatype="INT32",
+                        shape=[3],
+                        contents=InferTensorContents(int_contents=[1, 2]),
+                    )
+                ]
+            ),
+            r"^output 'y': shape \[3\] needs 3 elements but 2",
+        ),
+        (
+            ModelInferResponse(
+                outputs=[Output(name="a", datatype="INT8"), Output(name="b", datatype="INT8")],
+                raw_output_contents=[b"\x01"],
+            ),
+            r"^response has 1 raw_output_contents entries for 2 outputs",
+        ),
+        (
+            ModelInferResponse(
+                outputs=[
+                    Output(
+                        name="y", datatype="INT8", contents=InferTensorContents(int_contents=[1])
+                    )
+                ],
+                raw_output_contents=[b"\x01"],
+            ),
+            r"^output 'y' has typed contents but the response uses raw_output_contents",
+        ),
+        (
+            ModelInferResponse(
+                outputs=[Output(name="y", datatype="INT32")], raw_output_contents=[b"1"]
+            ),
+            r"^output 'y': raw data of 1 bytes is not a multiple",
+        ),
+    ],
+)
+def test_decode_outputs_errors_name_the_output(response: ModelInferResponse, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        codec.decode_outputs(response)
+
+
+# --------------------------------------------------------------------------- numpy -> raw outputs
+
+MATRIX = np.arange(6, dtype=np.float32).reshape(2, 3) / 4
+
+
+def test_numpy_output_makes_every_output_raw() -> None:
+    request = ModelInferRequest(id="n1", model_name="m")
+    result = {
+        "text": "hi",
+        "matrix": MATRIX,
+        "count": 3,
+        "ready": codec.encode_output("ready", [True, False]),
+        "words": np.array(["a", "é"]),
+    }
+    response = codec.to_infer_response(result, request)
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("text", "BYTES", [1]),
+        ("matrix", "FP32", [2, 3]),
+        ("count", "INT64", [1]),
+        ("ready", "BOOL", [2]),
+        ("words", "BYTES", [2]),
+    ]
+    assert len(response.raw_output_contents) == len(response.outputs)
+    assert all(not o.HasField("contents") for o in response.outputs)
+    assert response.raw_output_contents[1] == struct.pack("<6f", *MATRIX.ravel().tolist())
+
+    decoded = codec.decode_outputs(response)
+    assert decoded == {
+        "text": b"hi",
+        "matrix": [0.0, 0.25, 0.5, 0.75, 1.0, 1.25],
+        "count": 3,
+        "ready": [True, False],
+        "words": [b"a", "é".encode()],
+    }
+
+    theirs = InferResult(service_pb2.ModelInferResponse.FromString(response.SerializeToString()))
+    matrix = theirs.as_numpy("matrix")
+    assert matrix.shape == (2, 3) and matrix.dtype == np.float32
+    assert matrix.tolist() == MATRIX.tolist()
+    assert theirs.as_numpy("words").tolist() == [b"a", "é".encode()]
+    assert theirs.as_numpy("count").tolist() == [3]
+
+    codec.use_raw_outputs(response)  # already raw: left alone
+    assert len(response.raw_output_contents) == len(response.outputs)
+
+
+@pytest.mark.parametrize(
+    ("array", "datatype", "shape", "raw"),
+    [
+        (np.arange(3, dtype=">i4"), "INT32", [3], struct.pack("<3i", 0, 1, 2)),
+        (
+            np.arange(6, dtype=np.int16).reshape(2, 3).T,
+            "INT16",
+            [3, 2],
+            struct.pack("<6h", 0, 3, 1, 4, 2, 5),
+        ),
+        (np.array([True, False]), "BOOL", [2], b"\x01\x00"),
+        (np.array([1.5], dtype=np.float16), "FP16", [1], struct.pack("<e", 1.5)),
+        (np.float32(0.5), "FP32", [1], struct.pack("<f", 0.5)),
+        (np.array(2**64 - 1, dtype=np.uint64), "UINT64", [1], struct.pack("<Q", 2**64 - 1)),
+        (np.zeros((0, 4), dtype=np.float64), "FP64", [0, 4], b""),
+    ],
+)
+def test_numpy_output_raw_layout(array: Any, datatype: str, shape: list[int], raw: bytes) -> None:
+    response = codec.to_infer_response({"y": array}, ModelInferRequest())
+    tensor = response.outputs[0]
+    assert (tensor.name, tensor.datatype, list(tensor.shape)) == ("y", datatype, shape)
+    assert list(response.raw_output_contents) == [raw]
+
+
+def test_numpy_bytes_outputs_stay_typed() -> None:
+    response = codec.to_infer_response({"s": np.array(["a", "b"]), "n": 1}, ModelInferRequest())
+    assert not response.raw_output_contents
+    assert list(response.outputs[0].contents.bytes_contents) == [b"a", b"b"]
+
+
+def test_numpy_raw_in_streams_and_failures() -> None:
+    request = ModelInferRequest(id="s1")
+    chunk = codec.to_stream_response({"m": MATRIX, "t": "tok"}, request)
+    assert chunk.infer_response.id == "s1"
+    assert codec.decode_outputs(chunk.infer_response) == {
+        "m": MATRIX.ravel().tolist(),
+        "t": b"tok",
+    }
+    assert len(chunk.infer_response.raw_output_contents) == 2
+
+    bad = Output(name="bad", datatype="INT8", contents=InferTensorContents(int_contents=[300]))
+    with pytest.raises(ValueError, match="output 'bad': data does not fit INT8"):
+        codec.to_infer_response({"m": MATRIX, "bad": bad}, request)
+    with pytest.raises(TypeError, match="output 'c': numpy dtype complex128 has no KServe"):
+        codec.to_infer_response({"c": np.array([1j])}, request)
