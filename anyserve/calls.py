@@ -2,8 +2,8 @@
 
 Two things go back through the API server: ``context.call`` from inside a
 handler (:class:`ApiCaller`, in worker processes) and delegation of requests a
-replica cannot serve (:class:`ApiChannel`, used by the replica's dispatcher).
-Both keep one persistent channel and send serialized bytes.
+replica cannot serve (:class:`ApiDelegator`, used by the replica's dispatcher).
+Both send serialized bytes over one persistent :class:`ApiChannel`.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ class ApiCaller:
         await self.channel.aclose()
 
 
-class Delegator:
+class ApiDelegator:
     """Hands requests a replica cannot serve back to the API server.
 
     The request keeps its metadata (capability query, request id, call chain)

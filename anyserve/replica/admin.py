@@ -20,7 +20,7 @@ import grpc.aio
 
 from anyserve import rpc
 from anyserve._proto import admin_pb2 as apb
-from anyserve.capability import Capability
+from anyserve.capability import Capability, rank
 from anyserve.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -32,25 +32,12 @@ from anyserve.errors import (
 )
 from anyserve.replica.manager import Manager
 from anyserve.replica.slot import Slot, State
+from anyserve.replica.status import workers_reply
 
 SERVICE = "anyserve.admin.Admin"
 LIST_WORKERS = f"/{SERVICE}/ListWorkers"
 START_WORKER = f"/{SERVICE}/StartWorker"
 STOP_WORKER = f"/{SERVICE}/StopWorker"
-
-
-def worker_info(slot: Slot) -> apb.WorkerInfo:
-    """The admin message for one worker slot."""
-    return apb.WorkerInfo(
-        id=slot.id,
-        handler=slot.handler.name,
-        capability=slot.handler.capability.to_dict(),
-        pid=slot.pid or 0,
-        state=slot.state.value,
-        inflight=slot.inflight,
-        restarts=slot.restarts,
-        error=slot.failure,
-    )
 
 
 class AdminServicer:
@@ -79,8 +66,7 @@ class AdminServicer:
         )
 
     def _reply(self) -> apb.WorkersReply:
-        slots = [s for group in self.manager.slots.values() for s in group]
-        return apb.WorkersReply(replica_id=self.replica_id, workers=[worker_info(s) for s in slots])
+        return workers_reply(self.manager, self.replica_id)
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not self.token:
@@ -98,11 +84,15 @@ class AdminServicer:
         if text in self.manager.handlers:
             return text
         query = Capability.parse(text)
-        matches = [h for h in self.manager.handlers.values() if h.capability.matches(query)]
-        if not matches:
+        ranked = [
+            (found, h)
+            for h in self.manager.handlers.values()
+            if (found := rank(h.capability, query)) is not None
+        ]
+        if not ranked:
             raise NotFound(f"no handler for {text!r}; handlers: {sorted(self.manager.handlers)}")
-        best = min(h.capability.extra_keys(query) for h in matches)
-        closest = [h for h in matches if h.capability.extra_keys(query) == best]
+        best = min(found for found, _ in ranked)
+        closest = [h for found, h in ranked if found == best]
         if len(closest) > 1:
             names = sorted(h.name for h in closest)
             raise InvalidArgument(f"{text!r} matches several handlers {names}; name one")
@@ -125,10 +115,11 @@ class AdminServicer:
         count = request.count or max(handler.workers, 1)
         running = [s for s in self.manager.slots[name] if s.wanted]
         more = max(count - len(running), 0)
-        if not self.manager.fits(handler, count=more):
+        budget = self.manager.budget
+        if not budget.fits(handler, count=more):
             raise Overloaded(
                 f"{name} needs {dict(handler.resources)} per worker; "
-                f"the replica has {self.manager.free()} free "
+                f"the replica has {budget.free()} free "
                 "(stop a worker that holds them first)"
             )
         started = self.manager.start_handler(name, count=more) if more else []

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from anyserve import rpc
 from anyserve.app import HandlerInfo
-from anyserve.capability import Capability, query_from_headers
+from anyserve.capability import Capability, query_from_headers, rank
 from anyserve.errors import InvalidArgument, NotFound, Overloaded, from_frame, from_stream_response
 from anyserve.proto import ModelStreamInferResponse
 from anyserve.replica.manager import Manager
@@ -56,27 +56,23 @@ class Dispatcher:
     def resolve(self, query: Mapping[str, str], model_name: str, *, stream: bool) -> HandlerInfo:
         """The handler for a request, or NotFound saying why there is none.
 
-        Capability headers win over the model name. Stream requests prefer
-        stream handlers and fall back to unary ones; a unary request that only
-        a stream handler matches is told to use the streaming endpoint.
+        Capability headers win over the model name; of several matches the
+        best :func:`~anyserve.capability.rank` wins (of equal ones, the first
+        handler). Stream requests prefer stream handlers and fall back to unary
+        ones; a unary request that only a stream handler matches is told to use
+        the streaming endpoint.
         """
         if query:
-            scored = [
-                (h.capability.extra_keys(query), h)
-                for h in self.handlers
-                if h.capability.matches(query)
-            ]
             wanted = str(Capability(query))
         elif model_name:
-            # A closer name match (model over type) scores lower.
-            scored = []
-            for h in self.handlers:
-                rank = h.capability.serves_name(model_name)
-                if rank:
-                    scored.append(((2 - rank) * 100 + len(h.capability), h))
             wanted = f"model {model_name!r}"
         else:
             raise InvalidArgument("no capability metadata (x-capability-*) and no model_name")
+        scored = [
+            (found, h)
+            for h in self.handlers
+            if (found := rank(h.capability, query, model_name)) is not None
+        ]
         if not scored:
             raise NotFound(f"no handler for {wanted} on this replica")
         kinds = [True, False] if stream else [False]

@@ -1,21 +1,59 @@
-"""Worker processes at the OS level: describing an app, reaping, exit reasons."""
+"""Worker processes at the OS level: describing an app, running one worker
+process for a slot, reaping, exit reasons.
+
+Dispatcher and worker talk over a Unix socketpair created per process and
+inherited by the child (no socket files, so nothing to clean up and nothing
+another user could connect to). A worker that dies fails its in-flight calls at
+once with UNAVAILABLE naming its exit code.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import signal
+import socket
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import anyio
 
+from anyserve import wire
 from anyserve.app import HandlerInfo
+from anyserve.errors import AnyServeError, Unavailable
+from anyserve.replica.slot import Slot
 from anyserve.replica.worker import EXIT_BAD_APP
+
+log = logging.getLogger("anyserve.manager")
 
 # Seconds a worker gets to exit after its connection closes, before SIGTERM and
 # then SIGKILL.
 REAP_GRACE = 5.0
+# Seconds a worker that never said hello gets to exit after its connection
+# closes before it is terminated (a ready worker gets REAP_GRACE).
+REAP_GRACE_STARTING = 0.5
+
+
+@dataclass
+class WorkerConfig:
+    """How to start workers (shared by every slot of a replica)."""
+
+    app: str
+    app_dir: str | None = None
+    replica_id: str = ""
+    object_store: str | None = None
+    object_ttl: float = 3600.0
+    object_max_size: int | None = None
+    api_server: str | None = None
+    max_frame: int = wire.DEFAULT_MAX_FRAME
+    start_timeout: float = 120.0
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 def exit_text(code: int | None) -> str:
@@ -69,3 +107,99 @@ async def describe_app(
         raise RuntimeError(f"cannot load app {app!r}:\n" + "\n".join(tail))
     data = json.loads(out)
     return str(data["name"]), [HandlerInfo.from_dict(h) for h in data["handlers"]]
+
+
+def worker_command(config: WorkerConfig, slot: Slot, fd: int) -> list[str]:
+    """The command line of a worker process for ``slot`` talking over ``fd``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "anyserve.replica.worker",
+        "--app",
+        config.app,
+        "--handler",
+        slot.handler.name,
+        "--fd",
+        str(fd),
+        "--worker-id",
+        slot.id,
+        "--replica-id",
+        config.replica_id,
+        "--max-frame",
+        str(config.max_frame),
+        "--log-level",
+        config.log_level,
+    ]
+    if config.app_dir:
+        cmd += ["--app-dir", config.app_dir]
+    if config.object_store:
+        cmd += ["--object-store", config.object_store, "--object-ttl", str(config.object_ttl)]
+        if config.object_max_size:
+            cmd += ["--object-max-size", str(config.object_max_size)]
+    if config.api_server:
+        cmd += ["--api-server", config.api_server]
+    return cmd
+
+
+class WorkerLauncher:
+    """Runs one worker process for a slot until it exits (the supervisor's
+    ``RunWorker``): spawn it on a socketpair, wait for its hello, serve its
+    frames, and when the connection ends (or the slot's stop is requested)
+    reap the process and fail the calls it still had."""
+
+    def __init__(self, config: WorkerConfig, on_change: Callable[[], None]) -> None:
+        self.config = config
+        self.on_change = on_change
+
+    async def __call__(self, slot: Slot) -> str:
+        """Run one worker process for ``slot``; return why it ended."""
+        config = self.config
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *worker_command(config, slot, child.fileno()),
+                pass_fds=(child.fileno(),),
+                env={**os.environ, **config.env},
+            )
+        finally:
+            child.close()
+        slot.spawned(proc.pid)
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
+        reason = "stopped"
+        hello = False
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_stop() -> None:
+                    await slot.stop_requested.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_stop)
+                try:
+                    with anyio.fail_after(config.start_timeout):
+                        header, _ = await wire.read_frame(reader, config.max_frame)
+                    if header.WhichOneof("kind") != "hello":
+                        raise wire.ConnectionClosed("worker did not say hello")
+                    hello = True
+                    if not slot.wanted:
+                        raise wire.ConnectionClosed("stopped while starting")
+                    slot.connect(writer)
+                    log.info(
+                        "worker %s (pid %d) ready for %s", slot.id, proc.pid, slot.handler.name
+                    )
+                    self.on_change()
+                    await slot.serve(reader, config.max_frame)
+                except TimeoutError:
+                    reason = f"did not start within {config.start_timeout:.0f}s"
+                except (wire.ConnectionClosed, AnyServeError):
+                    pass  # the worker went away; the finally below says why
+                tg.cancel_scope.cancel()
+        finally:
+            slot.disconnect()
+            writer.close()
+            with anyio.CancelScope(shield=True):
+                code = await reap(proc, REAP_GRACE if hello else REAP_GRACE_STARTING)
+            if reason == "stopped" and slot.wanted:
+                reason = exit_text(code)
+            slot.fail_calls(Unavailable(f"worker {slot.id} (pid {proc.pid}) {exit_text(code)}"))
+        return reason

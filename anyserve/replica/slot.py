@@ -3,16 +3,29 @@
 A slot is what the manager keeps alive: it survives restarts of its worker
 process (the id stays, the pid changes). It owns the connection to the current
 process and routes each frame the worker sends to the call it belongs to.
+
+Its state changes only through methods named for what happened; everything
+else reads ``state``, ``wanted``, ``pid``, ``failure`` and ``restarts`` and
+waits on its events:
+
+* :meth:`Slot.start` - wanted again: STARTING (a command, a request, preload);
+* :meth:`Slot.spawned` - its process started (the pid is known);
+* :meth:`Slot.connect` - the worker said hello: READY;
+* :meth:`Slot.disconnect` - the connection ended: a READY slot is DRAINING;
+* :meth:`Slot.restarting` - the process crashed and will be restarted: STARTING;
+* :meth:`Slot.mark_failed` - it crash-looped: FAILED, no longer wanted;
+* :meth:`Slot.begin_drain` - a stop: no longer wanted, out of the registration;
+* :meth:`Slot.request_stop` - the drain is over: the supervisor lets the process go;
+* :meth:`Slot.supervision_ended` - the supervisor let go: STOPPED (or FAILED);
+* :meth:`Slot.shutdown`, :meth:`Slot.wake` - the replica is shutting down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
 
 from anyserve import wire
 from anyserve._proto import worker_pb2 as wpb
@@ -64,26 +77,56 @@ class Slot:
     def __init__(self, worker_id: str, handler: HandlerInfo) -> None:
         self.id = worker_id
         self.handler = handler
-        self.state = State.STOPPED
-        self.pid: int | None = None
-        self.restarts = 0
-        self.last_exit: str = ""
-        self.failure: str = ""
-        self.wanted = False
+        self._state = State.STOPPED
+        self._pid: int | None = None
+        self._restarts = 0
+        self._failure = ""
+        self._wanted = False
         # Set while the slot is READY, FAILED or STOPPED: waiters re-check state.
         self.ready = asyncio.Event()
         self.ready.set()
         # Set once the supervisor has let go of the slot (stopped or failed).
         self.stopped = asyncio.Event()
         self.stopped.set()
+        # Set while no call is in flight.
         self.idle = asyncio.Event()
         self.idle.set()
-        self.crashes: deque[float] = deque()
-        # Set by a stop; the supervisor watches it (and a backoff ends early).
-        self.stop_requested = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
         self._calls: dict[int, CallSink] = {}
         self._next_call = 1
+
+    # -- what others read ------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def wanted(self) -> bool:
+        """Whether the slot should have a running worker (its supervisor restarts it)."""
+        return self._wanted
+
+    @property
+    def pid(self) -> int | None:
+        """The current worker process's pid, None while there is none."""
+        return self._pid
+
+    @property
+    def restarts(self) -> int:
+        """Restarts after crashes (not reset when the slot is started again)."""
+        return self._restarts
+
+    @property
+    def failure(self) -> str:
+        """Why the slot failed (crash loop), "" unless it did."""
+        return self._failure
+
+    @property
+    def stop_requested(self) -> asyncio.Event:
+        """Set once the current stop's drain is over; the supervisor watches it
+        (a restart backoff ends early too)."""
+        return self._stop_requested
 
     @property
     def inflight(self) -> int:
@@ -93,20 +136,67 @@ class Slot:
     @property
     def holds_resources(self) -> bool:
         """Wanted, or its process has not exited yet (still draining)."""
-        return self.wanted or not self.stopped.is_set()
+        return self._wanted or not self.stopped.is_set()
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able row for /registry and ``anyserve workers list``."""
-        return {
-            "id": self.id,
-            "handler": self.handler.name,
-            "capability": self.handler.capability.to_dict(),
-            "pid": self.pid,
-            "state": self.state.value,
-            "inflight": self.inflight,
-            "restarts": self.restarts,
-            "error": self.failure or None,
-        }
+    # -- lifecycle (driven by the manager and the supervisor) -------------------
+
+    def start(self) -> None:
+        """Wanted again: STARTING, its last failure forgotten, every event reset
+        for a new supervision run (started by the caller)."""
+        self._wanted = True
+        self._failure = ""
+        self._state = State.STARTING
+        self.ready.clear()
+        self.stopped.clear()
+        self._stop_requested = asyncio.Event()
+
+    def spawned(self, pid: int) -> None:
+        """A worker process started for this slot."""
+        self._pid = pid
+
+    def restarting(self) -> None:
+        """The worker crashed and will be started again after a backoff."""
+        self._state = State.STARTING
+        self.ready.clear()
+        self._restarts += 1
+
+    def mark_failed(self, reason: str) -> None:
+        """The worker crash-looped: FAILED with ``reason`` and no longer wanted
+        until :meth:`start` tries again."""
+        self._state = State.FAILED
+        self._wanted = False
+        self._failure = reason
+        self.ready.set()
+
+    def begin_drain(self) -> None:
+        """A stop: no longer wanted, and out of the registration at once (DRAINING)
+        while in-flight calls finish."""
+        self._wanted = False
+        if self._state in (State.READY, State.STARTING):
+            self._state = State.DRAINING
+
+    def request_stop(self) -> None:
+        """The drain is over (or skipped): the supervisor closes the connection."""
+        self._stop_requested.set()
+
+    def supervision_ended(self) -> None:
+        """The supervisor let go of the slot: STOPPED (unless FAILED), no process,
+        every waiter woken."""
+        if self._state is not State.FAILED:
+            self._state = State.STOPPED
+        self._pid = None
+        self.ready.set()
+        self.stopped.set()
+
+    def shutdown(self) -> None:
+        """The replica is shutting down: the worker is not restarted once its
+        process ends."""
+        self._wanted = False
+
+    def wake(self) -> None:
+        """Wake everyone waiting for the slot to settle (replica shutdown); they
+        re-check its state."""
+        self.ready.set()
 
     # -- calls -------------------------------------------------------------
 
@@ -115,8 +205,8 @@ class Slot:
     ) -> tuple[int, CallSink]:
         """Send a Call frame; raises Unavailable when the worker is not ready."""
         writer = self._writer
-        if writer is None or self.state is not State.READY:
-            raise Unavailable(f"worker {self.id} is {self.state.value}")
+        if writer is None or self._state is not State.READY:
+            raise Unavailable(f"worker {self.id} is {self._state.value}")
         call_id = self._next_call
         self._next_call += 1
         sink = CallSink()
@@ -150,12 +240,12 @@ class Slot:
         if cancel and writer is not None and not writer.is_closing():
             wire.write_frame(writer, wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
 
-    # -- the connection (driven by the manager's supervisor) -------------------
+    # -- the connection (driven by the supervisor's process runner) -------------
 
     def connect(self, writer: asyncio.StreamWriter) -> None:
-        """The worker said hello: calls may go to it now."""
+        """The worker said hello: calls may go to it now (READY)."""
         self._writer = writer
-        self.state = State.READY
+        self._state = State.READY
         self.ready.set()
 
     async def serve(self, reader: asyncio.StreamReader, max_frame: int) -> None:
@@ -179,8 +269,8 @@ class Slot:
     def disconnect(self) -> None:
         """The connection ended: no new calls go to this worker."""
         self._writer = None
-        if self.state is State.READY:
-            self.state = State.DRAINING
+        if self._state is State.READY:
+            self._state = State.DRAINING
             self.ready.clear()
 
     def fail_calls(self, error: AnyServeError) -> None:

@@ -1,0 +1,146 @@
+"""The replica's ``inference.GRPCInferenceService`` methods (KServe v2).
+
+Inference payloads stay serialized bytes: the dispatcher routes them without
+parsing. Health and metadata methods answer from the manager's view of its
+workers. A failed request on a ``ModelStreamInfer`` stream is reported in-band
+(Triton's convention) and the stream stays open for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import grpc
+import grpc.aio
+
+from anyserve import __version__, rpc
+from anyserve._proto import grpc_predict_v2_pb2 as pb
+from anyserve.app import HandlerInfo
+from anyserve.capability import rank
+from anyserve.errors import AnyServeError, NotFound, grpc_method, to_stream_error
+from anyserve.replica.dispatcher import Dispatcher
+from anyserve.replica.manager import Manager
+from anyserve.replica.slot import State
+
+
+class InferenceServicer:
+    """gRPC method handlers; payloads stay bytes on the inference path."""
+
+    def __init__(
+        self, handlers: list[HandlerInfo], manager: Manager, dispatcher: Dispatcher
+    ) -> None:
+        self.handlers = handlers
+        self.manager = manager
+        self.dispatcher = dispatcher
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        def typed(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+            )
+
+        handlers = {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
+            "ServerLive": typed(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": typed(self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": typed(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": typed(
+                self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
+            ),
+            "ModelMetadata": typed(
+                self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
+            ),
+        }
+        return grpc.method_handlers_generic_handler(rpc.SERVICE, handlers)
+
+    @grpc_method
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        metadata = rpc.forwardable(context.invocation_metadata())
+        return await self.dispatcher.unary(request, metadata, context.time_remaining() or 0.0)
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
+        metadata = rpc.forwardable(context.invocation_metadata())
+        batched = any(
+            key == rpc.BATCH and value == "1" for key, value in context.invocation_metadata() or ()
+        )
+        # asyncio.Lock: an uncontended acquire does not yield to the loop (one
+        # loop cycle saved per streamed chunk compared with anyio.Lock).
+        lock = asyncio.Lock()
+
+        async def write(message: bytes) -> None:
+            async with lock:
+                await context.write(message)
+
+        async def serve_one(payload: bytes) -> None:
+            try:
+                async for batch in self.dispatcher.stream(
+                    payload, metadata, context.time_remaining() or 0.0
+                ):
+                    if batched:
+                        await write(rpc.pack_batch(batch))
+                    else:
+                        for chunk in batch:
+                            await write(chunk)
+            except AnyServeError as exc:
+                # Triton's convention: a failed request on a stream is reported
+                # in-band and the stream stays open for the others.
+                error = to_stream_error(exc, _peek_id(payload))
+                await write(rpc.pack_batch([error]) if batched else error)
+
+        async with anyio.create_task_group() as tg:
+            async for payload in requests:
+                tg.start_soon(serve_one, payload)
+
+    async def server_live(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
+        ready = any(s.state is State.READY for s in self.manager.all_slots())
+        return pb.ServerReadyResponse(ready=ready)
+
+    def _named(self, name: str) -> list[HandlerInfo]:
+        found = [h for h in self.handlers if rank(h.capability, {}, name) is not None]
+        if not found:
+            raise NotFound(f"no capability named {name!r} on this replica")
+        return found
+
+    @grpc_method
+    async def model_ready(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        handlers = self._named(request.name)
+        ready = any(self.manager.pick(h.name) is not None for h in handlers)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def server_metadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="anyserve", version=__version__, extensions=["capabilities", "streaming"]
+        )
+
+    @grpc_method
+    async def model_metadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        handlers = self._named(request.name)
+        return pb.ModelMetadataResponse(
+            name=request.name, versions=["1"], platform=f"anyserve/{handlers[0].name}"
+        )
+
+
+def _peek_id(payload: bytes) -> str:
+    try:
+        return rpc.peek_string_field(payload, 3)
+    except ValueError:
+        return ""
