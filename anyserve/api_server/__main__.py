@@ -1,7 +1,7 @@
 """``python -m anyserve.api_server --port 8080``.
 
 The same command as ``anyserve api-server``: one definition of the options,
-in :mod:`anyserve.cli`.
+in :mod:`anyserve.cli.serving`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import typer
 
 def main() -> None:
     """Entry point of ``python -m anyserve.api_server``."""
-    from anyserve.cli import api_server
+    from anyserve.cli.serving import api_server
 
     # A one-command Typer app runs the command without a subcommand name.
     standalone = typer.Typer(add_completion=False)

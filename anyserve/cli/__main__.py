@@ -1,0 +1,5 @@
+"""``python -m anyserve.cli``: the same as the ``anyserve`` command."""
+
+from anyserve.cli import main
+
+main()

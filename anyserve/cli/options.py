@@ -1,0 +1,72 @@
+"""Options and helpers shared by the ``anyserve`` commands."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+NoMatch = Annotated[
+    str,
+    typer.Option(
+        help="When no replica matches: 'reject' answers 404, 'random' sends the request to "
+        "a random replica not yet visited, which may know one that serves it (delegation).",
+    ),
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        envvar="ANYSERVE_TOKEN", help="Shared secret required for registration and admin."
+    ),
+]
+LogLevel = Annotated[
+    str,
+    typer.Option(help="debug, info, warning or error (debug explains every routing decision)."),
+]
+Host = Annotated[str, typer.Option(help="Address to bind.")]
+HttpPort = Annotated[int, typer.Option("--port", help="API server HTTP port.")]
+GrpcPort = Annotated[int, typer.Option(help="API server gRPC port (KServe v2 proxy; 0: any).")]
+HopLimit = Annotated[int, typer.Option(help="Most delegation hops before 508.")]
+Heartbeat = Annotated[
+    float, typer.Option(help="Seconds between replica heartbeats (3 missed: dropped).")
+]
+MaxBodyMib = Annotated[int, typer.Option(help="HTTP body limit in MiB (413 beyond).")]
+MaxInflight = Annotated[int, typer.Option(help="Requests in flight per replica before 429.")]
+RequestTimeout = Annotated[float, typer.Option(help="Deadline (s) for requests that set none.")]
+
+
+def setup_logging(level: str) -> None:
+    if level.lower() not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter(
+            f"--log-level must be debug, info, warning or error, not {level!r}"
+        )
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every heartbeat POST at INFO; keep the operator's log readable.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``gpu=1,mem=16`` -> ``{"gpu": 1.0, "mem": 16.0}``; raises typer.BadParameter."""
+    resources: dict[str, float] = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            resources[key.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"expected name=number, got {part!r}") from None
+    return resources
+
+
+def event_loop_options() -> dict[str, object]:
+    from anyserve.replica.worker import event_loop_options
+
+    return event_loop_options()

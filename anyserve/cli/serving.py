@@ -1,0 +1,212 @@
+"""The commands that serve: ``start`` (one replica), ``api-server`` and ``run``
+(a whole local system). Each runs until SIGINT/SIGTERM, then shuts down
+gracefully."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import anyio
+import typer
+
+from anyserve.cli.options import (
+    GrpcPort,
+    Heartbeat,
+    HopLimit,
+    Host,
+    HttpPort,
+    LogLevel,
+    MaxBodyMib,
+    MaxInflight,
+    NoMatch,
+    RequestTimeout,
+    Token,
+    event_loop_options,
+    parse_resources,
+    setup_logging,
+)
+from anyserve.errors import InvalidArgument
+
+
+def start(
+    app_spec: Annotated[
+        str, typer.Option("--app", help="The app to serve: module:attr or file.py:attr.")
+    ],
+    port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one).")] = 50051,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    api_server: Annotated[
+        str | None,
+        typer.Option(help="API server URL to register with, e.g. http://localhost:8080."),
+    ] = None,
+    replica_id: Annotated[
+        str | None, typer.Option(help="Name in the registry (default host-port).")
+    ] = None,
+    advertise: Annotated[
+        str | None, typer.Option(help="host:port others dial (needed when binding 0.0.0.0).")
+    ] = None,
+    object_store: Annotated[
+        str | None, typer.Option(help="Shared object directory (NFS/NAS across machines).")
+    ] = "/tmp/anyserve-objects",
+    object_ttl: Annotated[float, typer.Option(help="Seconds an object lives.")] = 3600.0,
+    object_max_mib: Annotated[
+        float | None, typer.Option(help="Largest object a handler may create, in MiB.")
+    ] = None,
+    resources: Annotated[
+        str | None, typer.Option(help="What this replica has, e.g. gpu=1,mem=16.")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="ANYSERVE_TOKEN", help="Shared secret for registration and admin."),
+    ] = None,
+    grace: Annotated[float, typer.Option(help="Seconds to drain calls on shutdown.")] = 10.0,
+    log_level: LogLevel = "info",
+) -> None:
+    """Start one replica: a KServe v2 gRPC server and its worker processes."""
+    from anyserve.replica.server import Replica, ReplicaConfig
+
+    setup_logging(log_level)
+    config = ReplicaConfig(
+        app=app_spec,
+        port=port,
+        host=host,
+        replica_id=replica_id,
+        api_server=api_server,
+        advertise=advertise,
+        object_store=object_store,
+        object_ttl=object_ttl,
+        object_max_size=int(object_max_mib * 1024 * 1024) if object_max_mib else None,
+        token=token,
+        resources=parse_resources(resources),
+        app_dir=os.getcwd(),
+        grace=grace,
+        log_level=log_level,
+    )
+    _run_until_signal(Replica(config).run)
+
+
+def _run_until_signal(serve: Callable[..., Coroutine[Any, Any, Any]]) -> None:
+    """Run ``serve`` (an anyio task function) until SIGINT/SIGTERM, then let it
+    shut down gracefully."""
+    import signal
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    logging.getLogger("anyserve").info(
+                        "received %s, shutting down", signal.Signals(signum).name
+                    )
+                    break
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main, backend_options=event_loop_options())
+    except RuntimeError as exc:
+        typer.echo(f"anyserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except InvalidArgument as exc:
+        typer.echo(f"anyserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+# The API server options `api-server` and `run` share (Typer has no option groups).
+_API_OPTIONS = (
+    "host",
+    "port",
+    "grpc_port",
+    "no_match",
+    "token",
+    "hop_limit",
+    "heartbeat_interval",
+    "max_body_mib",
+    "max_inflight",
+    "request_timeout",
+)
+
+
+def _api_config(values: dict[str, Any]) -> Any:
+    """An ApiServerConfig from a command's shared API server options (its
+    ``locals()``); typer.BadParameter when they are invalid."""
+    from anyserve.api_server.config import MIB, ApiServerConfig
+
+    options = {name: values[name] for name in _API_OPTIONS}
+    options["max_body"] = options.pop("max_body_mib") * MIB
+    options["max_inflight_per_replica"] = options.pop("max_inflight")
+    try:
+        return ApiServerConfig(**options)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def api_server(
+    port: HttpPort = 8080,
+    grpc_port: GrpcPort = 8081,
+    host: Host = "127.0.0.1",
+    no_match: NoMatch = "reject",
+    token: Token = None,
+    hop_limit: HopLimit = 4,
+    heartbeat_interval: Heartbeat = 2.0,
+    max_body_mib: MaxBodyMib = 64,
+    max_inflight: MaxInflight = 256,
+    request_timeout: RequestTimeout = 300.0,
+    log_level: LogLevel = "info",
+) -> None:
+    """Start the API server alone (`python -m anyserve.api_server` is the same command)."""
+    from anyserve.api_server.server import ApiServer
+
+    setup_logging(log_level)
+    config = _api_config(locals())
+
+    async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with ApiServer(config):
+            task_status.started()
+            await anyio.sleep_forever()
+
+    _run_until_signal(serve)
+
+
+def run(
+    apps: Annotated[
+        list[str], typer.Argument(help="Apps to serve, one replica each (module:attr).")
+    ],
+    port: HttpPort = 8080,
+    grpc_port: GrpcPort = 8081,
+    host: Host = "127.0.0.1",
+    no_match: NoMatch = "reject",
+    token: Token = None,
+    hop_limit: HopLimit = 4,
+    heartbeat_interval: Heartbeat = 2.0,
+    max_body_mib: MaxBodyMib = 64,
+    max_inflight: MaxInflight = 256,
+    request_timeout: RequestTimeout = 300.0,
+    object_store: Annotated[
+        str | None, typer.Option(help="Object directory (default: a temporary one).")
+    ] = None,
+    resources: Annotated[
+        str | None, typer.Option(help="What each replica has, e.g. gpu=1.")
+    ] = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run a whole local system: an API server plus one replica per app."""
+    from anyserve.cluster import start_cluster
+
+    setup_logging(log_level)
+    config = _api_config(locals())
+    options: dict[str, Any] = {"host": host, "app_dir": os.getcwd(), "log_level": log_level}
+    if resources:
+        options["resources"] = parse_resources(resources)
+
+    async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with start_cluster(
+            apps, api=config, object_store=object_store, replica_options=options
+        ) as cluster:
+            typer.echo(cluster.describe())
+            typer.echo("anyserve is running; press Ctrl-C to stop.")
+            task_status.started()
+            await anyio.sleep_forever()
+
+    _run_until_signal(serve)
