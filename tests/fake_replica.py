@@ -13,7 +13,7 @@ request back through the API server's gRPC entry as a delegation instead.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -240,10 +240,3 @@ async def register(http: httpx.AsyncClient, *replicas: FakeReplica) -> None:
     for replica in replicas:
         response = await http.post("/register", json=replica.registration())
         assert response.status_code == 200, response.text
-
-
-async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 3.0) -> None:
-    """Poll ``predicate`` until true; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while not await predicate():  # noqa: ASYNC110 (polling a remote state)
-            await anyio.sleep(0.02)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from anyserve import rpc
 from anyserve.client import Client
-from anyserve.errors import HandlerError, NotFound
+from anyserve.errors import HandlerError, NotFound, from_stream_response
 from anyserve.proto import (
     ModelInferRequest,
     ModelInferResponse,
@@ -23,7 +22,8 @@ from anyserve.proto import (
     ServerLiveResponse,
     ServerMetadataResponse,
 )
-from tests.fake_replica import FakeReplica, eventually, register, running_api
+from tests.fake_replica import FakeReplica, register, running_api
+from tests.support import eventually, free_port, sse_events, timed_sse_events
 
 pytestmark = pytest.mark.anyio
 
@@ -52,28 +52,6 @@ async def served_by(http: httpx.AsyncClient, headers: dict[str, str], body: Any 
     response = await http.post("/infer", headers=headers, json=body)
     assert response.status_code == 200, response.text
     return str(outputs(response.json())["replica"])
-
-
-async def sse_events(response: httpx.Response) -> list[tuple[str, str, float]]:
-    """(event, data, seconds since call) of every SSE event of a response."""
-    start = time.monotonic()
-    events: list[tuple[str, str, float]] = []
-    event, data = "message", list[str]()
-    async for line in response.aiter_lines():
-        if not line:
-            events.append((event, "\n".join(data), time.monotonic() - start))
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line.split(":", 1)[1].strip()
-        elif line.startswith("data:"):
-            data.append(line.split(":", 1)[1].strip())
-    return events
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- registry
@@ -135,7 +113,7 @@ async def test_silent_replica_expires() -> None:
         async def gone() -> bool:
             return not (await http.get("/registry")).json()["replicas"]
 
-        await eventually(gone)
+        await eventually(gone, timeout=3.0)
         response = await http.post("/infer", headers={"X-Capability-Type": "t"}, json=EMPTY)
         assert response.status_code == 404
 
@@ -283,7 +261,11 @@ async def test_replica_errors_map_to_http_and_are_not_retried() -> None:
         await register(http, crashy, other, busy, slow)
         response = await http.post("/infer", headers=CHAT, json=EMPTY)
         assert response.status_code == 503
-        assert response.json() == {"error": "worker exited with code 9"}
+        assert response.json() == {
+            "error": "worker exited with code 9",
+            "type": "unavailable",
+            "code": "UNAVAILABLE",
+        }
         assert crashy.calls == 1 and other.calls == 0  # the replica answered: no retry
 
         response = await http.post("/infer", headers={"X-Capability-Type": "busy"}, json=EMPTY)
@@ -377,13 +359,13 @@ async def test_generate_and_model_metadata() -> None:
         async with http.stream(
             "POST", "/v2/models/m/generate_stream", json={"text_input": "hi"}
         ) as stream:
-            events = await sse_events(stream)
-        assert [json.loads(d)["text_output"] for e, d, _ in events[:-1]] == [
+            events = [item async for item in sse_events(stream)]
+        assert [json.loads(d)["text_output"] for e, d in events[:-1]] == [
             "chunk-0",
             "chunk-1",
             "chunk-2",
         ]
-        assert events[-1][:2] == ("done", "[DONE]")
+        assert events[-1] == ("done", "[DONE]")
 
         meta = (await http.get("/v2/models/m")).json()
         assert meta["platform"] == "fake" and meta["inputs"][0]["name"] == "text_input"
@@ -410,7 +392,7 @@ async def test_sse_is_incremental_and_ends_with_done() -> None:
         await register(http, a)
         async with http.stream("POST", "/infer/stream", headers=CHAT, json=EMPTY) as response:
             assert response.headers["content-type"].startswith("text/event-stream")
-            events = await sse_events(response)
+            events = [item async for item in timed_sse_events(response)]
         assert [e for e, _, _ in events] == ["message", "message", "message", "done"]
         assert events[-1][1] == "[DONE]"
         assert outputs(json.loads(events[0][1]))["text_output"] == "chunk-0"
@@ -427,14 +409,18 @@ async def test_sse_error_after_events_and_error_before_any() -> None:
     ):
         await register(http, a, nf)
         async with http.stream("POST", "/infer/stream", headers=CHAT, json=EMPTY) as response:
-            events = await sse_events(response)
-        assert [e for e, _, _ in events] == ["message", "message", "error"]
-        assert json.loads(events[-1][1]) == {"error": "boom", "code": "INTERNAL"}
+            events = [item async for item in sse_events(response)]
+        assert [e for e, _ in events] == ["message", "message", "error"]
+        assert json.loads(events[-1][1]) == {
+            "error": "boom",
+            "type": "handler_error",
+            "code": "INTERNAL",
+        }
 
         headers = {"X-Capability-Type": "nf"}
         response = await http.post("/infer/stream", headers=headers, json=EMPTY)
         assert response.status_code == 404
-        assert response.json() == {"error": "no handler"}
+        assert response.json()["error"] == "no handler"
         response = await http.post("/infer/stream", headers={"X-Capability-Type": "x"}, json=EMPTY)
         assert response.status_code == 404
 
@@ -448,9 +434,9 @@ async def test_sse_disconnect_cancels_the_replica_call() -> None:
     ):
         await register(http, a, b)
         async with http.stream("POST", "/infer/stream", headers=CHAT, json=EMPTY) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    break
+            events = sse_events(response)
+            await anext(events)  # one event, then hang up
+            await events.aclose()
         with anyio.fail_after(1):
             await a.cancelled.wait()
 
@@ -471,7 +457,7 @@ async def test_sse_disconnect_cancels_the_replica_call() -> None:
             replicas = (await http.get("/registry")).json()["replicas"]
             return all(r["in_flight"] == 0 for r in replicas)
 
-        await eventually(idle)
+        await eventually(idle, timeout=3.0)
 
 
 # --------------------------------------------------------------------------- delegation
@@ -587,12 +573,12 @@ async def test_grpc_entry_proxies_unary_and_bidi_streams() -> None:
             message = ModelStreamInferResponse.FromString(raw)
             rid = message.infer_response.id
             if message.error_message:
-                code = message.infer_response.parameters[rpc.ERROR_CODE].string_param
-                got[rid].append(f"error:{code}")
+                error = from_stream_response(message)
+                got[rid].append(f"error:{type(error).__name__}")
             else:
                 got[rid].append(pb_outputs(message.infer_response)["replica"])
         assert await call.code() == grpc.StatusCode.OK
-        assert got == {"r1": ["a", "a"], "r2": ["b", "b", "b"], "r3": ["error:NOT_FOUND"]}
+        assert got == {"r1": ["a", "a"], "r2": ["b", "b", "b"], "r3": ["error:NotFound"]}
 
         live = channel.unary_unary(rpc.SERVER_LIVE, None, None)
         assert ServerLiveResponse.FromString(await live(b"", timeout=5)).live
@@ -635,3 +621,39 @@ async def test_client_infer_stream_registry() -> None:
         assert ids == ["a", "e"]
     async with Client(f"http://127.0.0.1:{free_port()}") as client:
         assert not await client.health()
+
+
+async def test_infer_stream_answers_protobuf_in_base64_protobuf() -> None:
+    import base64  # (imports kept local: this function was added on its own)
+
+    async with (
+        running_api() as api,
+        httpx.AsyncClient(base_url=api.url) as http,
+        FakeReplica("a", [{"type": "chat"}], chunks=2) as a,
+        FakeReplica("e", [{"type": "err"}], chunks=3, error_after=1) as e,
+    ):
+        await register(http, a, e)
+        body = ModelInferRequest(id="pb-1").SerializeToString()
+        pb = {**CHAT, "Content-Type": "application/x-protobuf"}
+        async with http.stream("POST", "/infer/stream", headers=pb, content=body) as response:
+            events = [item async for item in sse_events(response)]
+        assert [e for e, _ in events] == ["message", "message", "done"]
+        assert events[-1][1] == "[DONE]"
+        chunks = [
+            ModelInferResponse.FromString(base64.b64decode(data, validate=True))
+            for _, data in events[:-1]
+        ]
+        assert [pb_outputs(c)["text_output"] for c in chunks] == ["chunk-0", "chunk-1"]
+        assert chunks[0].id == "pb-1"
+
+        # errors stay JSON events, whatever the data's form
+        pb_err = {**pb, "X-Capability-Type": "err"}
+        async with http.stream("POST", "/infer/stream", headers=pb_err, content=body) as response:
+            events = [item async for item in sse_events(response)]
+        assert [e for e, _ in events] == ["message", "error"]
+        assert json.loads(events[-1][1])["type"] == "handler_error"
+
+        # a JSON body on the same route still gets v2 JSON events
+        async with http.stream("POST", "/infer/stream", headers=CHAT, json=EMPTY) as response:
+            events = [item async for item in sse_events(response)]
+        assert outputs(json.loads(events[0][1]))["text_output"] == "chunk-0"

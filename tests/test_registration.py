@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any
 
 import anyio
@@ -11,7 +10,8 @@ import httpx
 import pytest
 
 from anyserve.replica.registration import Registration
-from tests.fake_replica import eventually, running_api
+from tests.fake_replica import running_api
+from tests.support import eventually, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -106,7 +106,12 @@ async def test_wrong_token_is_logged_once_and_unregister_is_quick(
         async with reg, anyio.create_task_group() as tg:
             with caplog.at_level(logging.WARNING, logger="anyserve.replica.registration"):
                 tg.start_soon(reg.run)
-                await anyio.sleep(0.2)
+
+                def warned() -> bool:
+                    return any("registration" in r.getMessage() for r in caplog.records)
+
+                await eventually(warned, timeout=5)
+                await anyio.sleep(0.2)  # ~10 more refused attempts: none is logged again
                 tg.cancel_scope.cancel()
         assert not reg.registered and await registry(http) == []
         warnings = [r for r in caplog.records if "registration" in r.getMessage()]
@@ -117,9 +122,7 @@ async def test_wrong_token_is_logged_once_and_unregister_is_quick(
             assert await good.register_once()
             assert len(await registry(http)) == 1
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     async with Registration(dead, lambda: body_for([])) as gone:
         with anyio.fail_after(1.5):
             await gone.unregister()  # best effort, never raises

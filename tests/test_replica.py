@@ -16,7 +16,8 @@ from anyserve.errors import HandlerError, from_stream_response
 from anyserve.proto import ModelInferRequest
 from anyserve.replica.server import Replica
 from anyserve.replica.slot import State
-from anyserve.testing import GrpcClient, start_replica, wait_until
+from anyserve.testing import GrpcClient, start_replica
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -226,7 +227,7 @@ async def test_killed_worker_fails_call_then_comes_back(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(call_hang)
-        await wait_until(lambda: marker.exists() and marker.read_text())
+        await eventually(lambda: marker.exists() and marker.read_text())
         pid = int(marker.read_text())
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -235,7 +236,7 @@ async def test_killed_worker_fails_call_then_comes_back(
     assert "SIGKILL" in failure[0].details() and "-9" in failure[0].details()
 
     slot = replica.manager.slots["hang"][0]
-    await wait_until(lambda: slot.state is State.READY and slot.pid != pid)
+    await eventually(lambda: slot.state is State.READY and slot.pid != pid)
     assert slot.restarts == 1
     response = await client.infer(text_request("x"), capability={"type": "slow"})
     assert output(response) == b"done"
@@ -257,7 +258,7 @@ async def test_slow_consumer_blocks_stream_send(client: GrpcClient, tmp_path: Pa
     # The client reads nothing more: the handler's stream.send() must block
     # long before it has sent everything (no unbounded buffering on the way).
     with pytest.raises(TimeoutError):
-        await wait_until(done.exists, timeout=3.0)
+        await eventually(done.exists, timeout=3.0)
     # What may be sent ahead: the credit window (64 chunks) plus what gRPC's own
     # flow control buffers (a few MiB, ~100 chunks); without backpressure the
     # handler sends all 1,000 (64 MiB) in well under a second.
@@ -268,7 +269,7 @@ async def test_slow_consumer_blocks_stream_send(client: GrpcClient, tmp_path: Pa
         assert message.error_message == ""
         received += 1
     assert received == FLOOD_CHUNKS
-    await wait_until(done.exists, timeout=5.0)
+    await eventually(done.exists, timeout=5.0)
 
 
 async def test_deadline_cancels_unary_handler(client: GrpcClient, tmp_path: Path) -> None:
@@ -276,7 +277,7 @@ async def test_deadline_cancels_unary_handler(client: GrpcClient, tmp_path: Path
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await client.infer(text_request(str(marker)), capability={"type": "hang"}, timeout=1.0)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await wait_until(marker.with_suffix(".stopped").exists, timeout=1.0)
+    await eventually(marker.with_suffix(".stopped").exists, timeout=1.0)
 
 
 @pytest.mark.parametrize("form", ["async", "sync"])
@@ -289,5 +290,5 @@ async def test_cancelled_stream_stops_handler(
         assert (await call.read()).error_message == ""
     call.cancel()
     stopped = marker.with_suffix(".stopped")
-    await wait_until(stopped.exists, timeout=1.0)
+    await eventually(stopped.exists, timeout=1.0)
     assert stopped.read_text() == form

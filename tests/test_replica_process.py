@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,18 +17,12 @@ from anyserve import codec
 from anyserve._proto import admin_pb2 as apb
 from anyserve.proto import ModelInferRequest
 from anyserve.replica import admin
-from anyserve.testing import GrpcClient, wait_until
+from anyserve.testing import GrpcClient
+from tests.support import eventually, free_port
 
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def alive(pid: int) -> bool:
@@ -68,22 +61,24 @@ def replica_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], s
 
 async def wait_serving(endpoint: str) -> list[int]:
     """Wait until the replica answers the admin service; return its worker pids."""
+    pids: list[int] = []
     async with GrpcClient(endpoint) as client:
         method = client.channel.unary_unary(
             admin.LIST_WORKERS,
             request_serializer=apb.ListWorkersRequest.SerializeToString,
             response_deserializer=apb.WorkersReply.FromString,
         )
-        with anyio.fail_after(60):
-            while True:
-                try:
-                    reply = await method(apb.ListWorkersRequest(), timeout=2)
-                except grpc.aio.AioRpcError:
-                    await anyio.sleep(0.1)
-                    continue
-                if reply.workers and all(w.state == "ready" for w in reply.workers):
-                    return [w.pid for w in reply.workers]
-                await anyio.sleep(0.05)
+
+        async def workers_ready() -> bool:
+            try:
+                reply = await method(apb.ListWorkersRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                return False  # not serving yet
+            pids[:] = [w.pid for w in reply.workers]
+            return bool(reply.workers) and all(w.state == "ready" for w in reply.workers)
+
+        await eventually(workers_ready, timeout=60, interval=0.05)
+    return pids
 
 
 async def wait_in_flight(client: GrpcClient, handler: str) -> None:
@@ -93,12 +88,12 @@ async def wait_in_flight(client: GrpcClient, handler: str) -> None:
         request_serializer=apb.ListWorkersRequest.SerializeToString,
         response_deserializer=apb.WorkersReply.FromString,
     )
-    with anyio.fail_after(10):
-        while True:
-            reply = await method(apb.ListWorkersRequest(), timeout=2)
-            if any(w.handler == handler and w.inflight for w in reply.workers):
-                return
-            await anyio.sleep(0.02)
+
+    async def busy() -> bool:
+        reply = await method(apb.ListWorkersRequest(), timeout=2)
+        return any(w.handler == handler and w.inflight for w in reply.workers)
+
+    await eventually(busy, timeout=10, what=f"a call in flight on handler {handler!r}")
 
 
 def request(text: str) -> ModelInferRequest:
@@ -128,4 +123,4 @@ async def test_signal_drains_in_flight_calls_then_stops_workers(
     assert results == [b"rested"]
     code = await anyio.to_thread.run_sync(lambda: proc.wait(timeout=20))
     assert code == 0
-    await wait_until(lambda: not any(alive(p) for p in worker_pids), timeout=5)
+    await eventually(lambda: not any(alive(p) for p in worker_pids), timeout=5)

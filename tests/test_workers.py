@@ -29,10 +29,12 @@ from anyserve.api_server.config import ApiServerConfig
 from anyserve.cluster import Cluster, start_cluster
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 from anyserve.replica import admin
-from anyserve.replica.manager import CRASH_LIMIT, Manager
+from anyserve.replica.manager import Manager
 from anyserve.replica.server import Replica
 from anyserve.replica.slot import State
-from anyserve.testing import GrpcClient, start_replica, wait_until
+from anyserve.replica.supervisor import CRASH_LIMIT
+from anyserve.testing import GrpcClient, start_replica
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -108,15 +110,18 @@ async def registry_until(
 ) -> dict[str, Any]:
     """The replica's /registry entry once ``predicate`` holds; fails after ``timeout``."""
     last: dict[str, Any] | None = None
+
+    async def followed() -> bool:
+        nonlocal last
+        last = await registry_entry(http, replica_id)
+        return last is not None and predicate(last)
+
     try:
-        with anyio.fail_after(timeout):
-            while True:
-                last = await registry_entry(http, replica_id)
-                if last is not None and predicate(last):
-                    return last
-                await anyio.sleep(0.02)
+        await eventually(followed, timeout)
     except TimeoutError:
         raise AssertionError(f"/registry did not follow within {timeout}s; last: {last}") from None
+    assert last is not None
+    return last
 
 
 async def cli(*args: str, token: str | None = None) -> tuple[int, str, str]:
@@ -333,7 +338,7 @@ async def test_switch_stops_the_idle_worker_to_make_room(tmp_path: Path) -> None
                 )
 
             tg.start_soon(slow_b)
-            await wait_until(lambda: b_slot.inflight == 1)
+            await eventually(lambda: b_slot.inflight == 1)
             started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await client.infer(request(), capability={"type": "a"}, timeout=10)
@@ -367,7 +372,7 @@ async def test_switch_refused_with_429_when_no_other_replica_can_serve(tmp_path:
                 statuses.append(answer.status_code)
 
             tg.start_soon(slow_a)
-            await wait_until(lambda: manager_of(replica).slots["a"][0].inflight == 1)
+            await eventually(lambda: manager_of(replica).slots["a"][0].inflight == 1)
             started = time.monotonic()
             answer = await http.post(
                 "/infer",
@@ -395,7 +400,7 @@ async def test_switch_delegated_to_another_replica_while_busy(tmp_path: Path) ->
                 )
 
             tg.start_soon(slow_a)
-            await wait_until(lambda: manager_of(first).slots["a"][0].inflight == 1)
+            await eventually(lambda: manager_of(first).slots["a"][0].inflight == 1)
             # Sent to the busy replica itself: it hands the request back to the
             # API server, which picks the other replica (switching there).
             response = await client.infer(request(), capability={"type": "b"}, timeout=20)
@@ -429,7 +434,7 @@ async def test_stop_drains_three_calls_while_new_calls_go_elsewhere(tmp_path: Pa
 
             for n in range(3):
                 tg.start_soon(slow_call, n)
-            await wait_until(lambda: slot.inflight == 3)
+            await eventually(lambda: slot.inflight == 3)
 
             async def stop() -> None:
                 stopped.append(
@@ -437,7 +442,7 @@ async def test_stop_drains_three_calls_while_new_calls_go_elsewhere(tmp_path: Pa
                 )
 
             tg.start_soon(stop)
-            await wait_until(lambda: slot.state is State.DRAINING, timeout=30)
+            await eventually(lambda: slot.state is State.DRAINING, timeout=30)
             # The capability leaves the registration while its worker still drains.
             entry = await registry_until(http, first.replica_id, lambda e: "slow" not in offered(e))
             assert workers_of(entry, "slow")[0]["state"] == "draining"

@@ -1,4 +1,4 @@
-"""Small apps for the API server's end-to-end routing tests (tests/test_e2e_api.py).
+"""Small apps for the API server's end-to-end routing tests (tests/test_e2e_routing.py).
 
 Two apps in one module (``tests.apps.e2e_apps:demo`` and ``:big``) so one
 cluster can hold replicas whose capabilities overlap: a query matches both,
