@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto lint test demo bench clean
+.PHONY: install proto lint test unit demo bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(MAKE) lint
 	$(PY) -m pytest -q
+
+# The fast layer alone: no processes, no sockets to workers; seconds.
+unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 demo: $(STAMP)
 	$(PY) -m examples.demo

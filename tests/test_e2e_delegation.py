@@ -60,7 +60,7 @@ async def test_forged_hop_headers_cannot_raise_the_hop_limit(randomly: Cluster) 
         response = await http.post("/infer", headers={**nothing, **forged}, json=EMPTY)
         assert time.monotonic() - started < 1.0
         assert response.status_code == 508, (forged, response.text)
-        message = response.json()["error"]
+        message: str = response.json()["error"]
         assert message.startswith("loop detected")
         return message.rsplit("replicas tried: ", 1)[1].split(", ")
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -694,12 +695,13 @@ async def test_blocking_objects_in_worker_thread(store: ObjectStore) -> None:
 
 def test_module_functions_outside_a_handler() -> None:
     message = "anyserve.objects.* is only available inside a handler"
-    for call in (
+    calls: list[Callable[[], object]] = [
         lambda: objects.create(b"x"),
         lambda: objects.get("obj-" + "0" * 32),
         lambda: objects.delete("obj-" + "0" * 32),
         lambda: objects.exists("obj-" + "0" * 32),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(RuntimeError) as info:
             call()
         assert str(info.value) == message

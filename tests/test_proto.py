@@ -41,7 +41,9 @@ def test_seed_imports_and_nested_names() -> None:
                     name="text_output",
                     datatype="BYTES",
                     shape=[1],
-                    contents=ModelInferResponse.InferTensorContents(bytes_contents=[b"Hello"]),
+                    contents=ModelInferResponse.InferTensorContents(  # type: ignore[attr-defined]
+                        bytes_contents=[b"Hello"]
+                    ),
                 )
             ],
         ),

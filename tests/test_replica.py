@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import grpc
@@ -182,34 +183,34 @@ async def test_metadata_rpcs(replica: Replica) -> None:
 
     async with GrpcClient(replica.endpoint) as client:
 
-        def unary(path: str, req: object, resp: object) -> object:
+        def unary(path: str, req: Any, resp: Any) -> Any:
             return client.channel.unary_unary(
                 path,
                 request_serializer=req.SerializeToString,
-                response_deserializer=resp.FromString,  # type: ignore[attr-defined]
+                response_deserializer=resp.FromString,
             )
 
         live = await unary(rpc.SERVER_LIVE, proto.ServerLiveRequest, proto.ServerLiveResponse)(
             proto.ServerLiveRequest()
-        )  # type: ignore[operator]
+        )
         assert live.live
         ready = await unary(rpc.SERVER_READY, proto.ServerReadyRequest, proto.ServerReadyResponse)(
             proto.ServerReadyRequest()
-        )  # type: ignore[operator]
+        )
         assert ready.ready
         meta = await unary(
             rpc.SERVER_METADATA, proto.ServerMetadataRequest, proto.ServerMetadataResponse
-        )(proto.ServerMetadataRequest())  # type: ignore[operator]
+        )(proto.ServerMetadataRequest())
         assert meta.name == "anyserve"
         model_ready = unary(rpc.MODEL_READY, proto.ModelReadyRequest, proto.ModelReadyResponse)
-        assert (await model_ready(proto.ModelReadyRequest(name="slow"))).ready  # type: ignore[operator]
+        assert (await model_ready(proto.ModelReadyRequest(name="slow"))).ready
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await model_ready(proto.ModelReadyRequest(name="missing"))  # type: ignore[operator]
+            await model_ready(proto.ModelReadyRequest(name="missing"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         model_meta = unary(
             rpc.MODEL_METADATA, proto.ModelMetadataRequest, proto.ModelMetadataResponse
         )
-        assert (await model_meta(proto.ModelMetadataRequest(name="echo"))).name == "echo"  # type: ignore[operator]
+        assert (await model_meta(proto.ModelMetadataRequest(name="echo"))).name == "echo"
 
 
 async def test_killed_worker_fails_call_then_comes_back(
