@@ -22,22 +22,11 @@ from anyserve.proto import (
     ServerLiveResponse,
     ServerMetadataResponse,
 )
+from tests.api_calls import CHAT, EMPTY, outputs
 from tests.fake_replica import FakeReplica, register, running_api
 from tests.support import eventually, free_port, sse_events, timed_sse_events
 
 pytestmark = pytest.mark.anyio
-
-CHAT = {"X-Capability-Type": "chat"}
-EMPTY: dict[str, Any] = {"inputs": []}
-
-
-def outputs(doc: dict[str, Any]) -> dict[str, Any]:
-    """JSON response outputs by name (one-element data unwrapped)."""
-    found = {}
-    for out in doc["outputs"]:
-        data = out.get("data")
-        found[out["name"]] = data[0] if isinstance(data, list) and len(data) == 1 else data
-    return found
 
 
 def pb_outputs(response: ModelInferResponse) -> dict[str, Any]:
