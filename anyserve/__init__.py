@@ -21,6 +21,7 @@ from anyserve.capability import Capability
 from anyserve.client import Client
 from anyserve.context import Context, Stream, StreamClosed, call, current
 from anyserve.objects import ObjectStore, ObjRef
+from anyserve.signature import Tensor
 
 __all__ = [
     "AnyServe",
@@ -31,6 +32,7 @@ __all__ = [
     "ObjectStore",
     "Stream",
     "StreamClosed",
+    "Tensor",
     "__version__",
     "call",
     "current",

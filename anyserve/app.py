@@ -34,6 +34,7 @@ import anyio.to_thread
 
 from anyserve.capability import Capability
 from anyserve.context import Context, Stream
+from anyserve.signature import Tensor, tensors
 
 Emit = Callable[[Any], Coroutine[Any, Any, None]]
 Runner = Callable[[Any, Context, Emit], Awaitable[None]]
@@ -42,6 +43,8 @@ Runner = Callable[[Any, Context, Emit], Awaitable[None]]
 DEFAULT_SYNC_CONCURRENCY = 8
 # In-flight calls per worker for async handlers when max_concurrency is not given.
 DEFAULT_ASYNC_CONCURRENCY = 1024
+# Seconds the oldest request of a batch waits for more before the batch goes.
+DEFAULT_BATCH_TIMEOUT = 0.005
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,12 @@ class HandlerInfo:
     max_concurrency: int = DEFAULT_ASYNC_CONCURRENCY
     resources: Mapping[str, float] = field(default_factory=dict)
     preload: bool = True
+    # Dynamic batching: 0 = off; else the most requests one call of the handler gets.
+    max_batch_size: int = 0
+    batch_timeout: float = DEFAULT_BATCH_TIMEOUT
+    # Declared signatures (empty: not declared, nothing is checked).
+    inputs: tuple[Tensor, ...] = ()
+    outputs: tuple[Tensor, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +78,10 @@ class HandlerInfo:
             "max_concurrency": self.max_concurrency,
             "resources": dict(self.resources),
             "preload": self.preload,
+            "max_batch_size": self.max_batch_size,
+            "batch_timeout": self.batch_timeout,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
         }
 
     @classmethod
@@ -81,6 +94,10 @@ class HandlerInfo:
             max_concurrency=int(data.get("max_concurrency", DEFAULT_ASYNC_CONCURRENCY)),
             resources={str(k): float(v) for k, v in dict(data.get("resources", {})).items()},
             preload=bool(data.get("preload", True)),
+            max_batch_size=int(data.get("max_batch_size", 0)),
+            batch_timeout=float(data.get("batch_timeout", DEFAULT_BATCH_TIMEOUT)),
+            inputs=tuple(Tensor.from_dict(t) for t in data.get("inputs", ())),
+            outputs=tuple(Tensor.from_dict(t) for t in data.get("outputs", ())),
         )
 
 
@@ -131,6 +148,10 @@ class AnyServe:
         resources: Mapping[str, float] | None = None,
         preload: bool = True,
         name: str | None = None,
+        max_batch_size: int = 0,
+        batch_timeout: float = DEFAULT_BATCH_TIMEOUT,
+        inputs: list[Tensor] | None = None,
+        outputs: list[Tensor] | None = None,
         **capability: Any,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a handler for the capability given as keyword arguments.
@@ -143,13 +164,32 @@ class AnyServe:
         (else on the first request or by command). ``name``: the handler's id
         (default: the function name).
 
-        Raises ValueError for an empty capability, a duplicate name, or a
-        function whose signature fits no handler form.
+        ``max_batch_size`` > 0 turns on dynamic batching: the handler receives a
+        list of requests (up to that many, gathered for at most
+        ``batch_timeout`` seconds) and returns a list of responses in the same
+        order. ``inputs``/``outputs``: declared signatures (lists of
+        :class:`~anyserve.Tensor`); requests that do not fit are refused
+        before the handler runs.
+
+        Raises ValueError for an empty capability, a duplicate name, a
+        malformed option, or a function whose signature fits no handler form.
         """
         if not capability:
             raise ValueError("@app.capability needs at least one key, e.g. type='chat'")
         if workers < 0:
             raise ValueError("workers must be >= 0")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
+            raise ValueError(f"max_batch_size must be an int, got {max_batch_size!r}")
+        if max_batch_size < 0:
+            raise ValueError("max_batch_size must be >= 0 (0: no batching)")
+        if max_batch_size and stream:
+            raise ValueError("streaming handlers are not batched: drop max_batch_size")
+        if isinstance(batch_timeout, bool) or not isinstance(batch_timeout, int | float):
+            raise ValueError(f"batch_timeout must be seconds, got {batch_timeout!r}")
+        if not 0 <= batch_timeout <= 60:
+            raise ValueError("batch_timeout must be between 0 and 60 seconds")
+        declared_inputs = tensors(inputs, "inputs")
+        declared_outputs = tensors(outputs, "outputs")
         cap = Capability(capability)
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -168,6 +208,10 @@ class AnyServe:
                 max_concurrency=limit,
                 resources=dict(resources or {}),
                 preload=preload,
+                max_batch_size=max_batch_size,
+                batch_timeout=float(batch_timeout),
+                inputs=declared_inputs,
+                outputs=declared_outputs,
             )
             self._handlers[handler_name] = Handler(info=info, func=func, run=run, is_sync=is_sync)
             return func

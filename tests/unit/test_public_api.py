@@ -22,6 +22,7 @@ def test_the_top_level_api_is_pinned() -> None:
         "ObjectStore",
         "Stream",
         "StreamClosed",
+        "Tensor",
         "__version__",
         "call",
         "current",
