@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from anyserve.codec.datatypes import DATATYPES
+from anyserve.errors import HandlerError, InvalidArgument
+from anyserve.proto import ModelInferRequest, ModelInferResponse
 
-__all__ = ["Tensor"]
+__all__ = ["Tensor", "check_request", "check_response", "select_outputs"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +81,87 @@ def tensors(value: Sequence[Tensor] | None, what: str) -> tuple[Tensor, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"{what} repeats a tensor name: {names}")
     return found
+
+
+def _describe(declared: Sequence[Tensor]) -> str:
+    return ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in declared)
+
+
+def check_request(declared: Sequence[Tensor], request: ModelInferRequest) -> None:
+    """Check a request's inputs against declared ``inputs`` (nothing to check
+    when none are declared).
+
+    Raises InvalidArgument naming the input and what was expected: a missing
+    or unknown input, a wrong datatype or a shape that does not fit.
+    """
+    if not declared:
+        return
+    given = {t.name: t for t in request.inputs}
+    for want in declared:
+        got = given.pop(want.name, None)
+        if got is None:
+            raise InvalidArgument(
+                f"missing input {want.name!r} ({want.datatype}{list(want.shape)});"
+                f" this capability takes: {_describe(declared)}"
+            )
+        if got.datatype != want.datatype:
+            raise InvalidArgument(
+                f"input {want.name!r} must be {want.datatype}, not {got.datatype}"
+            )
+        if not want.accepts_shape(got.shape):
+            raise InvalidArgument(
+                f"input {want.name!r} has shape {list(got.shape)}; expected {list(want.shape)}"
+                " (-1: any size)"
+            )
+    if given:
+        raise InvalidArgument(
+            f"unknown input {sorted(given)[0]!r}; this capability takes: {_describe(declared)}"
+        )
+
+
+def check_response(declared: Sequence[Tensor], response: ModelInferResponse) -> None:
+    """Check a handler's outputs against declared ``outputs``: every declared
+    output present with its datatype and a fitting shape, no others. Raises
+    HandlerError (the handler broke its own contract)."""
+    if not declared:
+        return
+    given = {t.name: t for t in response.outputs}
+    for want in declared:
+        got = given.pop(want.name, None)
+        if got is None:
+            raise HandlerError(f"the handler did not return declared output {want.name!r}")
+        if got.datatype != want.datatype or not want.accepts_shape(got.shape):
+            raise HandlerError(
+                f"output {want.name!r} is {got.datatype}{list(got.shape)}; declared"
+                f" {want.datatype}{list(want.shape)}"
+            )
+    if given:
+        raise HandlerError(f"the handler returned undeclared output {sorted(given)[0]!r}")
+
+
+def select_outputs(request: ModelInferRequest, response: ModelInferResponse) -> None:
+    """Keep only the outputs the request asked for (its ``outputs`` list), in
+    place; a request that names none gets every output. Raises
+    InvalidArgument for a requested output the response does not have."""
+    if not request.outputs:
+        return
+    wanted = [o.name for o in request.outputs]
+    index = {t.name: i for i, t in enumerate(response.outputs)}
+    missing = [name for name in wanted if name not in index]
+    if missing:
+        raise InvalidArgument(
+            f"requested output {missing[0]!r} does not exist; outputs: {sorted(index)}"
+        )
+    if len(wanted) == len(index):
+        return
+    keep = sorted({index[name] for name in wanted})
+    tensors_kept = [response.outputs[i] for i in keep]
+    raw = list(response.raw_output_contents)
+    kept_raw = [raw[i] for i in keep] if raw else []
+    copies = [type(t)() for t in tensors_kept]
+    for copy, tensor in zip(copies, tensors_kept, strict=True):
+        copy.CopyFrom(tensor)
+    del response.outputs[:]
+    response.outputs.extend(copies)
+    del response.raw_output_contents[:]
+    response.raw_output_contents.extend(kept_raw)
