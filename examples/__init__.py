@@ -1,1 +1,1 @@
-"""Example apps for the seed's scenarios (run them with `anyserve run` or `make demo`)."""
+"""Example apps for the README's five scenarios (run them with `anyserve run` or `make demo`)."""

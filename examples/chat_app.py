@@ -1,4 +1,4 @@
-"""Scenario 1 and 4: a chat replica, seed style (sync handlers, native KServe messages)."""
+"""Scenario 1 and 4: a chat replica in the classic style (sync handlers, native KServe messages)."""
 
 from anyserve import AnyServe
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse

@@ -1,4 +1,4 @@
-"""`make demo`: the seed's five scenarios, run for real and narrated.
+"""`make demo`: the five scenarios of the README, run for real and narrated.
 
 Each scenario starts what it needs (API server, replicas with real worker
 processes, a temporary object store) on free local ports, sends real HTTP/SSE

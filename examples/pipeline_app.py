@@ -2,7 +2,7 @@
 
 The handler computes an intermediate result, puts it in the shared object store
 and calls the `embed` capability with only the reference; the embed replica
-reads the object from the same directory. Seed style (sync, module-level
+reads the object from the same directory. Sync style (module-level
 ``anyserve.objects`` / ``anyserve.call`` work too).
 """
 

@@ -1,4 +1,4 @@
-"""Scenario 4: streaming chat, exactly as the seed writes it (sync, stream.send)."""
+"""Scenario 4: streaming chat in the classic sync style (stream.send, native KServe messages)."""
 
 from anyserve import AnyServe
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
