@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
@@ -87,17 +88,21 @@ class Context:
         self.is_sync = is_sync
         self.replica_id = replica_id
         self.cancelled = False
-        self._deadline = anyio.current_time() + timeout if timeout > 0 else math.inf
+        # time.monotonic, not the event loop's clock: sync handlers ask from
+        # their worker thread, where there is no running loop.
+        self._deadline = time.monotonic() + timeout if timeout > 0 else math.inf
         self._caller = caller
         self.objects: Any = None
         if store is not None:
             self.objects = _objects.BlockingObjects(store) if is_sync else store
 
     def time_remaining(self) -> float | None:
-        """Seconds left before the caller's deadline, or None without one."""
+        """Seconds left before the caller's deadline, or None without one.
+
+        Works in sync handlers (their thread) and async ones alike."""
         if self._deadline == math.inf:
             return None
-        return max(0.0, self._deadline - anyio.current_time())
+        return max(0.0, self._deadline - time.monotonic())
 
     def call(self, capability: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> Any:
         """Call another capability through the API server.

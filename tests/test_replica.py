@@ -59,6 +59,18 @@ async def test_unary_forms(client: GrpcClient, form: str, expected: bytes) -> No
     assert output(response) == expected
 
 
+@pytest.mark.parametrize("form", ["sync", "async"])
+async def test_time_remaining_works_in_sync_and_async_handlers(
+    client: GrpcClient, form: str
+) -> None:
+    capability = {"type": "deadline", "form": form}
+    response = await client.infer(text_request("x"), capability=capability, timeout=20.0)
+    left = codec.decode_outputs(response)["left"]
+    assert 10.0 < left <= 20.5  # gRPC rounds the deadline it sends up a little
+    response = await client.infer(text_request("x"), capability=capability, timeout=None)
+    assert codec.decode_outputs(response)["left"] == -1.0  # no deadline
+
+
 @pytest.mark.parametrize("form", ["sync", "async", "syncgen"])
 async def test_stream_forms(client: GrpcClient, form: str) -> None:
     call = client.stream(text_request("a b c", "s1"), capability={"type": "gen", "form": form})

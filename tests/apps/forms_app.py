@@ -33,6 +33,18 @@ def echo_sync_one_arg(request: ModelInferRequest) -> str:
     return "sync1:" + _text(request)
 
 
+@app.capability(type="deadline", form="sync")
+def deadline_sync(request: ModelInferRequest, context: Context) -> dict[str, Any]:
+    left = context.time_remaining()
+    return {"left": -1.0 if left is None else left}
+
+
+@app.capability(type="deadline", form="async")
+async def deadline_async(request: ModelInferRequest, context: Context) -> dict[str, Any]:
+    left = context.time_remaining()
+    return {"left": -1.0 if left is None else left}
+
+
 @app.capability(type="echo", form="async")
 async def echo_async(request: ModelInferRequest, context: Context) -> dict[str, Any]:
     await anyio.lowlevel.checkpoint()
