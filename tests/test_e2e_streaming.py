@@ -48,6 +48,25 @@ async def bench_http(bench: Cluster) -> AsyncIterator[httpx.AsyncClient]:
 # --------------------------------------------------------------------------- seed scenario 4
 
 
+async def test_unary_request_to_a_stream_only_capability_is_told_the_endpoint(
+    randomly: Cluster,
+) -> None:
+    # Only a streaming handler serves type=chat here: a 400 naming the streaming
+    # endpoint, not a delegation loop (508) or a 404.
+    async with httpx.AsyncClient(base_url=randomly.url, timeout=30) as http:
+        response = await http.post("/infer", headers=CHAT, json=EMPTY)
+        assert response.status_code == 400, response.text
+        assert "/infer/stream" in response.json()["error"]
+        assert response.json()["type"] == "invalid_argument"
+        generate = await http.post("/v2/models/chat/generate", json={})
+        assert generate.status_code == 400, generate.text
+    async with GrpcClient(randomly.api.grpc_endpoint) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.infer(ModelInferRequest(), capability={"type": "chat"})
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ModelStreamInfer" in (caught.value.details() or "")
+
+
 async def test_stream_app_tokens_in_order_then_done(randomly: Cluster) -> None:
     async with (
         httpx.AsyncClient(base_url=randomly.url, timeout=30) as http,

@@ -16,7 +16,14 @@ from typing import Protocol
 from anyserve import rpc
 from anyserve.app import HandlerInfo
 from anyserve.capability import Capability, query_from_headers, rank
-from anyserve.errors import InvalidArgument, NotFound, Overloaded, from_frame, from_stream_response
+from anyserve.errors import (
+    AnyServeError,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    from_frame,
+    from_stream_response,
+)
 from anyserve.proto import ModelStreamInferResponse
 from anyserve.replica.manager import Manager
 
@@ -36,6 +43,16 @@ class Delegator(Protocol):
     def stream(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float
     ) -> AsyncGenerator[bytes, None]: ...
+
+
+class _StreamOnly(NotFound):
+    """A unary request that only a streaming handler here matches. Another
+    replica may still serve it unary; when none does, the client's mistake is
+    the endpoint: :func:`_for_caller` makes it an InvalidArgument."""
+
+
+def _for_caller(local: AnyServeError) -> AnyServeError:
+    return InvalidArgument(local.message) if isinstance(local, _StreamOnly) else local
 
 
 class Dispatcher:
@@ -80,8 +97,10 @@ class Dispatcher:
             of_kind = [(score, h) for score, h in scored if h.stream is kind]
             if of_kind:
                 return min(of_kind, key=lambda item: item[0])[1]
-        raise NotFound(
-            f"{wanted} is served by a streaming handler; use ModelStreamInfer or /infer/stream"
+        raise _StreamOnly(
+            f"{wanted} is served by a streaming handler only: send it to the streaming"
+            " endpoint (/infer/stream, /v2/models/{name}/generate_stream or gRPC"
+            " ModelStreamInfer)"
         )
 
     def _route(self, payload: bytes, metadata: Mapping[str, str], *, stream: bool) -> HandlerInfo:
@@ -115,14 +134,15 @@ class Dispatcher:
             # Nothing here can serve it (no handler, stopped, or no room to
             # start it): hand it back to the API server for another replica.
             if self.delegator is None or not self.delegator.allowed(metadata):
-                raise
+                raise _for_caller(local) from None
             try:
                 return await self.delegator.unary(payload, metadata, timeout)
             except NotFound:
                 # Nobody else has it either: "no room here, retry later" (429)
-                # tells the client more than "not found" when we do have it.
-                if isinstance(local, Overloaded):
-                    raise local from None
+                # and "use the streaming endpoint" (400) tell the client more
+                # than "not found" when we do have it.
+                if isinstance(local, Overloaded | _StreamOnly):
+                    raise _for_caller(local) from None
                 raise
         call_id, sink = slot.open_call(payload, stream=False, metadata=metadata, timeout=timeout)
         done = False
