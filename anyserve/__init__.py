@@ -13,6 +13,13 @@ The public API::
 
 from __future__ import annotations
 
+import os as _os
+
+# Replicas start worker processes with fork+exec while gRPC threads run. gRPC's
+# own fork support only logs "skipping fork() handlers" then (the child execs at
+# once and never touches gRPC): turn it off before grpc is first imported.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 __version__ = "0.1.0"
 
 from anyserve import objects

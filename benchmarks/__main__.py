@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+import anyserve  # noqa: F401  (first: it turns gRPC's fork support off before grpc loads)
 import benchmarks
 
 # Columns whose numbers are ratios ("replica/bare", "ratio", "speed_ratio").
