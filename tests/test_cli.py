@@ -84,3 +84,41 @@ def test_start_with_a_broken_app_says_why(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "cannot load app 'no_such_module_here:app'" in done.stderr
     assert "No module named 'no_such_module_here'" in done.stderr
+
+
+def test_version_flag_and_command_print_the_installed_version() -> None:
+    import anyserve as package
+
+    for args in (("--version",), ("version",)):
+        done = anyserve(*args)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"anyserve {package.__version__}"
+
+
+LEVELS_PROBE = """
+import logging, sys
+from anyserve.cli.options import setup_logging
+given = setup_logging(sys.argv[1])
+print(given, logging.getLogger("anyserve").getEffectiveLevel(),
+      logging.getLogger("httpcore").getEffectiveLevel())
+"""
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [("DEBUG", "debug 10 30"), ("trace", "debug 10 10"), ("info", "info 20 30")],
+)
+def test_log_levels_keep_library_lines_out_unless_trace(level: str, expected: str) -> None:
+    # A fresh interpreter: logging is configured once per process.
+    done = subprocess.run(
+        [sys.executable, "-c", LEVELS_PROBE, level], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == expected.split()
+
+
+def test_an_unknown_log_level_is_one_clear_line() -> None:
+    done = anyserve("api-server", "--log-level", "verbose", "--port", "0")
+    assert done.returncode != 0
+    text = " ".join(done.stderr.replace("│", " ").split())  # rich boxes and wraps
+    assert "--log-level must be one of trace, debug, info, warning, error, not 'verbose'" in text

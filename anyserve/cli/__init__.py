@@ -8,8 +8,11 @@ lives in the module named after what it does (``serving``, ``workers``,
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from anyserve import __version__
 from anyserve.cli import client, serving, workers
 
 app = typer.Typer(
@@ -18,6 +21,32 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"anyserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Capability-routed model serving: API server, replicas and worker processes."""
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"anyserve {__version__}")
+
+
 app.command()(serving.start)
 app.command("api-server")(serving.api_server)
 app.command()(serving.run)

@@ -22,7 +22,10 @@ Token = Annotated[
 ]
 LogLevel = Annotated[
     str,
-    typer.Option(help="debug, info, warning or error (debug explains every routing decision)."),
+    typer.Option(
+        help="trace, debug, info, warning or error. debug explains every routing decision;"
+        " trace adds the debug lines of the libraries underneath (httpx, gRPC, asyncio).",
+    ),
 ]
 Host = Annotated[str, typer.Option(help="Address to bind.")]
 HttpPort = Annotated[int, typer.Option("--port", help="API server HTTP port.")]
@@ -36,17 +39,29 @@ MaxInflight = Annotated[int, typer.Option(help="Requests in flight per replica b
 RequestTimeout = Annotated[float, typer.Option(help="Deadline (s) for requests that set none.")]
 
 
-def setup_logging(level: str) -> None:
-    if level.lower() not in ("debug", "info", "warning", "error"):
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
+# Libraries whose own debug/info lines drown anyserve's: warnings only, unless
+# --log-level trace. (httpx alone would log every heartbeat at INFO.)
+_LIBRARIES = ("httpx", "httpcore", "grpc", "hpack", "asyncio", "multipart", "sse_starlette")
+
+
+def setup_logging(level: str) -> str:
+    """Configure logging for ``--log-level``; returns the level to hand to child
+    processes (``trace`` is ``debug`` with the libraries' lines). Raises
+    typer.BadParameter for an unknown level."""
+    level = level.lower()
+    if level not in LOG_LEVELS:
         raise typer.BadParameter(
-            f"--log-level must be debug, info, warning or error, not {level!r}"
+            f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {level!r}"
         )
+    effective = "debug" if level == "trace" else level
     logging.basicConfig(
-        level=level.upper(),
+        level=effective.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # httpx logs every heartbeat POST at INFO; keep the operator's log readable.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in _LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if level == "trace" else logging.WARNING)
+    return effective
 
 
 def parse_resources(text: str | None) -> dict[str, float]:

@@ -67,7 +67,7 @@ def start(
     """Start one replica: a KServe v2 gRPC server and its worker processes."""
     from anyserve.replica.server import Replica, ReplicaConfig
 
-    setup_logging(log_level)
+    log_level = setup_logging(log_level)
     config = ReplicaConfig(
         app=app_spec,
         port=port,
@@ -158,7 +158,7 @@ def api_server(
     """Start the API server alone (`python -m anyserve.api_server` is the same command)."""
     from anyserve.api_server.server import ApiServer
 
-    setup_logging(log_level)
+    log_level = setup_logging(log_level)
     config = _api_config(locals())
 
     async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -194,7 +194,7 @@ def run(
     """Run a whole local system: an API server plus one replica per app."""
     from anyserve.cluster import start_cluster
 
-    setup_logging(log_level)
+    log_level = setup_logging(log_level)
     config = _api_config(locals())
     options: dict[str, Any] = {"host": host, "app_dir": os.getcwd(), "log_level": log_level}
     if resources:
