@@ -71,6 +71,14 @@ async def test_time_remaining_works_in_sync_and_async_handlers(
     assert codec.decode_outputs(response)["left"] == -1.0  # no deadline
 
 
+async def test_exit_code_3_after_start_up_is_not_blamed_on_the_import(client: GrpcClient) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.infer(text_request("x"), capability={"type": "exit3"})
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = caught.value.details() or ""
+    assert "exited with code 3" in details and "import" not in details
+
+
 @pytest.mark.parametrize("form", ["sync", "async", "syncgen"])
 async def test_stream_forms(client: GrpcClient, form: str) -> None:
     call = client.stream(text_request("a b c", "s1"), capability={"type": "gen", "form": form})
@@ -151,8 +159,9 @@ async def test_unknown_capability_is_not_found(client: GrpcClient) -> None:
 async def test_unary_request_for_stream_only_capability(client: GrpcClient) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await client.infer(text_request("x"), capability={"type": "gen"})
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "streaming" in info.value.details()
+    # A replica without an API server to delegate to: the endpoint was wrong.
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "streaming endpoint" in (info.value.details() or "")
 
 
 async def test_raising_handler_is_internal_with_message(client: GrpcClient) -> None:

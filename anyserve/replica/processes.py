@@ -56,8 +56,12 @@ class WorkerConfig:
     env: Mapping[str, str] = field(default_factory=dict)
 
 
-def exit_text(code: int | None) -> str:
-    """How a worker process ended, for operators (``was killed by SIGKILL ...``)."""
+def exit_text(code: int | None, *, started: bool = True) -> str:
+    """How a worker process ended, for operators (``was killed by SIGKILL ...``).
+
+    Code 3 means "could not import the app" only for a worker that never said
+    hello (``started`` False): after start-up it is whatever the handler's
+    code made of it."""
     if code is None:
         return "exited"
     if code < 0:
@@ -66,7 +70,7 @@ def exit_text(code: int | None) -> str:
         except ValueError:
             name = f"signal {-code}"
         return f"was killed by {name} (exit code {code})"
-    if code == EXIT_BAD_APP:
+    if code == EXIT_BAD_APP and not started:
         return f"exited with code {code} (could not import the app or find its handler)"
     return f"exited with code {code}"
 
@@ -199,7 +203,8 @@ class WorkerLauncher:
             writer.close()
             with anyio.CancelScope(shield=True):
                 code = await reap(proc, REAP_GRACE if hello else REAP_GRACE_STARTING)
+            ended = exit_text(code, started=hello)
             if reason == "stopped" and slot.wanted:
-                reason = exit_text(code)
-            slot.fail_calls(Unavailable(f"worker {slot.id} (pid {proc.pid}) {exit_text(code)}"))
+                reason = ended
+            slot.fail_calls(Unavailable(f"worker {slot.id} (pid {proc.pid}) {ended}"))
         return reason

@@ -45,6 +45,11 @@ async def deadline_async(request: ModelInferRequest, context: Context) -> dict[s
     return {"left": -1.0 if left is None else left}
 
 
+@app.capability(type="exit3")
+def exit_three(request: ModelInferRequest, context: Context) -> str:
+    os._exit(3)  # the app imported fine: the replica must not blame the import
+
+
 @app.capability(type="echo", form="async")
 async def echo_async(request: ModelInferRequest, context: Context) -> dict[str, Any]:
     await anyio.lowlevel.checkpoint()
