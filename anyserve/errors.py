@@ -164,7 +164,18 @@ class HandlerError(AnyServeError):
     error_type = "handler_error"
 
 
-#: Every class, by its wire name.
+class StartupError(Exception):
+    """A server could not start (app not importable, port taken, unusable
+    directory). Not a request error: ``message`` is one line for the
+    operator; ``detail`` (may be empty) is the user's own traceback."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+#: Every request error class, by its wire name.
 ERROR_TYPES: dict[str, type[AnyServeError]] = {
     cls.error_type: cls
     for cls in (

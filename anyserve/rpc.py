@@ -8,6 +8,8 @@ replica and the client agree on them.
 
 from __future__ import annotations
 
+import socket
+
 # Triton's service name: tritonclient dials these paths.
 SERVICE = "inference.GRPCInferenceService"
 SERVER_LIVE = f"/{SERVICE}/ServerLive"
@@ -17,6 +19,7 @@ SERVER_METADATA = f"/{SERVICE}/ServerMetadata"
 MODEL_METADATA = f"/{SERVICE}/ModelMetadata"
 MODEL_INFER = f"/{SERVICE}/ModelInfer"
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
+MODEL_CONFIG = f"/{SERVICE}/ModelConfig"
 
 # Request metadata (gRPC keys are lower-case; HTTP headers use the same names).
 REQUEST_ID = "x-request-id"
@@ -147,3 +150,24 @@ def forwardable(metadata: object) -> dict[str, str]:
         ):
             out[key] = value
     return out
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port`` (``"Address already in
+    use"``...), or None when it can. A probe before gRPC binds, so a taken
+    port is one clear line instead of gRPC's own error log; port 0 always can."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As gRPC binds: a port left in TIME_WAIT by a restart is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return None

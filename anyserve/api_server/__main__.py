@@ -11,12 +11,13 @@ import typer
 
 def main() -> None:
     """Entry point of ``python -m anyserve.api_server``."""
+    from anyserve.cli.options import run_command
     from anyserve.cli.serving import api_server
 
     # A one-command Typer app runs the command without a subcommand name.
     standalone = typer.Typer(add_completion=False)
     standalone.command()(api_server)
-    standalone(prog_name="python -m anyserve.api_server")
+    run_command(standalone, "python -m anyserve.api_server")
 
 
 if __name__ == "__main__":

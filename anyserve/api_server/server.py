@@ -20,10 +20,12 @@ import grpc.aio
 import uvicorn
 from anyio.abc import TaskGroup
 
+from anyserve import rpc
 from anyserve.api_server.app import build_app
 from anyserve.api_server.config import ApiServerConfig
 from anyserve.api_server.grpc_entry import start_grpc_server
 from anyserve.api_server.state import ApiState
+from anyserve.errors import StartupError
 
 logger = logging.getLogger("anyserve.api_server")
 
@@ -92,16 +94,30 @@ class ApiServer:
         return self.state.grpc_endpoint(None)
 
     async def start(self) -> None:
-        """Bind both listeners and start serving. Raises OSError when a port is taken."""
+        """Bind both listeners and start serving. Raises StartupError when a
+        port is taken or the address is not this machine's."""
         if self._stack is not None:
             raise RuntimeError("ApiServer already started")
         cfg = self.config
-        sock = _listen(cfg.host, cfg.port)
+        try:
+            sock = _listen(cfg.host, cfg.port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen for HTTP on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+            ) from None
         stack = AsyncExitStack()
         try:
-            self._grpc, self.grpc_port = await start_grpc_server(
-                self.state, cfg.host, cfg.grpc_port
-            )
+            problem = rpc.bind_problem(cfg.host, cfg.grpc_port)
+            if problem:
+                raise StartupError(
+                    f"cannot listen for gRPC on {cfg.host}:{cfg.grpc_port}: {problem}"
+                )
+            try:
+                self._grpc, self.grpc_port = await start_grpc_server(
+                    self.state, cfg.host, cfg.grpc_port
+                )
+            except OSError as exc:
+                raise StartupError(str(exc)) from None
             self.state.grpc_port = self.grpc_port
             self.http_port = sock.getsockname()[1]
             stack.push_async_callback(self._close_grpc)

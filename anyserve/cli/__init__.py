@@ -14,6 +14,7 @@ import typer
 
 from anyserve import __version__
 from anyserve.cli import client, serving, workers
+from anyserve.cli.options import run_command
 
 app = typer.Typer(
     name="anyserve",
@@ -57,4 +58,4 @@ app.command()(client.registry)
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    run_command(app, "anyserve")

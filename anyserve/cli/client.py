@@ -1,13 +1,136 @@
-"""``anyserve infer`` and ``anyserve registry``: the API server from the shell."""
+"""``anyserve infer`` and ``anyserve registry``: the API server from the shell.
+
+Typed inputs: ``-i x=1,2,3,4`` is text (one BYTES element) unless the
+capability declares input ``x``: then ``infer`` first asks the API server for
+the capability's metadata (``GET /infer/metadata`` with the ``X-Capability-*``
+headers) and encodes the values with the declared datatype, shaped as
+declared (``-1`` dimensions inferred: the last takes what is left, earlier
+ones are 1). ``-i x:FP32[1,4]=1,2,3,4`` types an input explicitly (the shape
+may be left out: ``[n]``; it may hold ``-1``). Values are comma-separated;
+brackets are ignored, so ``[[1,2],[3,4]]`` is four values; BOOL takes
+``true``/``false``/``1``/``0``; a BYTES value is one element.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 import typer
 
+if TYPE_CHECKING:
+    from anyserve.proto import ModelInferRequest
+
 ApiUrl = Annotated[str, typer.Option("--api-server", help="API server URL.")]
+
+# name, then optionally :DATATYPE and [shape]
+_TYPED = re.compile(
+    r"^(?P<name>[^:\[\]]+)(?::(?P<datatype>[A-Za-z0-9]+)(?:\[(?P<shape>[-0-9, ]*)\])?)?$"
+)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One ``-i`` option: the input's name, its text, and the datatype and
+    shape it was given explicitly (None: not given)."""
+
+    name: str
+    text: str
+    datatype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+
+def parse_input(item: str) -> InputSpec:
+    """``name=text`` or ``name:DATATYPE[d0,d1]=text``; raises typer.BadParameter."""
+    key, sep, text = item.partition("=")
+    found = _TYPED.match(key.strip())
+    if not sep or found is None:
+        raise typer.BadParameter(
+            f"--input must look like name=value or name:FP32[1,4]=1,2,3,4, got {item!r}"
+        )
+    datatype = found["datatype"]
+    shape: tuple[int, ...] | None = None
+    if found["shape"] is not None:
+        try:
+            shape = tuple(int(d) for d in found["shape"].split(",") if d.strip())
+        except ValueError:
+            raise typer.BadParameter(f"--input {item!r}: bad shape") from None
+    return InputSpec(found["name"].strip(), text, datatype.upper() if datatype else None, shape)
+
+
+def parse_values(datatype: str, text: str, what: str) -> list[Any]:
+    """The values of ``text`` for ``datatype`` (see the module docstring);
+    raises typer.BadParameter naming ``what``."""
+    if datatype == "BYTES":
+        return [text.encode()]
+    items = [s.strip() for s in re.sub(r"[\[\]]", " ", text).split(",") if s.strip()]
+    try:
+        if datatype.startswith("FP"):
+            return [float(s) for s in items]
+        if datatype == "BOOL":
+            flags = {"true": True, "1": True, "false": False, "0": False}
+            return [flags[s.lower()] for s in items]
+        return [int(s) for s in items]
+    except (KeyError, ValueError):
+        raise typer.BadParameter(f"{what}: {text!r} is not a list of {datatype} values") from None
+
+
+def build_request(
+    specs: Sequence[InputSpec], declared: Mapping[str, tuple[str, Sequence[int]]]
+) -> ModelInferRequest:
+    """A request with every input: typed when given explicitly or declared
+    (``declared``: name -> (datatype, shape)), else text. Raises typer.BadParameter."""
+    from anyserve.codec import DATATYPES, encode_into, pack_raw
+    from anyserve.errors import InvalidArgument
+    from anyserve.proto import ModelInferRequest
+    from anyserve.signature import fit_shape
+
+    request = ModelInferRequest()
+    for spec in specs:
+        tensor = request.inputs.add()
+        datatype, shape = spec.datatype, spec.shape
+        if datatype is None and spec.name in declared:
+            datatype, declared_shape = declared[spec.name]
+            shape = tuple(declared_shape)
+        if datatype is None:
+            encode_into(tensor, spec.name, spec.text)
+            continue
+        what = f"input {spec.name!r}"
+        if datatype not in DATATYPES:
+            raise typer.BadParameter(f"{what}: unknown datatype {datatype!r}")
+        values = parse_values(datatype, spec.text, what)
+        try:
+            pack_raw(datatype, values, what)  # range and type check
+            dims = fit_shape(shape if shape is not None else [-1], len(values))
+        except (InvalidArgument, ValueError) as exc:
+            raise typer.BadParameter(f"{what}: {exc}") from None
+        tensor.name, tensor.datatype = spec.name, datatype
+        tensor.shape.extend(dims)
+        getattr(tensor.contents, DATATYPES[datatype][0]).extend(values)
+    return request
+
+
+async def declared_inputs(api: str, query: Mapping[str, str]) -> dict[str, tuple[str, list[int]]]:
+    """The capability's declared inputs, name -> (datatype, shape), from
+    ``GET /infer/metadata``; empty when none are declared or the API server
+    cannot say (the request itself then reports what is wrong)."""
+    import httpx
+
+    from anyserve.capability import HEADER_PREFIX, Capability
+
+    headers = {HEADER_PREFIX + k.replace("_", "-"): v for k, v in Capability(query).items()}
+    try:
+        async with httpx.AsyncClient(base_url=api, timeout=30) as http:
+            response = await http.get("/infer/metadata", headers=headers)
+        if response.status_code != 200:
+            return {}
+        inputs = response.json().get("inputs", [])
+        return {str(t["name"]): (str(t["datatype"]), [int(d) for d in t["shape"]]) for t in inputs}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _parse_pairs(items: list[str], what: str) -> dict[str, str]:
@@ -25,7 +148,13 @@ def infer(
         list[str], typer.Option("--capability", "-c", help="Capability key=value (repeatable).")
     ],
     input: Annotated[
-        list[str] | None, typer.Option("--input", "-i", help="Input name=text (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="Input name=value, typed as the capability declares it (else text), or "
+            "name:FP32[1,4]=1,2,3,4 (repeatable).",
+        ),
     ] = None,
     stream: Annotated[
         bool, typer.Option(help="Stream the answer (tokens as they arrive).")
@@ -38,15 +167,19 @@ def infer(
     from anyserve.errors import AnyServeError
 
     query = _parse_pairs(capability, "--capability")
-    inputs = _parse_pairs(input or [], "--input")
+    specs = [parse_input(item) for item in input or []]
 
     def show(value: Any) -> str:
         return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
     async def main() -> None:
+        declared = {}
+        if any(spec.datatype is None for spec in specs):
+            declared = await declared_inputs(api, query)
+        request = build_request(specs, declared)
         async with Client(api) as client:
             if stream:
-                async for chunk in client.stream(query, inputs):
+                async for chunk in client.stream(query, request=request):
                     outputs = codec.decode_outputs(chunk)
                     text = outputs.get("text_output")
                     if text is not None and len(outputs) <= 2:
@@ -55,7 +188,7 @@ def infer(
                         typer.echo(" ".join(f"{k}={show(v)}" for k, v in outputs.items()))
                 typer.echo()
             else:
-                response = await client.infer(query, inputs)
+                response = await client.infer(query, request=request)
                 for name, value in codec.decode_outputs(response).items():
                     typer.echo(f"{name}: {show(value)}")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -85,3 +85,31 @@ def event_loop_options() -> dict[str, object]:
     from anyserve.replica.worker import event_loop_options
 
     return event_loop_options()
+
+
+# Typer ships its own click: its UsageError (bad flags and values) is the base of
+# the public typer.BadParameter.
+_UsageError: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
+)
+
+
+def run_command(app: typer.Typer, prog_name: str) -> NoReturn:
+    """Run a Typer app as a program. A usage mistake (unknown flag, bad value)
+    is one line on stderr and exit code 2, not a framed usage box."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name=prog_name, standalone_mode=False)
+    except _UsageError as error:
+        exc: Any = error  # typer's click exception: ctx, format_message()
+        ctx = exc.ctx
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            raise SystemExit(0) from None
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"anyserve: {exc.format_message()}{hint}", err=True)
+        raise SystemExit(2) from None
+    except typer.Abort:
+        typer.echo("anyserve: aborted", err=True)
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

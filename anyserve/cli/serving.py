@@ -28,7 +28,7 @@ from anyserve.cli.options import (
     parse_resources,
     setup_logging,
 )
-from anyserve.errors import InvalidArgument
+from anyserve.errors import InvalidArgument, StartupError
 
 
 def start(
@@ -105,12 +105,28 @@ def _run_until_signal(serve: Callable[..., Coroutine[Any, Any, Any]]) -> None:
 
     try:
         anyio.run(main, backend_options=event_loop_options())
-    except RuntimeError as exc:
-        typer.echo(f"anyserve: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except InvalidArgument as exc:
-        typer.echo(f"anyserve: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except Exception as exc:
+        # Task groups wrap a start-up failure in exception groups: find it.
+        expected = _expected_failure(exc)
+        if expected is None:
+            raise  # a bug: the whole traceback helps
+        typer.echo(f"anyserve: {expected}", err=True)
+        if isinstance(expected, StartupError) and expected.detail:
+            typer.echo(expected.detail, err=True)
+        raise typer.Exit(2 if isinstance(expected, InvalidArgument) else 1) from None
+
+
+def _expected_failure(exc: BaseException) -> StartupError | InvalidArgument | None:
+    """The start-up failure or bad setting inside ``exc`` (possibly nested in
+    exception groups), or None when ``exc`` is something else."""
+    if isinstance(exc, StartupError | InvalidArgument):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _expected_failure(inner)
+            if found is not None:
+                return found
+    return None
 
 
 # The API server options `api-server` and `run` share (Typer has no option groups).

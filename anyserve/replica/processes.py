@@ -24,7 +24,7 @@ import anyio
 
 from anyserve import wire
 from anyserve.app import HandlerInfo
-from anyserve.errors import AnyServeError, Unavailable
+from anyserve.errors import AnyServeError, StartupError, Unavailable
 from anyserve.replica.slot import Slot
 from anyserve.replica.worker import EXIT_BAD_APP
 
@@ -89,28 +89,35 @@ async def reap(proc: asyncio.subprocess.Process, grace: float = REAP_GRACE) -> i
 async def describe_app(
     app: str, app_dir: str | None = None, timeout: float = 120.0
 ) -> tuple[str, list[HandlerInfo]]:
-    """Import the app in a throwaway worker process and return its handlers.
+    """Import the app in a throwaway process (:mod:`anyserve.replica.describe`)
+    and return its name and handlers.
 
-    Raises RuntimeError with the import error when the app cannot be loaded.
+    Raises StartupError with one line naming the problem (and the user's own
+    traceback as its detail) when the app cannot be loaded. What the app
+    prints while it is imported reaches this process's stderr.
     """
-    cmd = [sys.executable, "-m", "anyserve.replica.worker", "--describe", "--app", app]
+    cmd = [sys.executable, "-m", "anyserve.replica.describe", "--app", app]
     if app_dir:
         cmd += ["--app-dir", app_dir]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
     try:
         with anyio.fail_after(timeout):
-            out, err = await proc.communicate()
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        raise StartupError(f"importing app {app!r} took longer than {timeout:.0f}s") from None
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-15:]
-        raise RuntimeError(f"cannot load app {app!r}:\n" + "\n".join(tail))
-    data = json.loads(out)
-    return str(data["name"]), [HandlerInfo.from_dict(h) for h in data["handlers"]]
+    try:
+        answer = json.loads(out)
+    except ValueError:
+        raise StartupError(
+            f"cannot load app {app!r}: the describe process {exit_text(proc.returncode)}"
+        ) from None
+    if "error" in answer:
+        raise StartupError(str(answer["error"]), str(answer.get("traceback") or ""))
+    return str(answer["name"]), [HandlerInfo.from_dict(h) for h in answer["handlers"]]
 
 
 def worker_command(config: WorkerConfig, slot: Slot, fd: int) -> list[str]:

@@ -29,6 +29,7 @@ import grpc.aio
 from anyserve import rpc
 from anyserve.app import HandlerInfo
 from anyserve.calls import ApiChannel, ApiDelegator
+from anyserve.errors import StartupError
 from anyserve.objects import ObjectStore
 from anyserve.replica import status
 from anyserve.replica.admin import AdminServicer
@@ -138,7 +139,7 @@ class Replica:
         self, *, task_status: anyio.abc.TaskStatus[Replica] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until cancelled; reports started (with itself) once workers are
-        ready and the port is bound. Raises RuntimeError when the app cannot be
+        ready and the port is bound. Raises StartupError when the app cannot be
         loaded or the port cannot be bound."""
         await self.startup()
         async with anyio.create_task_group() as tg:
@@ -152,18 +153,30 @@ class Replica:
 
     async def startup(self) -> None:
         """Describe the app (in a throwaway process), bind the port and build the
-        manager, dispatcher and services. Starts nothing. Raises RuntimeError
-        when the app cannot be loaded or the port cannot be bound."""
+        manager, dispatcher and services. Starts nothing. Raises StartupError
+        when the app cannot be loaded, the port cannot be bound or the object
+        store directory cannot be used."""
         cfg = self.config
         app_name, handlers = await describe_app(cfg.app, cfg.app_dir)
         server = grpc.aio.server(options=rpc.grpc_options(cfg.max_message))
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        problem = rpc.bind_problem(cfg.host, cfg.port)
+        try:
+            port = 0 if problem else server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise RuntimeError(f"cannot bind {cfg.host}:{cfg.port}")
+            raise StartupError(
+                f"cannot listen for gRPC on {cfg.host}:{cfg.port}: {problem or 'bind failed'}"
+            )
         replica_id = cfg.replica_id or f"{socket.gethostname()}-{port}"
         store = None
         if cfg.object_store:
-            os.makedirs(cfg.object_store, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(cfg.object_store, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot use object store directory {cfg.object_store}: {exc.strerror}"
+                ) from None
             store = ObjectStore(
                 cfg.object_store, ttl=cfg.object_ttl, max_object_size=cfg.object_max_size
             )
