@@ -14,7 +14,10 @@ Forms accepted (``stream=False`` unless said):
   :class:`~anyserve.context.StreamClosed` once the caller has gone);
 * ``async def h(request, context)`` that ``yield``\\ s chunks (``stream=True``);
 * ``def h(request, context)`` that ``yield``\\ s chunks (sync generator);
-* ``async def h(request, context, stream)`` using ``await stream.asend(chunk)``.
+* ``async def h(request, context, stream)`` using ``await stream.asend(chunk)``;
+* with ``max_batch_size``: ``def h(requests, contexts) -> list`` or ``def h(requests)``
+  (sync or async), also normalised into ``async run_batch(requests, contexts)``,
+  which the worker's batcher calls (``run`` is then a batch of one).
 
 Responses may be KServe messages or plain values (``str``, ``bytes``, ``dict``
 of output name to value); :mod:`anyserve.codec` encodes them in the worker.
@@ -38,6 +41,8 @@ from anyserve.signature import Tensor, tensors
 
 Emit = Callable[[Any], Coroutine[Any, Any, None]]
 Runner = Callable[[Any, Context, Emit], Awaitable[None]]
+# A batched handler, normalised: its list of results (checked by the batcher).
+BatchRunner = Callable[[list[Any], list[Context]], Awaitable[Any]]
 
 # Threads per worker for sync handlers when max_concurrency is not given.
 DEFAULT_SYNC_CONCURRENCY = 8
@@ -109,6 +114,8 @@ class Handler:
     func: Callable[..., Any]
     run: Runner
     is_sync: bool
+    # Batched handlers (max_batch_size > 0) only: the whole-batch form.
+    run_batch: BatchRunner | None = None
 
 
 class AnyServe:
@@ -196,7 +203,12 @@ class AnyServe:
             handler_name = str(name or getattr(func, "__name__", "handler"))
             if handler_name in self._handlers:
                 raise ValueError(f"duplicate handler name {handler_name!r}; pass name=...")
-            run, is_sync = _normalise(func, stream)
+            run_batch: BatchRunner | None = None
+            if max_batch_size:
+                run_batch, is_sync = _normalise_batch(func)
+                run = _batch_of_one(run_batch)
+            else:
+                run, is_sync = _normalise(func, stream)
             limit = max_concurrency or (
                 DEFAULT_SYNC_CONCURRENCY if is_sync else DEFAULT_ASYNC_CONCURRENCY
             )
@@ -213,7 +225,9 @@ class AnyServe:
                 inputs=declared_inputs,
                 outputs=declared_outputs,
             )
-            self._handlers[handler_name] = Handler(info=info, func=func, run=run, is_sync=is_sync)
+            self._handlers[handler_name] = Handler(
+                info=info, func=func, run=run, is_sync=is_sync, run_batch=run_batch
+            )
             return func
 
         return register
@@ -288,6 +302,50 @@ def _normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
         )
 
     return run_sync, True
+
+
+def _normalise_batch(func: Callable[..., Any]) -> tuple[BatchRunner, bool]:
+    """Turn a batched handler into ``async run_batch(requests, contexts)`` (sync
+    ones in the thread pool), under the worker's limiter like unary handlers."""
+    if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
+        raise ValueError(f"batched handler {func.__name__!r} must return a list, not yield")
+    arity = _positional_arity(func)
+    if arity not in (1, 2):
+        raise ValueError(
+            f"batched handler {func.__name__!r} must take (requests) or (requests, contexts);"
+            f" it takes {arity} positional arguments"
+        )
+
+    def call(requests: list[Any], contexts: list[Context]) -> Any:
+        return func(*(requests, contexts)[:arity])
+
+    if inspect.iscoroutinefunction(func):
+
+        async def run_batch_async(requests: list[Any], contexts: list[Context]) -> Any:
+            async with contexts[0].limiter:
+                return await call(requests, contexts)
+
+        return run_batch_async, False
+
+    async def run_batch_sync(requests: list[Any], contexts: list[Context]) -> Any:
+        return await anyio.to_thread.run_sync(
+            functools.partial(call, requests, contexts),
+            limiter=contexts[0].limiter,  # type: ignore[arg-type]  # a CapacityLimiter (sync)
+        )
+
+    return run_batch_sync, True
+
+
+def _batch_of_one(run_batch: BatchRunner) -> Runner:
+    """The ``run`` of a batched handler: one request as a batch of one."""
+
+    async def run(request: Any, context: Context, emit: Emit) -> None:
+        results = await run_batch([request], [context])
+        if not isinstance(results, list) or len(results) != 1:
+            raise TypeError("a batched handler must return a list of one response per request")
+        await emit(results[0])
+
+    return run
 
 
 def load_app(spec: str, app_dir: str | None = None) -> AnyServe:

@@ -279,13 +279,15 @@ class Manager:
         Raises Unavailable when the handler failed (crash loop) or no worker
         became ready in time, NotFound when it was stopped by command,
         Overloaded when it cannot be started for lack of resources or all its
-        workers have max_concurrency x 4 calls queued.
+        workers have their queue limit of calls queued (max_concurrency x 4,
+        times max_batch_size for a batched handler: a call is one batch item).
         """
         deadline: float | None = None
         while True:
             slot = self.pick(name)
             if slot is not None:
-                limit = slot.handler.max_concurrency * 4
+                info = slot.handler
+                limit = info.max_concurrency * max(1, info.max_batch_size) * 4
                 if slot.inflight >= limit:
                     raise Overloaded(f"handler {name} has {slot.inflight} calls queued", 1.0)
                 return slot

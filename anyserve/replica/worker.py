@@ -5,16 +5,19 @@ fresh interpreter, never a fork of the gRPC-holding replica). It inherits one en
 of a Unix socketpair from the manager, says Hello on it, then serves Call frames
 concurrently until the connection closes — so a worker never outlives its replica.
 
-``--describe`` instead prints the app's handlers as JSON and exits: the replica
-learns what to route without importing user code into its own process.
+Around each call the worker applies the declared signature (:mod:`anyserve.signature`):
+``check_request`` before the handler runs, then (unary calls) the requested
+``outputs`` and, with ``ANYSERVE_CHECK_OUTPUTS=1`` in its environment (test
+suites), ``check_response``. Batched handlers' calls go through a
+:class:`~anyserve.replica.batching.Batcher`, each with its own Context and answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -30,27 +33,34 @@ from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import Handler, load_app
 from anyserve.calls import ApiCaller
 from anyserve.context import Caller, Context, StreamClosed
-from anyserve.errors import AnyServeError, HandlerError, InvalidArgument, to_frame
+from anyserve.errors import AnyServeError, InvalidArgument, to_frame
 from anyserve.objects import ObjectStore
 from anyserve.proto import InferParameter, ModelInferRequest
+from anyserve.replica.batching import Batcher, handler_batcher, handler_error
+from anyserve.signature import check_request, check_response, select_outputs
 
 log = logging.getLogger("anyserve.worker")
 
 # Exit code when the app cannot be imported or the handler is unknown.
 EXIT_BAD_APP = 3
-# Names the handler a worker process serves (unset in the describe process).
+# Names the handler a worker process serves.
 HANDLER_ENV = "ANYSERVE_HANDLER"
 # Chunks of one stream a worker may send ahead of what its caller has taken;
 # the dispatcher grants more as the caller takes them (see Credit in worker.proto).
 STREAM_WINDOW = 64
+# "1" in a worker's environment: check every response against the handler's
+# declared outputs (a contract check for test suites; off in production).
+CHECK_OUTPUTS_ENV = "ANYSERVE_CHECK_OUTPUTS"
 
 
 @dataclass
 class _Call:
-    context: Context
-    scope: anyio.CancelScope
+    # Registered when the Call frame is read, so a Cancel right behind it
+    # (before the call's task ran) is not lost.
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    context: Context | None = None
     # Chunks this stream may still send before the dispatcher grants more.
-    credits: int = 0
+    credits: int = STREAM_WINDOW
     granted: asyncio.Event = field(default_factory=asyncio.Event)
 
     def grant(self, chunks: int) -> None:
@@ -60,7 +70,7 @@ class _Call:
     async def spend(self) -> None:
         """Take one credit, waiting while the caller is behind (backpressure).
         Returns at once when the call is cancelled (the sender then stops)."""
-        while self.credits <= 0 and not self.context.cancelled:
+        while self.credits <= 0 and not self.scope.cancel_called:
             self.granted.clear()
             await self.granted.wait()
         self.credits -= 1
@@ -79,6 +89,7 @@ class WorkerServer:
         store: ObjectStore | None = None,
         caller: Caller | None = None,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
+        check_outputs: bool = False,
     ) -> None:
         self.handler = handler
         self.reader = reader
@@ -95,11 +106,15 @@ class WorkerServer:
             else asyncio.Semaphore(handler.info.max_concurrency)
         )
         self.calls: dict[int, _Call] = {}
+        self.check_outputs = check_outputs
         self._served_by = InferParameter(string_param=replica_id)
+        self.batcher: Batcher[tuple[ModelInferRequest, Context]] | None = handler_batcher(handler)
 
     async def serve(self) -> None:
         """Read frames until the dispatcher closes the connection."""
         async with anyio.create_task_group() as tg:
+            if self.batcher is not None:
+                tg.start_soon(self.batcher.serve)
             while True:
                 try:
                     header, payload = await wire.read_frame(self.reader, self.max_frame)
@@ -107,6 +122,7 @@ class WorkerServer:
                     break
                 kind = header.WhichOneof("kind")
                 if kind == "call":
+                    self.calls[header.call_id] = _Call()
                     tg.start_soon(self._run, header.call_id, header.call, payload)
                 elif kind == "cancel":
                     self._cancel(header.call_id)
@@ -125,9 +141,11 @@ class WorkerServer:
         call = self.calls.get(call_id)
         if call is not None:
             # The flag makes a sync handler's next stream.send() raise; the
-            # scope cancels an async handler at its next await; a send waiting
-            # for credit wakes up and sees the flag.
-            call.context.cancelled = True
+            # scope cancels an async handler at its next await (or a request
+            # waiting for its batch, which leaves it); a send waiting for
+            # credit wakes up and sees the cancel.
+            if call.context is not None:
+                call.context.cancelled = True
             call.scope.cancel()
             call.granted.set()
 
@@ -135,14 +153,26 @@ class WorkerServer:
         wire.write_frame(self.writer, header, payload)
 
     async def _run(self, call_id: int, call: wpb.Call, payload: bytes) -> None:
+        state = self.calls[call_id]
+        try:
+            if not state.scope.cancel_called:  # else the caller went away already
+                await self._serve_call(call_id, call, payload, state)
+        finally:
+            del self.calls[call_id]
+
+    async def _serve_call(self, call_id: int, call: wpb.Call, payload: bytes, state: _Call) -> None:
         info = self.handler.info
         try:
             request = ModelInferRequest.FromString(payload)
+            check_request(info.inputs, request)
+        except InvalidArgument as exc:
+            self._error(call_id, exc)  # never reaches the handler (nor a batch)
+            return
         except Exception as exc:  # protobuf raises DecodeError, a plain Exception
             self._error(call_id, InvalidArgument(f"malformed ModelInferRequest: {exc}"))
             return
         metadata = dict(call.metadata)
-        context = Context(
+        context = state.context = Context(
             request_id=metadata.get(rpc.REQUEST_ID) or request.id,
             metadata=metadata,
             capability=info.capability,
@@ -156,8 +186,6 @@ class WorkerServer:
         raw = len(request.raw_input_contents) > 0
         results: list[Any] = []
         first = True
-        scope = anyio.CancelScope()
-        state = _Call(context, scope, credits=STREAM_WINDOW)
 
         async def emit_stream(chunk: Any) -> None:
             nonlocal first
@@ -182,24 +210,23 @@ class WorkerServer:
             results.append(value)
 
         emit = emit_stream if call.stream else emit_unary
-        self.calls[call_id] = state
         tokens = context.bind()
         try:
-            with scope:
-                await self.handler.run(request, context, emit)
-            if scope.cancelled_caught:
+            with state.scope:
+                if self.batcher is not None and not call.stream:
+                    deadline = anyio.current_time() + call.timeout if call.timeout > 0 else math.inf
+                    results.append(await self.batcher.submit((request, context), deadline))
+                else:
+                    await self.handler.run(request, context, emit)
+            if state.scope.cancelled_caught:
                 return  # the dispatcher already answered the caller
             if call.stream:
                 self._send(wpb.Header(call_id=call_id, end=wpb.End()))
             else:
                 if not results:
                     raise RuntimeError("the handler produced no response")
-                response = codec.to_infer_response(results[0], request)
-                if raw:
-                    codec.use_raw_outputs(response)
-                if self.replica_id:
-                    response.parameters[rpc.SERVED_BY].CopyFrom(self._served_by)
-                self._send(wpb.Header(call_id=call_id, end=wpb.End()), response.SerializeToString())
+                body = self._response(results[0], request)
+                self._send(wpb.Header(call_id=call_id, end=wpb.End()), body)
             await self.writer.drain()
         except StreamClosed:
             pass  # the caller went away (cancel or lost replica): nobody to answer
@@ -212,18 +239,28 @@ class WorkerServer:
                 context.request_id,
                 "".join(traceback.format_exception(exc)),
             )
-            self._error(call_id, HandlerError(_describe(exc)))
+            self._error(call_id, handler_error(exc))
         finally:
             Context.unbind(tokens)
-            del self.calls[call_id]
+
+    def _response(self, result: Any, request: ModelInferRequest) -> bytes:
+        """One unary response: encoded, checked (checked mode), the requested
+        outputs selected, raw when the request was, stamped. An exception in a
+        batched handler's results (failing that request alone) is raised."""
+        if isinstance(result, Exception):
+            raise result
+        response = codec.to_infer_response(result, request)
+        if self.check_outputs:
+            check_response(self.handler.info.outputs, response)
+        select_outputs(request, response)
+        if request.raw_input_contents:
+            codec.use_raw_outputs(response)
+        if self.replica_id:
+            response.parameters[rpc.SERVED_BY].CopyFrom(self._served_by)
+        return response.SerializeToString()
 
     def _error(self, call_id: int, exc: AnyServeError) -> None:
         self._send(wpb.Header(call_id=call_id, error=to_frame(exc)))
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _serve(args: argparse.Namespace, handler: Handler) -> None:
@@ -249,6 +286,7 @@ async def _serve(args: argparse.Namespace, handler: Handler) -> None:
         store=store,
         caller=caller,
         max_frame=args.max_frame,
+        check_outputs=os.environ.get(CHECK_OUTPUTS_ENV) == "1",
     )
     try:
         await server.serve()
@@ -263,8 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anyserve.replica.worker")
     parser.add_argument("--app", required=True)
     parser.add_argument("--app-dir", default=None)
-    parser.add_argument("--describe", action="store_true")
-    parser.add_argument("--handler")
+    parser.add_argument("--handler", required=True)
     parser.add_argument("--fd", type=int, help="inherited Unix socket to the dispatcher")
     parser.add_argument("--worker-id", default="")
     parser.add_argument("--replica-id", default="")
@@ -284,20 +321,14 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the replica decides
     # when workers stop (after draining), so the worker ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if args.handler:
-        # Set before the app is imported, so module-level code can load only
-        # what this worker's handler needs (documented in the README).
-        os.environ[HANDLER_ENV] = args.handler
+    # Set before the app is imported, so module-level code can load only what
+    # this worker's handler needs (documented in the README).
+    os.environ[HANDLER_ENV] = args.handler
     try:
-        app = load_app(args.app, args.app_dir)
-        handler = None if args.describe else app.handler(args.handler)
+        handler = load_app(args.app, args.app_dir).handler(args.handler)
     except Exception:
         traceback.print_exc()
         sys.exit(EXIT_BAD_APP)
-    if handler is None:
-        json.dump({"name": app.name, "handlers": app.describe()}, sys.stdout)
-        sys.stdout.flush()
-        return
     anyio.run(_serve, args, handler, backend_options=event_loop_options())
 
 

@@ -1,7 +1,7 @@
 """Misbehaving workers for tests/test_workers.py.
 
 The replica learns the handlers by importing this module in a throwaway
-``--describe`` process (``ANYSERVE_HANDLER`` unset there), then every worker
+describe process (``ANYSERVE_HANDLER`` unset there), then every worker
 imports it again with ``ANYSERVE_HANDLER`` naming its handler: module-level code
 below breaks only the workers of ``broken_import`` and ``never_ready``.
 """
