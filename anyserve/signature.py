@@ -17,7 +17,16 @@ from anyserve.codec.datatypes import DATATYPES
 from anyserve.errors import HandlerError, InvalidArgument
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 
-__all__ = ["Tensor", "check_request", "check_response", "select_outputs"]
+__all__ = [
+    "TRITON_TYPES",
+    "Tensor",
+    "check_request",
+    "check_response",
+    "config_dims",
+    "fit_shape",
+    "select_outputs",
+    "triton_type",
+]
 
 
 @dataclass(frozen=True)
@@ -165,3 +174,52 @@ def select_outputs(request: ModelInferRequest, response: ModelInferResponse) -> 
     response.outputs.extend(copies)
     del response.raw_output_contents[:]
     response.raw_output_contents.extend(kept_raw)
+
+
+# --------------------------------------------------------------------------- Triton's model config
+
+#: KServe datatype -> the name of Triton's ``DataType`` enum value (model config).
+TRITON_TYPES: dict[str, str] = {
+    **{datatype: f"TYPE_{datatype}" for datatype in DATATYPES if datatype != "BYTES"},
+    "BYTES": "TYPE_STRING",
+}
+
+
+def triton_type(datatype: str) -> str:
+    """``"FP32"`` -> ``"TYPE_FP32"`` (``"BYTES"`` -> ``"TYPE_STRING"``); ValueError
+    for an unknown datatype."""
+    try:
+        return TRITON_TYPES[datatype]
+    except KeyError:
+        raise ValueError(f"unknown datatype {datatype!r}") from None
+
+
+def config_dims(tensor: Tensor, max_batch_size: int) -> list[int]:
+    """The dims Triton's model config lists for a declared tensor: with
+    ``max_batch_size`` > 0 the first (batch) dimension is left out, as Triton
+    does; otherwise the whole declared shape."""
+    return list(tensor.shape[1:] if max_batch_size > 0 else tensor.shape)
+
+
+def fit_shape(shape: Sequence[int], count: int) -> list[int]:
+    """A concrete shape of ``count`` elements for a declared ``shape`` (``-1``:
+    any size): the last ``-1`` takes what the fixed sizes leave, earlier ones
+    are 1. ``fit_shape([-1, 4], 4) == [1, 4]``; ``fit_shape([], 1) == []``.
+
+    Raises ValueError when ``count`` elements cannot take that shape.
+    """
+    fixed = 1
+    for dim in shape:
+        if dim != -1:
+            fixed *= dim
+    free = [i for i, dim in enumerate(shape) if dim == -1]
+    result = list(shape)
+    for i in free[:-1]:
+        result[i] = 1
+    if free:
+        if (count % fixed if fixed else count) != 0:
+            raise ValueError(f"{count} values do not fit shape {list(shape)}")
+        result[free[-1]] = count // fixed if fixed else 0
+    elif fixed != count:
+        raise ValueError(f"shape {list(shape)} holds {fixed} values, not {count}")
+    return result

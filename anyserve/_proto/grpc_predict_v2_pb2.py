@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from anyserve._proto import model_config_pb2 as anyserve_dot___proto_dot_model__config__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%anyserve/_proto/grpc_predict_v2.proto\x12\x0f\x61nyserve.kserve\"\x13\n\x11ServerLiveRequest\"\"\n\x12ServerLiveResponse\x12\x0c\n\x04live\x18\x01 \x01(\x08\"\x14\n\x12ServerReadyRequest\"$\n\x13ServerReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"2\n\x11ModelReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12ModelReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"\x17\n\x15ServerMetadataRequest\"K\n\x16ServerMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nextensions\x18\x03 \x03(\t\"5\n\x14ModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x99\x02\n\x15ModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x45\n\x06inputs\x18\x04 \x03(\x0b\x32\x35.anyserve.kserve.ModelMetadataResponse.TensorMetadata\x12\x46\n\x07outputs\x18\x05 \x03(\x0b\x32\x35.anyserve.kserve.ModelMetadataResponse.TensorMetadata\x1a?\n\x0eTensorMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x99\x01\n\x0eInferParameter\x12\x14\n\nbool_param\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bint64_param\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_param\x18\x03 \x01(\tH\x00\x12\x16\n\x0c\x64ouble_param\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cuint64_param\x18\x05 \x01(\x04H\x00\x42\x12\n\x10parameter_choice\"\xd0\x01\n\x13InferTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x08 \x03(\x0c\"\xa4\x07\n\x11ModelInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x46\n\nparameters\x18\x04 \x03(\x0b\x32\x32.anyserve.kserve.ModelInferRequest.ParametersEntry\x12\x43\n\x06inputs\x18\x05 \x03(\x0b\x32\x33.anyserve.kserve.ModelInferRequest.InferInputTensor\x12N\n\x07outputs\x18\x06 \x03(\x0b\x32=.anyserve.kserve.ModelInferRequest.InferRequestedOutputTensor\x12\x1a\n\x12raw_input_contents\x18\x07 \x03(\x0c\x1a\xa6\x02\n\x10InferInputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12W\n\nparameters\x18\x04 \x03(\x0b\x32\x43.anyserve.kserve.ModelInferRequest.InferInputTensor.ParametersEntry\x12\x36\n\x08\x63ontents\x18\x05 \x01(\x0b\x32$.anyserve.kserve.InferTensorContents\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\x1a\xe1\x01\n\x1aInferRequestedOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x61\n\nparameters\x18\x02 \x03(\x0b\x32M.anyserve.kserve.ModelInferRequest.InferRequestedOutputTensor.ParametersEntry\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\"\xf9\x04\n\x12ModelInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12G\n\nparameters\x18\x04 \x03(\x0b\x32\x33.anyserve.kserve.ModelInferResponse.ParametersEntry\x12\x46\n\x07outputs\x18\x05 \x03(\x0b\x32\x35.anyserve.kserve.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x06 \x03(\x0c\x1a\xa9\x02\n\x11InferOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12Y\n\nparameters\x18\x04 \x03(\x0b\x32\x45.anyserve.kserve.ModelInferResponse.InferOutputTensor.ParametersEntry\x12\x36\n\x08\x63ontents\x18\x05 \x01(\x0b\x32$.anyserve.kserve.InferTensorContents\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\"n\n\x18ModelStreamInferResponse\x12\x15\n\rerror_message\x18\x01 \x01(\t\x12;\n\x0einfer_response\x18\x02 \x01(\x0b\x32#.anyserve.kserve.ModelInferResponse2\xad\x05\n\x14GRPCInferenceService\x12W\n\nServerLive\x12\".anyserve.kserve.ServerLiveRequest\x1a#.anyserve.kserve.ServerLiveResponse\"\x00\x12Z\n\x0bServerReady\x12#.anyserve.kserve.ServerReadyRequest\x1a$.anyserve.kserve.ServerReadyResponse\"\x00\x12W\n\nModelReady\x12\".anyserve.kserve.ModelReadyRequest\x1a#.anyserve.kserve.ModelReadyResponse\"\x00\x12\x63\n\x0eServerMetadata\x12&.anyserve.kserve.ServerMetadataRequest\x1a\'.anyserve.kserve.ServerMetadataResponse\"\x00\x12`\n\rModelMetadata\x12%.anyserve.kserve.ModelMetadataRequest\x1a&.anyserve.kserve.ModelMetadataResponse\"\x00\x12W\n\nModelInfer\x12\".anyserve.kserve.ModelInferRequest\x1a#.anyserve.kserve.ModelInferResponse\"\x00\x12g\n\x10ModelStreamInfer\x12\".anyserve.kserve.ModelInferRequest\x1a).anyserve.kserve.ModelStreamInferResponse\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%anyserve/_proto/grpc_predict_v2.proto\x12\x0f\x61nyserve.kserve\x1a\"anyserve/_proto/model_config.proto\"\x13\n\x11ServerLiveRequest\"\"\n\x12ServerLiveResponse\x12\x0c\n\x04live\x18\x01 \x01(\x08\"\x14\n\x12ServerReadyRequest\"$\n\x13ServerReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"2\n\x11ModelReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12ModelReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"\x17\n\x15ServerMetadataRequest\"K\n\x16ServerMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nextensions\x18\x03 \x03(\t\"5\n\x14ModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x99\x02\n\x15ModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x45\n\x06inputs\x18\x04 \x03(\x0b\x32\x35.anyserve.kserve.ModelMetadataResponse.TensorMetadata\x12\x46\n\x07outputs\x18\x05 \x03(\x0b\x32\x35.anyserve.kserve.ModelMetadataResponse.TensorMetadata\x1a?\n\x0eTensorMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x99\x01\n\x0eInferParameter\x12\x14\n\nbool_param\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bint64_param\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_param\x18\x03 \x01(\tH\x00\x12\x16\n\x0c\x64ouble_param\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cuint64_param\x18\x05 \x01(\x04H\x00\x42\x12\n\x10parameter_choice\"\xd0\x01\n\x13InferTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x08 \x03(\x0c\"\xa4\x07\n\x11ModelInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x46\n\nparameters\x18\x04 \x03(\x0b\x32\x32.anyserve.kserve.ModelInferRequest.ParametersEntry\x12\x43\n\x06inputs\x18\x05 \x03(\x0b\x32\x33.anyserve.kserve.ModelInferRequest.InferInputTensor\x12N\n\x07outputs\x18\x06 \x03(\x0b\x32=.anyserve.kserve.ModelInferRequest.InferRequestedOutputTensor\x12\x1a\n\x12raw_input_contents\x18\x07 \x03(\x0c\x1a\xa6\x02\n\x10InferInputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12W\n\nparameters\x18\x04 \x03(\x0b\x32\x43.anyserve.kserve.ModelInferRequest.InferInputTensor.ParametersEntry\x12\x36\n\x08\x63ontents\x18\x05 \x01(\x0b\x32$.anyserve.kserve.InferTensorContents\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\x1a\xe1\x01\n\x1aInferRequestedOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x61\n\nparameters\x18\x02 \x03(\x0b\x32M.anyserve.kserve.ModelInferRequest.InferRequestedOutputTensor.ParametersEntry\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\"\xf9\x04\n\x12ModelInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12G\n\nparameters\x18\x04 \x03(\x0b\x32\x33.anyserve.kserve.ModelInferResponse.ParametersEntry\x12\x46\n\x07outputs\x18\x05 \x03(\x0b\x32\x35.anyserve.kserve.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x06 \x03(\x0c\x1a\xa9\x02\n\x11InferOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12Y\n\nparameters\x18\x04 \x03(\x0b\x32\x45.anyserve.kserve.ModelInferResponse.InferOutputTensor.ParametersEntry\x12\x36\n\x08\x63ontents\x18\x05 \x01(\x0b\x32$.anyserve.kserve.InferTensorContents\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\x1aR\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.anyserve.kserve.InferParameter:\x02\x38\x01\"n\n\x18ModelStreamInferResponse\x12\x15\n\rerror_message\x18\x01 \x01(\t\x12;\n\x0einfer_response\x18\x02 \x01(\x0b\x32#.anyserve.kserve.ModelInferResponse\"3\n\x12ModelConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"C\n\x13ModelConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.anyserve.kserve.ModelConfig\"@\n\x16RepositoryIndexRequest\x12\x17\n\x0frepository_name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\"\xaa\x01\n\x17RepositoryIndexResponse\x12\x43\n\x06models\x18\x01 \x03(\x0b\x32\x33.anyserve.kserve.RepositoryIndexResponse.ModelIndex\x1aJ\n\nModelIndex\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t2\xf1\x06\n\x14GRPCInferenceService\x12W\n\nServerLive\x12\".anyserve.kserve.ServerLiveRequest\x1a#.anyserve.kserve.ServerLiveResponse\"\x00\x12Z\n\x0bServerReady\x12#.anyserve.kserve.ServerReadyRequest\x1a$.anyserve.kserve.ServerReadyResponse\"\x00\x12W\n\nModelReady\x12\".anyserve.kserve.ModelReadyRequest\x1a#.anyserve.kserve.ModelReadyResponse\"\x00\x12\x63\n\x0eServerMetadata\x12&.anyserve.kserve.ServerMetadataRequest\x1a\'.anyserve.kserve.ServerMetadataResponse\"\x00\x12`\n\rModelMetadata\x12%.anyserve.kserve.ModelMetadataRequest\x1a&.anyserve.kserve.ModelMetadataResponse\"\x00\x12W\n\nModelInfer\x12\".anyserve.kserve.ModelInferRequest\x1a#.anyserve.kserve.ModelInferResponse\"\x00\x12g\n\x10ModelStreamInfer\x12\".anyserve.kserve.ModelInferRequest\x1a).anyserve.kserve.ModelStreamInferResponse\"\x00(\x01\x30\x01\x12Z\n\x0bModelConfig\x12#.anyserve.kserve.ModelConfigRequest\x1a$.anyserve.kserve.ModelConfigResponse\"\x00\x12\x66\n\x0fRepositoryIndex\x12\'.anyserve.kserve.RepositoryIndexRequest\x1a(.anyserve.kserve.RepositoryIndexResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,54 +42,64 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._loaded_options = None
   _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_SERVERLIVEREQUEST']._serialized_start=58
-  _globals['_SERVERLIVEREQUEST']._serialized_end=77
-  _globals['_SERVERLIVERESPONSE']._serialized_start=79
-  _globals['_SERVERLIVERESPONSE']._serialized_end=113
-  _globals['_SERVERREADYREQUEST']._serialized_start=115
-  _globals['_SERVERREADYREQUEST']._serialized_end=135
-  _globals['_SERVERREADYRESPONSE']._serialized_start=137
-  _globals['_SERVERREADYRESPONSE']._serialized_end=173
-  _globals['_MODELREADYREQUEST']._serialized_start=175
-  _globals['_MODELREADYREQUEST']._serialized_end=225
-  _globals['_MODELREADYRESPONSE']._serialized_start=227
-  _globals['_MODELREADYRESPONSE']._serialized_end=262
-  _globals['_SERVERMETADATAREQUEST']._serialized_start=264
-  _globals['_SERVERMETADATAREQUEST']._serialized_end=287
-  _globals['_SERVERMETADATARESPONSE']._serialized_start=289
-  _globals['_SERVERMETADATARESPONSE']._serialized_end=364
-  _globals['_MODELMETADATAREQUEST']._serialized_start=366
-  _globals['_MODELMETADATAREQUEST']._serialized_end=419
-  _globals['_MODELMETADATARESPONSE']._serialized_start=422
-  _globals['_MODELMETADATARESPONSE']._serialized_end=703
-  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_start=640
-  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_end=703
-  _globals['_INFERPARAMETER']._serialized_start=706
-  _globals['_INFERPARAMETER']._serialized_end=859
-  _globals['_INFERTENSORCONTENTS']._serialized_start=862
-  _globals['_INFERTENSORCONTENTS']._serialized_end=1070
-  _globals['_MODELINFERREQUEST']._serialized_start=1073
-  _globals['_MODELINFERREQUEST']._serialized_end=2005
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_start=1399
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_end=1693
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_start=1611
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_end=1693
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_start=1696
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_end=1921
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1611
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1693
-  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_start=1611
-  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_end=1693
-  _globals['_MODELINFERRESPONSE']._serialized_start=2008
-  _globals['_MODELINFERRESPONSE']._serialized_end=2641
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_start=2260
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_end=2557
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1611
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1693
-  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_start=1611
-  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_end=1693
-  _globals['_MODELSTREAMINFERRESPONSE']._serialized_start=2643
-  _globals['_MODELSTREAMINFERRESPONSE']._serialized_end=2753
-  _globals['_GRPCINFERENCESERVICE']._serialized_start=2756
-  _globals['_GRPCINFERENCESERVICE']._serialized_end=3441
+  _globals['_SERVERLIVEREQUEST']._serialized_start=94
+  _globals['_SERVERLIVEREQUEST']._serialized_end=113
+  _globals['_SERVERLIVERESPONSE']._serialized_start=115
+  _globals['_SERVERLIVERESPONSE']._serialized_end=149
+  _globals['_SERVERREADYREQUEST']._serialized_start=151
+  _globals['_SERVERREADYREQUEST']._serialized_end=171
+  _globals['_SERVERREADYRESPONSE']._serialized_start=173
+  _globals['_SERVERREADYRESPONSE']._serialized_end=209
+  _globals['_MODELREADYREQUEST']._serialized_start=211
+  _globals['_MODELREADYREQUEST']._serialized_end=261
+  _globals['_MODELREADYRESPONSE']._serialized_start=263
+  _globals['_MODELREADYRESPONSE']._serialized_end=298
+  _globals['_SERVERMETADATAREQUEST']._serialized_start=300
+  _globals['_SERVERMETADATAREQUEST']._serialized_end=323
+  _globals['_SERVERMETADATARESPONSE']._serialized_start=325
+  _globals['_SERVERMETADATARESPONSE']._serialized_end=400
+  _globals['_MODELMETADATAREQUEST']._serialized_start=402
+  _globals['_MODELMETADATAREQUEST']._serialized_end=455
+  _globals['_MODELMETADATARESPONSE']._serialized_start=458
+  _globals['_MODELMETADATARESPONSE']._serialized_end=739
+  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_start=676
+  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_end=739
+  _globals['_INFERPARAMETER']._serialized_start=742
+  _globals['_INFERPARAMETER']._serialized_end=895
+  _globals['_INFERTENSORCONTENTS']._serialized_start=898
+  _globals['_INFERTENSORCONTENTS']._serialized_end=1106
+  _globals['_MODELINFERREQUEST']._serialized_start=1109
+  _globals['_MODELINFERREQUEST']._serialized_end=2041
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_start=1435
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_end=1729
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_start=1647
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_end=1729
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_start=1732
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_end=1957
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1647
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1729
+  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_start=1647
+  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_end=1729
+  _globals['_MODELINFERRESPONSE']._serialized_start=2044
+  _globals['_MODELINFERRESPONSE']._serialized_end=2677
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_start=2296
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_end=2593
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1647
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1729
+  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_start=1647
+  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_end=1729
+  _globals['_MODELSTREAMINFERRESPONSE']._serialized_start=2679
+  _globals['_MODELSTREAMINFERRESPONSE']._serialized_end=2789
+  _globals['_MODELCONFIGREQUEST']._serialized_start=2791
+  _globals['_MODELCONFIGREQUEST']._serialized_end=2842
+  _globals['_MODELCONFIGRESPONSE']._serialized_start=2844
+  _globals['_MODELCONFIGRESPONSE']._serialized_end=2911
+  _globals['_REPOSITORYINDEXREQUEST']._serialized_start=2913
+  _globals['_REPOSITORYINDEXREQUEST']._serialized_end=2977
+  _globals['_REPOSITORYINDEXRESPONSE']._serialized_start=2980
+  _globals['_REPOSITORYINDEXRESPONSE']._serialized_end=3150
+  _globals['_REPOSITORYINDEXRESPONSE_MODELINDEX']._serialized_start=3076
+  _globals['_REPOSITORYINDEXRESPONSE_MODELINDEX']._serialized_end=3150
+  _globals['_GRPCINFERENCESERVICE']._serialized_start=3153
+  _globals['_GRPCINFERENCESERVICE']._serialized_end=4034
 # @@protoc_insertion_point(module_scope)

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from anyserve import codec, rpc
 from anyserve.api_server import control, model_meta
+from anyserve.api_server import openai as openai_api
 from anyserve.api_server.meta import RequestMeta, http_timeout, parse_meta
 from anyserve.api_server.responses import error_response, json_response, read_body
 from anyserve.api_server.sse import StreamRelay, protobuf_data
@@ -186,6 +187,11 @@ def build_app(state: ApiState) -> Starlette:
         Route(f"{versioned}/infer", bind(infer), methods=post),
         Route(f"{model}/generate", bind(generate), methods=post),
         Route(f"{model}/generate_stream", bind(generate_stream), methods=post),
+        Route("/v1/chat/completions", bind(openai_api.chat_completions), methods=post),
+        Route("/v1/completions", bind(openai_api.completions), methods=post),
+        Route("/v1/embeddings", bind(openai_api.embeddings), methods=post),
+        Route("/v1/models", bind(openai_api.models), methods=get),
+        Route("/v1/models/{model:path}", bind(openai_api.model), methods=get),
         Route("/v2/health/live", bind(model_meta.http_live), methods=get),
         Route("/v2/health/ready", bind(model_meta.http_ready), methods=get),
         Route("/v2", bind(model_meta.http_server_metadata), methods=get),
@@ -193,6 +199,10 @@ def build_app(state: ApiState) -> Starlette:
         Route(versioned, bind(model_meta.http_model_metadata), methods=get),
         Route(f"{model}/ready", bind(model_meta.http_model_ready), methods=get),
         Route(f"{versioned}/ready", bind(model_meta.http_model_ready), methods=get),
+        Route(f"{model}/config", bind(model_meta.http_model_config), methods=get),
+        Route(f"{versioned}/config", bind(model_meta.http_model_config), methods=get),
+        Route("/v2/repository/index", bind(model_meta.http_repository_index), methods=post),
+        Route("/infer/metadata", bind(model_meta.http_model_metadata), methods=get),
     ]
     return Starlette(
         routes=routes,

@@ -8,9 +8,10 @@ its own (requests of one stream may reach different replicas) and responses
 are relayed as they arrive; a failure of one request, routing errors included,
 is reported in-band (Triton's convention: ``error_message`` set, the status
 code name in the ``anyserve_error_code`` parameter) and the stream goes on.
-Server liveness, readiness and metadata are answered here; model readiness and
-metadata are forwarded to a replica serving the name. The client's deadline
-travels to the replica.
+Server liveness, readiness, metadata and the repository index are answered
+here; model readiness, metadata and config are forwarded to a replica serving
+the name (or the capability of ``x-capability-*`` metadata). The client's
+deadline travels to the replica.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 from anyserve import rpc
+from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.api_server import model_meta
 from anyserve.api_server.meta import RequestMeta, parse_meta
 from anyserve.api_server.state import ApiState
@@ -62,6 +64,8 @@ class GrpcEntry:
             "ServerMetadata": grpc.unary_unary_rpc_method_handler(self.server_metadata),
             "ModelReady": grpc.unary_unary_rpc_method_handler(self.model_ready),
             "ModelMetadata": grpc.unary_unary_rpc_method_handler(self.model_metadata),
+            "ModelConfig": grpc.unary_unary_rpc_method_handler(self.model_config),
+            "RepositoryIndex": grpc.unary_unary_rpc_method_handler(self.repository_index),
         }
         return grpc.method_handlers_generic_handler(rpc.SERVICE, methods)
 
@@ -168,7 +172,32 @@ class GrpcEntry:
         except Exception:
             raise InvalidArgument("malformed ModelMetadataRequest") from None
         meta = self._meta(context, parsed.name)
+        if not meta.query and not meta.model_name:
+            raise InvalidArgument("set the model name or x-capability-* metadata")
         return await model_meta.model_metadata(self._state, meta, parsed.version)
+
+    @grpc_method
+    async def model_config(self, request: bytes, context: Context) -> bytes:
+        """Triton's model config, forwarded like ModelMetadata (NOT_FOUND when
+        no replica serves the name)."""
+        try:
+            parsed = pb.ModelConfigRequest.FromString(request)
+        except Exception:
+            raise InvalidArgument("malformed ModelConfigRequest") from None
+        meta = self._meta(context, parsed.name)
+        if not meta.query and not meta.model_name:
+            raise InvalidArgument("set the model name or x-capability-* metadata")
+        return await model_meta.model_config(self._state, meta, parsed.version)
+
+    @grpc_method
+    async def repository_index(self, request: bytes, context: Context) -> bytes:
+        """Every capability in the registry with its state (model_meta says how)."""
+        try:
+            parsed = pb.RepositoryIndexRequest.FromString(request)
+        except Exception:
+            raise InvalidArgument("malformed RepositoryIndexRequest") from None
+        index = model_meta.repository_index(self._state, ready_only=parsed.ready)
+        return index.SerializeToString()
 
 
 async def start_grpc_server(state: ApiState, host: str, port: int) -> tuple[grpc.aio.Server, int]:

@@ -15,6 +15,11 @@ pump reads the replica and renders events into a small buffer, and the SSE
 body iterator takes everything buffered at each step. The gRPC call lives in
 this response's ``async with``: a client that disconnects cancels the task
 group, which leaves the block and cancels the call to the replica.
+
+Another wire format (the OpenAI API's, :mod:`anyserve.api_server.openai`)
+passes a :class:`Framing` instead of a render function: it makes the events
+of each response, the error event, the end marker and the answer to an error
+that comes before the stream starts.
 """
 
 from __future__ import annotations
@@ -66,6 +71,31 @@ def _parse(raw: bytes) -> ModelStreamInferResponse:
         raise HandlerError(f"replica sent a malformed stream response: {exc}") from None
 
 
+class Framing:
+    """How a relay frames what it sends; this one is anyserve's own (module
+    docstring) around ``render``. Subclasses may return several events, or
+    none (``b""``), for one response."""
+
+    def __init__(self, render: Render) -> None:
+        self.render = render
+
+    def events(self, response: ModelInferResponse) -> bytes:
+        """The SSE events for one response."""
+        return data_event(self.render(response))
+
+    def error(self, exc: AnyServeError) -> bytes:
+        """The event reporting an error once the stream has started (its last)."""
+        return error_event(exc)
+
+    def end(self) -> bytes:
+        """The events after the last response of a clean end."""
+        return DONE_EVENT
+
+    def error_response(self, exc: AnyServeError, request_id: str) -> Response:
+        """The HTTP answer when the first thing the replica says is an error."""
+        return error_response(exc, request_id)
+
+
 async def _batched(events: MemoryObjectReceiveStream[bytes]) -> AsyncIterator[bytes]:
     async with events:
         async for event in events:
@@ -82,13 +112,18 @@ class StreamRelay(Response):
     """ASGI response that routes one request to a replica's stream and relays it."""
 
     def __init__(
-        self, router: Router, body: bytes, meta: RequestMeta, render: Render, ping: float
+        self,
+        router: Router,
+        body: bytes,
+        meta: RequestMeta,
+        render: Render | Framing,
+        ping: float,
     ) -> None:
         # Response.__init__ is not called: nothing is rendered up front.
         self._router = router
         self._body = body
         self._meta = meta
-        self._render = render
+        self._framing = render if isinstance(render, Framing) else Framing(render)
         self._ping = ping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -107,7 +142,7 @@ class StreamRelay(Response):
         except AnyServeError as exc:
             if started:  # headers are out: _relay reports errors as events
                 raise
-            await error_response(exc, self._meta.request_id)(scope, receive, send)
+            await self._framing.error_response(exc, self._meta.request_id)(scope, receive, send)
 
     async def _relay(
         self,
@@ -138,6 +173,7 @@ class StreamRelay(Response):
         events: MemoryObjectSendStream[bytes],
     ) -> None:
         """Render each batch the replica sends into one chunk of SSE events."""
+        framing = self._framing
         async with events:
             try:
                 while batch is not None:
@@ -146,17 +182,18 @@ class StreamRelay(Response):
                         message = _parse(raw)
                         error = from_stream_response(message)
                         if error is not None:
-                            rendered.append(error_event(error))
+                            rendered.append(framing.error(error))
                             await events.send(b"".join(rendered))
                             return
-                        rendered.append(data_event(self._render(message.infer_response)))
-                    if rendered:
-                        await events.send(b"".join(rendered))
+                        rendered.append(framing.events(message.infer_response))
+                    chunk = b"".join(rendered)
+                    if chunk:
+                        await events.send(chunk)
                     batch = await stream.read_batch()
             except AnyServeError as exc:
-                await events.send(error_event(exc))
+                await events.send(framing.error(exc))
                 return
-            await events.send(DONE_EVENT)
+            await events.send(framing.end())
 
 
 async def _first_or_disconnect(

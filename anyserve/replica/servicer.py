@@ -4,6 +4,12 @@ Inference payloads stay serialized bytes: the dispatcher routes them without
 parsing. Health and metadata methods answer from the manager's view of its
 workers. A failed request on a ``ModelStreamInfer`` stream is reported in-band
 (Triton's convention) and the stream stays open for the others.
+
+``ModelMetadata`` and ``ModelConfig`` describe one handler: the one the
+capability metadata (``x-capability-*``) would route a request to, else the
+one the model name addresses (the dispatcher's resolution; a unary handler
+before a streaming one). Its declared ``inputs``/``outputs`` are listed, and
+the config is Triton's (:func:`~anyserve.replica.status.model_config`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import grpc.aio
 from anyserve import __version__, rpc
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.app import HandlerInfo
-from anyserve.capability import rank
+from anyserve.capability import query_from_headers, rank
 from anyserve.errors import AnyServeError, NotFound, grpc_method, to_stream_error
 from anyserve.replica.dispatcher import Dispatcher
 from anyserve.replica.manager import Manager
 from anyserve.replica.slot import State
+from anyserve.replica.status import model_config, repository_index, tensor_metadata
 
 
 class InferenceServicer:
@@ -53,6 +60,10 @@ class InferenceServicer:
             ),
             "ModelMetadata": typed(
                 self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
+            ),
+            "ModelConfig": typed(self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            "RepositoryIndex": typed(
+                self.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse
             ),
         }
         return grpc.method_handlers_generic_handler(rpc.SERVICE, handlers)
@@ -129,14 +140,43 @@ class InferenceServicer:
             name="anyserve", version=__version__, extensions=["capabilities", "streaming"]
         )
 
+    def _described(self, name: str, context: grpc.aio.ServicerContext) -> tuple[HandlerInfo, str]:
+        """The handler a metadata or config request is about (module docstring)
+        and the model name to answer with: the requested one, or the handler's
+        (``model``, else ``type``) when capability metadata chose it. NotFound
+        when none matches, InvalidArgument without a name or query."""
+        pairs = context.invocation_metadata() or ()
+        query = query_from_headers((k, v) for k, v in pairs if isinstance(v, str))
+        try:
+            handler = self.dispatcher.resolve(query, name, stream=False)
+        except NotFound:
+            handler = self.dispatcher.resolve(query, name, stream=True)
+        return handler, handler.capability.name if query else name
+
     @grpc_method
     async def model_metadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        handlers = self._named(request.name)
+        handler, name = self._described(request.name, context)
         return pb.ModelMetadataResponse(
-            name=request.name, versions=["1"], platform=f"anyserve/{handlers[0].name}"
+            name=name,
+            versions=["1"],
+            platform=f"anyserve/{handler.name}",
+            inputs=tensor_metadata(handler.inputs),
+            outputs=tensor_metadata(handler.outputs),
         )
+
+    @grpc_method
+    async def model_config(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        handler, name = self._described(request.name, context)
+        return pb.ModelConfigResponse(config=model_config(handler, name))
+
+    async def repository_index(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        return repository_index(self.manager, ready_only=request.ready)
 
 
 def _peek_id(payload: bytes) -> str:

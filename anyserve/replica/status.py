@@ -10,15 +10,23 @@ Each handler is offered as one of:
 * ``unfit``: one worker needs more than the replica's ``--resources`` in all.
 
 Only ``loaded`` and ``loadable`` capabilities are registered.
+
+A handler's declaration is reported too: its tensors in KServe model metadata
+(:func:`tensor_metadata`) and Triton's model config (:func:`model_config`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from anyserve._proto import admin_pb2 as apb
+from anyserve._proto import grpc_predict_v2_pb2 as pb
+from anyserve._proto import model_config_pb2 as mc
+from anyserve.app import HandlerInfo
 from anyserve.replica.manager import Manager
 from anyserve.replica.slot import Slot, State
+from anyserve.signature import Tensor, config_dims, triton_type
 
 
 def availability(manager: Manager, name: str) -> str:
@@ -91,3 +99,85 @@ def workers_reply(manager: Manager, replica_id: str) -> apb.WorkersReply:
     return apb.WorkersReply(
         replica_id=replica_id, workers=[worker_info(s) for s in manager.all_slots()]
     )
+
+
+# --------------------------------------------------------------------------- declarations
+
+TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
+
+
+def tensor_metadata(tensors: Sequence[Tensor]) -> list[TensorMetadata]:
+    """Declared tensors as KServe model metadata lists them (full shapes)."""
+    return [TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors]
+
+
+def model_config(handler: HandlerInfo, name: str) -> mc.ModelConfig:
+    """Triton's model config of ``handler``, answering to model ``name``.
+
+    Platform and backend ``anyserve``; ``max_batch_size`` from the decorator
+    (with it > 0, dims leave out the batch dimension and ``dynamic_batching``
+    carries ``batch_timeout``); one instance group of ``workers`` processes
+    (``KIND_GPU`` when the handler needs a ``gpu`` resource); a streaming
+    handler is ``decoupled``; parameters ``handler`` and ``capability``.
+    """
+    batch = handler.max_batch_size
+    gpu = handler.resources.get("gpu", 0) > 0
+    group = mc.ModelInstanceGroup
+    config = mc.ModelConfig(
+        name=name,
+        platform="anyserve",
+        backend="anyserve",
+        max_batch_size=batch,
+        input=[
+            mc.ModelInput(
+                name=t.name,
+                data_type=triton_type(t.datatype),
+                dims=config_dims(t, batch),
+            )
+            for t in handler.inputs
+        ],
+        output=[
+            mc.ModelOutput(
+                name=t.name,
+                data_type=triton_type(t.datatype),
+                dims=config_dims(t, batch),
+            )
+            for t in handler.outputs
+        ],
+        instance_group=[
+            group(
+                name=handler.name,
+                kind=group.KIND_GPU if gpu else group.KIND_CPU,
+                count=handler.workers,
+            )
+        ],
+        parameters={
+            "handler": mc.ModelParameter(string_value=handler.name),
+            "capability": mc.ModelParameter(string_value=str(handler.capability)),
+        },
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=handler.stream),
+    )
+    if batch > 0:
+        config.dynamic_batching.max_queue_delay_microseconds = round(handler.batch_timeout * 1e6)
+    return config
+
+
+def repository_index(manager: Manager, ready_only: bool = False) -> pb.RepositoryIndexResponse:
+    """This replica's handlers by model name (``model``, else ``type``):
+    ``READY`` when one of that name is loaded, else ``UNAVAILABLE`` with its
+    availability as the reason (``loadable``, ``failed``, ``stopped``, ``unfit``)."""
+    order = ("loaded", "loadable", "failed", "stopped", "unfit")  # best first
+    best: dict[str, str] = {}
+    for handler in manager.handlers.values():
+        name, offered = handler.capability.name, availability(manager, handler.name)
+        if name not in best or order.index(offered) < order.index(best[name]):
+            best[name] = offered
+    index = pb.RepositoryIndexResponse.ModelIndex
+    models = [
+        index(name=name, version="1", state="READY")
+        if offered == "loaded"
+        else index(name=name, version="1", state="UNAVAILABLE", reason=offered)
+        for name, offered in sorted(best.items())
+        if offered == "loaded" or not ready_only
+    ]
+    return pb.RepositoryIndexResponse(models=models)
