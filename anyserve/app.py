@@ -73,6 +73,8 @@ class HandlerInfo:
     # Declared signatures (empty: not declared, nothing is checked).
     inputs: tuple[Tensor, ...] = ()
     outputs: tuple[Tensor, ...] = ()
+    # Seconds a worker may take to start (load its model); None: the replica's default.
+    start_timeout: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +89,7 @@ class HandlerInfo:
             "batch_timeout": self.batch_timeout,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
+            "start_timeout": self.start_timeout,
         }
 
     @classmethod
@@ -103,6 +106,9 @@ class HandlerInfo:
             batch_timeout=float(data.get("batch_timeout", DEFAULT_BATCH_TIMEOUT)),
             inputs=tuple(Tensor.from_dict(t) for t in data.get("inputs", ())),
             outputs=tuple(Tensor.from_dict(t) for t in data.get("outputs", ())),
+            start_timeout=(
+                None if data.get("start_timeout") is None else float(data["start_timeout"])
+            ),
         )
 
 
