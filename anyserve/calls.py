@@ -19,7 +19,13 @@ import httpx
 from anyserve import codec, rpc
 from anyserve.capability import Capability, query_to_metadata
 from anyserve.context import Context
-from anyserve.errors import LoopDetected, Unavailable, from_rpc_error, from_stream_response
+from anyserve.errors import (
+    DeadlineExceeded,
+    LoopDetected,
+    Unavailable,
+    from_rpc_error,
+    from_stream_response,
+)
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
 
 log = logging.getLogger("anyserve.calls")
@@ -61,24 +67,27 @@ class ApiChannel:
             pairs.append((rpc.AUTHORIZATION, f"Bearer {self._token}"))
         return pairs
 
-    async def unary(self, payload: bytes, metadata: Mapping[str, str], timeout: float) -> bytes:
-        """ModelInfer through the API server; raises the anyserve error it answered."""
+    async def unary(
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
+    ) -> bytes:
+        """ModelInfer through the API server (``timeout``: seconds, None: no
+        deadline); raises the anyserve error it answered."""
         method = self._get().unary_unary(rpc.MODEL_INFER)
         try:
             response: bytes = await method(
-                payload, metadata=self._metadata(metadata), timeout=timeout or None
+                payload, metadata=self._metadata(metadata), timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return response
 
     async def stream(
-        self, payload: bytes, metadata: Mapping[str, str], timeout: float
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
     ) -> AsyncGenerator[bytes, None]:
         """ModelStreamInfer with one request; yields serialized stream responses
         (in-band errors included, untouched). Leaving early cancels the call."""
         method = self._get().stream_stream(rpc.MODEL_STREAM_INFER)
-        call = method(iter([payload]), metadata=self._metadata(metadata), timeout=timeout or None)
+        call = method(iter([payload]), metadata=self._metadata(metadata), timeout=timeout)
         try:
             async for message in call:
                 yield message
@@ -118,7 +127,7 @@ class ApiCaller:
 
     def _prepare(
         self, parent: Context, capability: Mapping[str, Any], inputs: Mapping[str, Any]
-    ) -> tuple[bytes, dict[str, str], float]:
+    ) -> tuple[bytes, dict[str, str], float | None]:
         target = Capability(capability)
         chain = [c for c in parent.metadata.get(rpc.CALL_CHAIN, "").split(CHAIN_SEP) if c]
         chain.append(str(parent.capability))
@@ -138,7 +147,12 @@ class ApiCaller:
         metadata = dict(query_to_metadata(target))
         metadata[rpc.REQUEST_ID] = parent.request_id
         metadata[rpc.CALL_CHAIN] = CHAIN_SEP.join(chain)
-        timeout = parent.time_remaining() or 0.0
+        timeout = parent.time_remaining()
+        if timeout is not None and timeout <= 0:
+            # An expired deadline stays expired: the child must not run unbounded.
+            raise DeadlineExceeded(
+                f"no time left to call {target}: request {parent.request_id}'s deadline passed"
+            )
         return request.SerializeToString(), metadata, timeout
 
     async def call(
@@ -198,11 +212,13 @@ class ApiDelegator:
         )
         return hop
 
-    async def unary(self, payload: bytes, metadata: Mapping[str, str], timeout: float) -> bytes:
+    async def unary(
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
+    ) -> bytes:
         return await self.channel.unary(payload, self._hop(metadata), timeout)
 
     async def stream(
-        self, payload: bytes, metadata: Mapping[str, str], timeout: float
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
     ) -> AsyncGenerator[bytes, None]:
         async for message in self.channel.stream(payload, self._hop(metadata), timeout):
             yield message

@@ -266,6 +266,17 @@ async def test_replica_errors_map_to_http_and_are_not_retried() -> None:
         deadline = slow.deadlines[-1]
         assert deadline is not None and deadline < 0.15  # the deadline travelled
 
+        calls_before = slow.calls
+        for absurd in ("1e10", "0", "never"):
+            headers = {"X-Capability-Type": "slow", "X-Request-Timeout": absurd}
+            response = await http.post("/infer", headers=headers, json=EMPTY)
+            assert response.status_code == 400, (absurd, response.text)
+            assert "X-Request-Timeout" in response.json()["error"]
+        headers = {"X-Capability-Type": "slow", "X-Anyserve-Call-Chain": "type=x>" * 1000}
+        response = await http.post("/infer", headers=headers, json=EMPTY)
+        assert response.status_code == 400 and "call-chain" in response.json()["error"]
+        assert slow.calls == calls_before  # refused at the edge
+
 
 # --------------------------------------------------------------------------- bodies
 

@@ -17,9 +17,13 @@ from anyserve import rpc
 from anyserve.capability import query_from_headers, query_to_metadata
 from anyserve.errors import InvalidArgument
 
-# HTTP only: gRPC clients set a deadline instead.
-TIMEOUT_HEADER = "x-request-timeout"
 _MAX_ID = 128
+# Longest deadline a client may ask for (a day): beyond that it is a mistake.
+MAX_TIMEOUT = 86400.0
+# What a request may carry to the next hop: capability keys, and the length of
+# the hop list and call chain. Larger is a malformed request (400), not load.
+_MAX_QUERY_KEYS = 64
+_MAX_TEXT = 4096
 
 
 @dataclass(slots=True)
@@ -84,6 +88,14 @@ def parse_meta(
         if key in (rpc.REQUEST_ID, rpc.DELEGATED_FROM, rpc.VISITED, rpc.CALL_CHAIN):
             fields[key] = value.strip()
     query = {k: _check_value(k, v) for k, v in query_from_headers(text).items()}
+    if len(query) > _MAX_QUERY_KEYS or sum(len(k) + len(v) for k, v in query.items()) > _MAX_TEXT:
+        raise InvalidArgument(
+            f"capability headers too large: at most {_MAX_QUERY_KEYS} keys"
+            f" and {_MAX_TEXT} bytes in all"
+        )
+    for key in (rpc.VISITED, rpc.CALL_CHAIN):
+        if len(fields.get(key, "")) > _MAX_TEXT:
+            raise InvalidArgument(f"header {key!r} is longer than {_MAX_TEXT} bytes")
     request_id = fields.get(rpc.REQUEST_ID, "")
     if not (0 < len(request_id) <= _MAX_ID and request_id.isascii() and request_id.isprintable()):
         request_id = uuid.uuid4().hex
@@ -115,7 +127,8 @@ def parse_meta(
 def http_timeout(value: str | None, default: float) -> float:
     """Seconds from an ``X-Request-Timeout`` header, else ``default``.
 
-    Raises InvalidArgument unless the value is a positive finite number.
+    Raises InvalidArgument unless the value is a positive number of at most
+    :data:`MAX_TIMEOUT` seconds.
     """
     if value is None:
         return default
@@ -125,4 +138,8 @@ def http_timeout(value: str | None, default: float) -> float:
         raise InvalidArgument(f"X-Request-Timeout must be seconds, got {value!r}") from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise InvalidArgument(f"X-Request-Timeout must be positive, got {value!r}")
+    if seconds > MAX_TIMEOUT:
+        raise InvalidArgument(
+            f"X-Request-Timeout must be at most {MAX_TIMEOUT:.0f} seconds, got {value!r}"
+        )
     return seconds

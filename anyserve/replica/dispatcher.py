@@ -38,10 +38,12 @@ class Delegator(Protocol):
 
     def allowed(self, metadata: Mapping[str, str]) -> bool: ...
 
-    async def unary(self, payload: bytes, metadata: Mapping[str, str], timeout: float) -> bytes: ...
+    async def unary(
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
+    ) -> bytes: ...
 
     def stream(
-        self, payload: bytes, metadata: Mapping[str, str], timeout: float
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
     ) -> AsyncGenerator[bytes, None]: ...
 
 
@@ -122,8 +124,11 @@ class Dispatcher:
 
     # -- calls -----------------------------------------------------------------
 
-    async def unary(self, payload: bytes, metadata: Mapping[str, str], timeout: float) -> bytes:
+    async def unary(
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
+    ) -> bytes:
         """Run a unary call; returns the serialized ModelInferResponse.
+        ``timeout``: seconds left (None: no deadline).
 
         Raises the anyserve error the worker (or delegation) answered with.
         """
@@ -157,7 +162,7 @@ class Dispatcher:
             slot.close_call(call_id, cancel=not done)
 
     async def stream(
-        self, payload: bytes, metadata: Mapping[str, str], timeout: float
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
     ) -> AsyncIterator[list[bytes]]:
         """Run a streaming call; yields batches of serialized
         ModelStreamInferResponse messages: each batch is every response that

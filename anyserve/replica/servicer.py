@@ -26,7 +26,13 @@ from anyserve import __version__, rpc
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.app import HandlerInfo
 from anyserve.capability import query_from_headers, rank
-from anyserve.errors import AnyServeError, NotFound, grpc_method, to_stream_error
+from anyserve.errors import (
+    AnyServeError,
+    DeadlineExceeded,
+    NotFound,
+    grpc_method,
+    to_stream_error,
+)
 from anyserve.replica.dispatcher import Dispatcher
 from anyserve.replica.manager import Manager
 from anyserve.replica.slot import State
@@ -71,7 +77,7 @@ class InferenceServicer:
     @grpc_method
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         metadata = rpc.forwardable(context.invocation_metadata())
-        return await self.dispatcher.unary(request, metadata, context.time_remaining() or 0.0)
+        return await self.dispatcher.unary(request, metadata, _time_left(context))
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -90,9 +96,7 @@ class InferenceServicer:
 
         async def serve_one(payload: bytes) -> None:
             try:
-                async for batch in self.dispatcher.stream(
-                    payload, metadata, context.time_remaining() or 0.0
-                ):
+                async for batch in self.dispatcher.stream(payload, metadata, _time_left(context)):
                     if batched:
                         await write(rpc.pack_batch(batch))
                     else:
@@ -184,3 +188,14 @@ def _peek_id(payload: bytes) -> str:
         return rpc.peek_string_field(payload, 3)
     except ValueError:
         return ""
+
+
+def _time_left(context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds before the caller's deadline (None: it set none); raises
+    DeadlineExceeded when it has passed, so no handler starts unbounded."""
+    left = context.time_remaining()
+    if left is None:
+        return None
+    if left <= 0:
+        raise DeadlineExceeded("the deadline passed before the call reached a worker")
+    return float(left)

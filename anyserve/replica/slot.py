@@ -201,7 +201,7 @@ class Slot:
     # -- calls -------------------------------------------------------------
 
     def open_call(
-        self, payload: bytes, *, stream: bool, metadata: Mapping[str, str], timeout: float
+        self, payload: bytes, *, stream: bool, metadata: Mapping[str, str], timeout: float | None
     ) -> tuple[int, CallSink]:
         """Send a Call frame; raises Unavailable when the worker is not ready."""
         writer = self._writer
@@ -212,7 +212,8 @@ class Slot:
         sink = CallSink()
         self._calls[call_id] = sink
         self.idle.clear()
-        call = wpb.Call(stream=stream, timeout=timeout, metadata=metadata)
+        # On the wire 0 means "no deadline" (a passed one never gets this far).
+        call = wpb.Call(stream=stream, timeout=timeout or 0.0, metadata=metadata)
         wire.write_frame(writer, wpb.Header(call_id=call_id, call=call), payload)
         return call_id, sink
 
