@@ -159,6 +159,27 @@ async def test_closing_sse_stops_the_handler(
     assert stopped.read_text() == form
 
 
+@pytest.mark.parametrize("kind", ["hang", "hang_sync"])
+async def test_a_client_leaving_a_unary_request_cancels_its_handler(
+    bench: Cluster, tmp_path: Path, kind: str
+) -> None:
+    marker = tmp_path / kind
+    stopped = marker.with_suffix(".stopped")
+    headers = {"X-Capability-Type": kind}
+    body = text_body("text_input", str(marker))
+    async with (
+        httpx.AsyncClient(base_url=bench.url, timeout=30) as http,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(lambda: http.post("/infer", headers=headers, json=body))
+        await eventually(marker.exists, timeout=10)  # the handler runs
+        tg.cancel_scope.cancel()  # the client gives up: its connection closes
+    started = anyio.current_time()
+    await eventually(stopped.exists, timeout=1.0)
+    assert anyio.current_time() - started <= 1.0
+    assert stopped.read_text() == "cancelled"
+
+
 # --------------------------------------------------------------------------- delegated stream
 
 

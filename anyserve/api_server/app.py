@@ -25,7 +25,12 @@ from anyserve import codec, rpc
 from anyserve.api_server import control, model_meta
 from anyserve.api_server import openai as openai_api
 from anyserve.api_server.meta import RequestMeta, http_timeout, parse_meta
-from anyserve.api_server.responses import error_response, json_response, read_body
+from anyserve.api_server.responses import (
+    error_response,
+    json_response,
+    read_body,
+    unless_disconnected,
+)
 from anyserve.api_server.sse import StreamRelay, protobuf_data
 from anyserve.api_server.state import ApiState
 from anyserve.errors import AnyServeError, HandlerError, InvalidArgument
@@ -100,7 +105,7 @@ async def infer(state: ApiState, request: Request) -> Response:
     meta = _request_meta(state, request)
     payload, parsed = await _decode_infer(state, request, meta)
     _require_target(meta)
-    raw = await state.router.unary(rpc.MODEL_INFER, payload, meta)
+    raw = await unless_disconnected(request, state.router.unary(rpc.MODEL_INFER, payload, meta))
     headers = {"X-Request-Id": meta.request_id}
     if parsed is None:
         return Response(raw, headers=headers, media_type=PROTOBUF)
@@ -132,7 +137,7 @@ async def _generate_payload(state: ApiState, request: Request) -> tuple[bytes, R
 async def generate(state: ApiState, request: Request) -> Response:
     """``POST /v2/models/{name}/generate``: Triton's flat JSON in and out."""
     payload, meta = await _generate_payload(state, request)
-    raw = await state.router.unary(rpc.MODEL_INFER, payload, meta)
+    raw = await unless_disconnected(request, state.router.unary(rpc.MODEL_INFER, payload, meta))
     body = codec.generate_response_json(_parse_response(raw))
     return Response(body, headers={"X-Request-Id": meta.request_id}, media_type="application/json")
 

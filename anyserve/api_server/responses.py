@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from anyserve.errors import AnyServeError, InvalidArgument, PayloadTooLarge, to_http
+from anyserve.errors import AnyServeError, InvalidArgument, PayloadTooLarge, Unavailable, to_http
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -52,3 +53,34 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"body is over the {limit}-byte limit")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_T = TypeVar("_T")
+
+
+async def unless_disconnected(request: Request, call: Awaitable[_T]) -> _T:
+    """Await ``call`` (the body has been read), cancelling it when the client
+    disconnects first: the router then cancels the replica's call, and the
+    handler with it. Raises Unavailable in that case (nobody reads the answer)
+    and whatever ``call`` raises otherwise."""
+    outcome: list[_T] = []
+    failure: list[BaseException] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            # After the body only a disconnect can arrive.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            outcome.append(await call)
+        except Exception as exc:  # raised below, not wrapped in the group's ExceptionGroup
+            failure.append(exc)
+        tg.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    if not outcome:
+        raise Unavailable("the client disconnected before the answer")
+    return outcome[0]

@@ -133,6 +133,16 @@ async def hang(request: ModelInferRequest, context: Context) -> str:
     return "never"
 
 
+@app.capability(type="hang_sync")
+def hang_sync(request: ModelInferRequest, context: Context) -> str:
+    marker = Path(_text(request))
+    marker.write_text(str(os.getpid()))
+    while not context.cancelled:  # a sync handler learns it was cancelled by polling
+        time.sleep(0.01)
+    marker.with_suffix(".stopped").write_text("cancelled")
+    return "never"
+
+
 @app.capability(type="ticker", form="async", stream=True)
 async def ticker_async(request: ModelInferRequest, context: Context):  # type: ignore[no-untyped-def]
     """Ticks until cancelled; writes `<path>.stopped` when it stops."""
