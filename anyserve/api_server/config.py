@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from anyserve.api_server import guard
+
 NoMatchPolicy = Literal["reject", "random"]
 NO_MATCH_POLICIES: tuple[NoMatchPolicy, ...] = ("reject", "random")
 
@@ -24,7 +26,11 @@ class ApiServerConfig:
     ``no_match``: ``"reject"`` answers 404 when no replica matches; ``"random"``
     forwards to a random replica not yet visited, which may delegate it
     onwards. ``token`` (default: ``$ANYSERVE_TOKEN``) guards ``/register`` and
-    ``/unregister``. ``ttl`` None means three heartbeat intervals.
+    ``/unregister``; without one they are taken from this machine only, and
+    a non-loopback ``host`` needs ``insecure_register`` to start (see
+    :mod:`anyserve.api_server.guard`). ``replica_networks`` (CIDRs) limits the
+    endpoints replicas may register. ``ttl`` None means three heartbeat
+    intervals. Raises ValueError for an invalid setting.
     """
 
     host: str = "127.0.0.1"
@@ -45,6 +51,11 @@ class ApiServerConfig:
     shutdown_grace: float = 5.0
     # Seconds between SSE keep-alive comments (0 disables them).
     sse_ping: float = 15.0
+    # Serve on a non-loopback address without a token (registration stays local).
+    insecure_register: bool = False
+    # CIDRs registered replica endpoints must be in (empty: any host:port).
+    replica_networks: tuple[str, ...] = ()
+    networks: tuple[guard.Network, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         if self.no_match not in NO_MATCH_POLICIES:
@@ -59,6 +70,14 @@ class ApiServerConfig:
             raise ValueError("max_body and max_inflight_per_replica must be positive")
         if self.request_timeout <= 0 or self.connect_timeout <= 0:
             raise ValueError("request_timeout and connect_timeout must be positive")
+        self.networks = guard.parse_networks(self.replica_networks)
+        if not self.token and not self.insecure_register and not guard.is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve on {self.host} without a token: replicas on other hosts"
+                " could not register, and anyone could read the registry. Set --token (or"
+                " ANYSERVE_TOKEN), or pass --insecure-register to serve anyway with"
+                " registration from this machine only"
+            )
 
     @property
     def effective_ttl(self) -> float:

@@ -7,7 +7,6 @@ replica again within one heartbeat interval.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -17,28 +16,17 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from anyserve.api_server import guard
 from anyserve.api_server.responses import json_response, read_body
 from anyserve.api_server.state import ApiState
 from anyserve.capability import Capability
-from anyserve.errors import InvalidArgument, Unauthenticated
+from anyserve.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
 _MAX_CONTROL_BODY = 4 * 1024 * 1024
 _MAX_ID = 256
 _SCALARS = (str, int, float, bool)
-
-
-def check_token(state: ApiState, request: Request) -> None:
-    """Raise Unauthenticated unless the request carries the configured token."""
-    token = state.config.token
-    if not token:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
-        raise Unauthenticated("missing or wrong token (Authorization: Bearer <token>)")
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -63,14 +51,8 @@ def _text(doc: dict[str, Any], key: str) -> str:
     return value
 
 
-def _endpoint(doc: dict[str, Any]) -> str:
-    endpoint = _text(doc, "endpoint")
-    if endpoint.startswith("unix:"):
-        return endpoint
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"'endpoint' must be host:port, got {endpoint!r}")
-    return endpoint
+def _endpoint(state: ApiState, doc: dict[str, Any]) -> str:
+    return guard.check_endpoint(_text(doc, "endpoint"), state.config.networks)
 
 
 def _capabilities(doc: dict[str, Any], key: str, required: bool) -> list[Capability]:
@@ -79,10 +61,13 @@ def _capabilities(doc: dict[str, Any], key: str, required: bool) -> list[Capabil
         return []
     if not isinstance(items, list):
         raise InvalidArgument(f"{key!r} must be a list of objects")
+    if len(items) > guard.MAX_CAPABILITIES:
+        raise InvalidArgument(f"{key!r} lists more than {guard.MAX_CAPABILITIES} capabilities")
     caps: list[Capability] = []
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not item:
             raise InvalidArgument(f"{key}[{index}] must be a non-empty object")
+        guard.check_capability_size(key, index, item)
         for name, value in item.items():
             if not isinstance(value, _SCALARS):
                 raise InvalidArgument(f"{key}[{index}].{name} must be a string, number or bool")
@@ -92,10 +77,10 @@ def _capabilities(doc: dict[str, Any], key: str, required: bool) -> list[Capabil
 
 async def register(state: ApiState, request: Request) -> Response:
     """Register or refresh a replica (see the module docstring)."""
-    check_token(state, request)
+    guard.authorize_control(state.config.token, request)
     doc = await _json_object(request)
     replica_id = _text(doc, "replica_id")
-    endpoint = _endpoint(doc)
+    endpoint = _endpoint(state, doc)
     capabilities = _capabilities(doc, "capabilities", required=True)
     loadable = _capabilities(doc, "loadable", required=False)
     workers = doc.get("workers", [])
@@ -132,7 +117,7 @@ def _caps_text(caps: Sequence[Capability]) -> str:
 
 async def unregister(state: ApiState, request: Request) -> Response:
     """Remove a replica (its channel closes once its last call ends)."""
-    check_token(state, request)
+    guard.authorize_control(state.config.token, request)
     doc = await _json_object(request)
     replica_id = _text(doc, "replica_id")
     removed = state.registry.remove(replica_id)
@@ -143,9 +128,18 @@ async def unregister(state: ApiState, request: Request) -> Response:
 
 
 async def registry(state: ApiState, request: Request) -> Response:
-    """Every live replica with capabilities, workers, heartbeat age and load."""
+    """Every live replica with capabilities, workers, heartbeat age and load.
+    With a token set, endpoints and pids are shown only to callers that send it."""
     now = time.time()
-    return json_response({"replicas": [r.to_json(now) for r in state.registry]})
+    entries = [r.to_json(now) for r in state.registry]
+    token = state.config.token
+    if token and not guard.has_token(token, request):
+        for entry in entries:
+            entry.pop("endpoint", None)
+            for worker in entry.get("workers", []):
+                if isinstance(worker, dict):
+                    worker.pop("pid", None)
+    return json_response({"replicas": entries})
 
 
 async def health(state: ApiState, request: Request) -> Response:
