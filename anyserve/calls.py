@@ -51,12 +51,16 @@ class ApiChannel:
     def known(self) -> bool:
         return self._endpoint() is not None
 
-    def _get(self) -> grpc.aio.Channel:
+    async def _get(self) -> grpc.aio.Channel:
         target = self._endpoint()
         if target is None:
             raise Unavailable("the API server's gRPC endpoint is not known yet")
         if self._channel is None or target != self._target:
-            # The API server may have moved (restarted on another port).
+            # The API server moved (restarted on another port): the old channel
+            # leads nowhere, so close it rather than leak it.
+            old, self._channel = self._channel, None
+            if old is not None:
+                await old.close()
             self._channel = grpc.aio.insecure_channel(target, options=rpc.grpc_options())
             self._target = target
         return self._channel
@@ -72,7 +76,7 @@ class ApiChannel:
     ) -> bytes:
         """ModelInfer through the API server (``timeout``: seconds, None: no
         deadline); raises the anyserve error it answered."""
-        method = self._get().unary_unary(rpc.MODEL_INFER)
+        method = (await self._get()).unary_unary(rpc.MODEL_INFER)
         try:
             response: bytes = await method(
                 payload, metadata=self._metadata(metadata), timeout=timeout
@@ -86,7 +90,7 @@ class ApiChannel:
     ) -> AsyncGenerator[bytes, None]:
         """ModelStreamInfer with one request; yields serialized stream responses
         (in-band errors included, untouched). Leaving early cancels the call."""
-        method = self._get().stream_stream(rpc.MODEL_STREAM_INFER)
+        method = (await self._get()).stream_stream(rpc.MODEL_STREAM_INFER)
         call = method(iter([payload]), metadata=self._metadata(metadata), timeout=timeout)
         try:
             async for message in call:

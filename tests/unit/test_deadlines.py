@@ -84,3 +84,21 @@ def test_oversized_routing_headers_are_400() -> None:
         parse_meta(chain, model_name="", timeout=1.0)
     fine = parse_meta([("x-capability-type", "chat")], model_name="", timeout=1.0)
     assert fine.query == {"type": "chat"}
+
+
+@pytest.mark.anyio
+async def test_the_api_channel_closes_the_old_channel_when_the_server_moves() -> None:
+    import grpc
+
+    from anyserve.calls import ApiChannel
+
+    target = ["127.0.0.1:1"]
+    channel = ApiChannel(lambda: target[0])
+    first = await channel._get()
+    assert await channel._get() is first  # one persistent channel
+    target[0] = "127.0.0.1:2"
+    second = await channel._get()
+    assert second is not first
+    assert first.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+    await channel.aclose()
+    assert second.get_state() == grpc.ChannelConnectivity.SHUTDOWN
