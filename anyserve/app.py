@@ -1,48 +1,22 @@
-"""AnyServe applications: ``@app.capability`` and handler normalisation.
+"""AnyServe applications: ``@app.capability``, what the replica knows of each
+handler (:class:`HandlerInfo`) and :func:`load_app`.
 
-Every handler form is turned, once at registration, into one shape:
-``async run(request, context, emit)`` which calls ``await emit(value)`` for each
-response (a unary handler emits exactly once). Nothing is inspected per request.
-
-Forms accepted (``stream=False`` unless said):
-
-* ``def h(request, context) -> response`` and ``def h(request) -> response``
-  (sync; runs in a bounded thread pool);
-* ``async def h(request, context) -> response``;
-* ``def h(request, context, stream)`` with ``stream=True`` (the classic form:
-  ``stream.send(chunk)`` blocks while the consumer is slow and raises
-  :class:`~anyserve.context.StreamClosed` once the caller has gone);
-* ``async def h(request, context)`` that ``yield``\\ s chunks (``stream=True``);
-* ``def h(request, context)`` that ``yield``\\ s chunks (sync generator);
-* ``async def h(request, context, stream)`` using ``await stream.asend(chunk)``;
-* with ``max_batch_size``: ``def h(requests, contexts) -> list`` or ``def h(requests)``
-  (sync or async), also normalised into ``async run_batch(requests, contexts)``,
-  which the worker's batcher calls (``run`` is then a batch of one).
-
-Responses may be KServe messages or plain values (``str``, ``bytes``, ``dict``
-of output name to value); :mod:`anyserve.codec` encodes them in the worker.
+Declaring a handler checks every option and capability value at once
+(:mod:`anyserve.handler_options`: a typo such as ``steam=True`` fails at
+import) and normalises the function, whatever its form, into the one shape
+the worker runs (:mod:`anyserve.handlers`).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from contextlib import aclosing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-import anyio.to_thread
-
 from anyserve.capability import Capability
-from anyserve.context import Context, Stream
-from anyserve.signature import Tensor, tensors
-
-Emit = Callable[[Any], Coroutine[Any, Any, None]]
-Runner = Callable[[Any, Context, Emit], Awaitable[None]]
-# A batched handler, normalised: its list of results (checked by the batcher).
-BatchRunner = Callable[[list[Any], list[Context]], Awaitable[Any]]
+from anyserve.handler_options import check_capability, check_options
+from anyserve.handlers import BatchRunner, Runner, batch_of_one, normalise, normalise_batch
+from anyserve.signature import Tensor
 
 # Threads per worker for sync handlers when max_concurrency is not given.
 DEFAULT_SYNC_CONCURRENCY = 8
@@ -165,17 +139,24 @@ class AnyServe:
         batch_timeout: float = DEFAULT_BATCH_TIMEOUT,
         inputs: list[Tensor] | None = None,
         outputs: list[Tensor] | None = None,
-        **capability: Any,
+        start_timeout: float | None = None,
+        **capability: str | int,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a handler for the capability given as keyword arguments.
 
+        Capability values are strings, or ints matched as their decimal
+        string (``gpus=2`` matches the header ``X-Capability-Gpus: 2``).
+
         ``stream``: the handler produces a stream of responses. ``workers``:
-        worker processes for this handler. ``max_concurrency``: calls one worker
-        runs at once (threads for sync handlers, default 8; default 1024 for
-        async ones). ``resources``: what one worker needs of the replica's
-        ``--resources`` (e.g. ``{"gpu": 1}``). ``preload``: start workers at boot
-        (else on the first request or by command). ``name``: the handler's id
-        (default: the function name).
+        worker processes for this handler (0: none at boot).
+        ``max_concurrency``: calls one worker runs at once (threads for sync
+        handlers, default 8; default 1024 for async ones).
+        ``resources``: what one worker needs of the replica's ``--resources``
+        (e.g. ``{"gpu": 1}``). ``preload``: start workers at boot (else on the
+        first request or by command). ``name``: the handler's id (default:
+        the function name). ``start_timeout``: seconds one worker may take to
+        start, module import and model loading included, before it counts as
+        failed (None: the replica's default, 600 s).
 
         ``max_batch_size`` > 0 turns on dynamic batching: the handler receives a
         list of requests (up to that many, gathered for at most
@@ -184,52 +165,56 @@ class AnyServe:
         :class:`~anyserve.Tensor`); requests that do not fit are refused
         before the handler runs.
 
-        Raises ValueError for an empty capability, a duplicate name, a
-        malformed option, or a function whose signature fits no handler form.
+        Raises ValueError, naming the key and the value, for: no capability
+        key; a capability value that is not a str or int (``bool``, ``None``,
+        a float...) or that no header can match (empty, padded, holding a
+        comma); a key within a typo of an option name (``steam=True``: "did
+        you mean `stream`?"); an option of the wrong type or range
+        (``workers="2"``, ``max_concurrency=0``, ``resources={"gpu": -1}``,
+        ``start_timeout=0``...); a duplicate name; or a function whose
+        signature fits no handler form.
         """
-        if not capability:
-            raise ValueError("@app.capability needs at least one key, e.g. type='chat'")
-        if workers < 0:
-            raise ValueError("workers must be >= 0")
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
-            raise ValueError(f"max_batch_size must be an int, got {max_batch_size!r}")
-        if max_batch_size < 0:
-            raise ValueError("max_batch_size must be >= 0 (0: no batching)")
-        if max_batch_size and stream:
-            raise ValueError("streaming handlers are not batched: drop max_batch_size")
-        if isinstance(batch_timeout, bool) or not isinstance(batch_timeout, int | float):
-            raise ValueError(f"batch_timeout must be seconds, got {batch_timeout!r}")
-        if not 0 <= batch_timeout <= 60:
-            raise ValueError("batch_timeout must be between 0 and 60 seconds")
-        declared_inputs = tensors(inputs, "inputs")
-        declared_outputs = tensors(outputs, "outputs")
-        cap = Capability(capability)
+        cap = check_capability(capability)
+        options = check_options(
+            stream=stream,
+            workers=workers,
+            max_concurrency=max_concurrency,
+            resources=resources,
+            preload=preload,
+            name=name,
+            max_batch_size=max_batch_size,
+            batch_timeout=batch_timeout,
+            inputs=inputs,
+            outputs=outputs,
+            start_timeout=start_timeout,
+        )
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
-            handler_name = str(name or getattr(func, "__name__", "handler"))
+            handler_name = options.name or str(getattr(func, "__name__", "handler"))
             if handler_name in self._handlers:
                 raise ValueError(f"duplicate handler name {handler_name!r}; pass name=...")
             run_batch: BatchRunner | None = None
-            if max_batch_size:
-                run_batch, is_sync = _normalise_batch(func)
-                run = _batch_of_one(run_batch)
+            if options.max_batch_size:
+                run_batch, is_sync = normalise_batch(func)
+                run = batch_of_one(run_batch)
             else:
-                run, is_sync = _normalise(func, stream)
-            limit = max_concurrency or (
+                run, is_sync = normalise(func, options.stream)
+            limit = options.max_concurrency or (
                 DEFAULT_SYNC_CONCURRENCY if is_sync else DEFAULT_ASYNC_CONCURRENCY
             )
             info = HandlerInfo(
                 name=handler_name,
                 capability=cap,
-                stream=stream,
-                workers=workers,
+                stream=options.stream,
+                workers=options.workers,
                 max_concurrency=limit,
-                resources=dict(resources or {}),
-                preload=preload,
-                max_batch_size=max_batch_size,
-                batch_timeout=float(batch_timeout),
-                inputs=declared_inputs,
-                outputs=declared_outputs,
+                resources=options.resources,
+                preload=options.preload,
+                max_batch_size=options.max_batch_size,
+                batch_timeout=options.batch_timeout,
+                inputs=options.inputs,
+                outputs=options.outputs,
+                start_timeout=options.start_timeout,
             )
             self._handlers[handler_name] = Handler(
                 info=info, func=func, run=run, is_sync=is_sync, run_batch=run_batch
@@ -237,121 +222,6 @@ class AnyServe:
             return func
 
         return register
-
-
-def _positional_arity(func: Callable[..., Any]) -> int:
-    params = inspect.signature(func).parameters.values()
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        return 3
-    return sum(1 for p in params if p.kind in kinds)
-
-
-def _normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
-    """Turn any supported handler form into ``async run(request, context, emit)``."""
-    arity = _positional_arity(func)
-    if arity not in (1, 2, 3):
-        raise ValueError(
-            f"handler {func.__name__!r} must take (request), (request, context) "
-            f"or (request, context, stream); it takes {arity} positional arguments"
-        )
-    if arity == 3 and not stream:
-        raise ValueError(f"handler {func.__name__!r} takes a stream; declare it with stream=True")
-
-    def args(request: Any, context: Context, stream_obj: Stream | None) -> tuple[Any, ...]:
-        return (request, context, stream_obj)[:arity]
-
-    if inspect.isasyncgenfunction(func):
-
-        async def run_async_gen(request: Any, context: Context, emit: Emit) -> None:
-            async with context.limiter, aclosing(func(*args(request, context, None))) as chunks:
-                async for chunk in chunks:
-                    await emit(chunk)
-
-        return run_async_gen, False
-
-    if inspect.iscoroutinefunction(func):
-
-        async def run_async(request: Any, context: Context, emit: Emit) -> None:
-            async with context.limiter:
-                if arity == 3:
-                    stream_obj = Stream(emit, context)
-                    await func(request, context, stream_obj)
-                else:
-                    await emit(await func(*args(request, context, None)))
-
-        return run_async, False
-
-    # Sync forms run in a worker thread so the event loop stays free; the thread
-    # reaches the loop only through Stream.send (anyio.from_thread).
-    if inspect.isgeneratorfunction(func):
-
-        def drain_gen(request: Any, context: Context, stream_obj: Stream) -> None:
-            for chunk in func(*args(request, context, None)):
-                stream_obj.send(chunk)
-
-        target: Callable[[Any, Context, Stream], Any] = drain_gen
-    elif arity == 3:
-        target = func
-    else:
-
-        def call_unary(request: Any, context: Context, stream_obj: Stream) -> None:
-            stream_obj.send(func(*args(request, context, None)))
-
-        target = call_unary
-
-    async def run_sync(request: Any, context: Context, emit: Emit) -> None:
-        stream_obj = Stream(emit, context)
-        await anyio.to_thread.run_sync(
-            functools.partial(context.run_in_thread, target, request, context, stream_obj),
-            limiter=context.limiter,  # type: ignore[arg-type]  # a CapacityLimiter for sync handlers
-        )
-
-    return run_sync, True
-
-
-def _normalise_batch(func: Callable[..., Any]) -> tuple[BatchRunner, bool]:
-    """Turn a batched handler into ``async run_batch(requests, contexts)`` (sync
-    ones in the thread pool), under the worker's limiter like unary handlers."""
-    if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
-        raise ValueError(f"batched handler {func.__name__!r} must return a list, not yield")
-    arity = _positional_arity(func)
-    if arity not in (1, 2):
-        raise ValueError(
-            f"batched handler {func.__name__!r} must take (requests) or (requests, contexts);"
-            f" it takes {arity} positional arguments"
-        )
-
-    def call(requests: list[Any], contexts: list[Context]) -> Any:
-        return func(*(requests, contexts)[:arity])
-
-    if inspect.iscoroutinefunction(func):
-
-        async def run_batch_async(requests: list[Any], contexts: list[Context]) -> Any:
-            async with contexts[0].limiter:
-                return await call(requests, contexts)
-
-        return run_batch_async, False
-
-    async def run_batch_sync(requests: list[Any], contexts: list[Context]) -> Any:
-        return await anyio.to_thread.run_sync(
-            functools.partial(call, requests, contexts),
-            limiter=contexts[0].limiter,  # type: ignore[arg-type]  # a CapacityLimiter (sync)
-        )
-
-    return run_batch_sync, True
-
-
-def _batch_of_one(run_batch: BatchRunner) -> Runner:
-    """The ``run`` of a batched handler: one request as a batch of one."""
-
-    async def run(request: Any, context: Context, emit: Emit) -> None:
-        results = await run_batch([request], [context])
-        if not isinstance(results, list) or len(results) != 1:
-            raise TypeError("a batched handler must return a list of one response per request")
-        await emit(results[0])
-
-    return run
 
 
 def load_app(spec: str, app_dir: str | None = None) -> AnyServe:

@@ -30,6 +30,8 @@ class Capability(Mapping[str, str]):
 
     Values given as numbers or booleans are stored as their string form
     (``True`` -> ``"true"``), so ``model=7`` in code matches a header ``7``.
+    This leniency serves registration JSON and clients; ``@app.capability``
+    takes only str and int values (:mod:`anyserve.handler_options`).
     """
 
     __slots__ = ("_hash", "_items")

@@ -116,7 +116,8 @@ async def _counts_of(endpoint: str) -> tuple[int, int]:
         answer = codec.decode_outputs(
             await client.infer(request, capability={"type": "cost", "batched": "yes"})
         )
-    return int(answer["batches"]), int(answer["requests"])
+    # INT64 [1] outputs: arrays of one element
+    return int(answer["batches"][0]), int(answer["requests"][0])
 
 
 async def _measure(endpoint: str) -> list[dict[str, Any]]:

@@ -257,7 +257,7 @@ async def test_python_client_end_to_end(seed: Cluster, bench: Cluster, randomly:
         assert pb_served_by(response) == "chat_app" and response.id == "c-1"
         assert codec.decode_outputs(response)["output"] == b"Hello, world!"
         response = await client.infer(model="embed", inputs={"text": "hello"})
-        assert codec.decode_outputs(response)["dims"] == 8
+        assert codec.decode_outputs(response)["dims"].tolist() == [8]  # INT64 [1]
         with pytest.raises(NotFound):
             await client.infer({"type": "nope"})
     async with Client(randomly.url, timeout=30) as client:

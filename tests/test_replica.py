@@ -65,10 +65,10 @@ async def test_time_remaining_works_in_sync_and_async_handlers(
 ) -> None:
     capability = {"type": "deadline", "form": form}
     response = await client.infer(text_request("x"), capability=capability, timeout=20.0)
-    left = codec.decode_outputs(response)["left"]
+    [left] = codec.decode_outputs(response)["left"].tolist()  # FP64 [1]
     assert 10.0 < left <= 20.5  # gRPC rounds the deadline it sends up a little
     response = await client.infer(text_request("x"), capability=capability, timeout=None)
-    assert codec.decode_outputs(response)["left"] == -1.0  # no deadline
+    assert codec.decode_outputs(response)["left"].tolist() == [-1.0]  # no deadline
 
 
 async def test_exit_code_3_after_start_up_is_not_blamed_on_the_import(client: GrpcClient) -> None:
@@ -138,7 +138,8 @@ async def test_sync_cpu_handler_uses_two_processes(client: GrpcClient, replica: 
 
     async def one() -> None:
         response = await client.infer(text_request("x"), capability={"type": "cpu"})
-        pids.add(output(response, "pid"))  # type: ignore[arg-type]
+        [pid] = output(response, "pid").tolist()  # type: ignore[attr-defined]  # INT64 [1]
+        pids.add(pid)
 
     async with anyio.create_task_group() as tg:
         for _ in range(4):

@@ -297,7 +297,7 @@ async def test_cli_explicit_types_and_text_without_a_declaration(cluster: Cluste
         "infer", "-c", "type=echo", "-i", "x:FP32[1,4]=1,2,3,4", "--api-server", cluster.url
     )
     assert typed.returncode == 0, typed.stderr
-    assert "described: x:FP32[1, 4]=[1.0, 2.0, 3.0, 4.0]" in typed.stdout
+    assert "described: x:FP32[1, 4]=[[1.0, 2.0, 3.0, 4.0]]" in typed.stdout
 
     text = await run_cli("infer", "-c", "type=echo", "-i", "x=1,2,3,4", "--api-server", cluster.url)
     assert text.returncode == 0, text.stderr

@@ -3,8 +3,11 @@
 One codec for the whole of anyserve (handlers, the API server, the client):
 
 * :mod:`~anyserve.codec.datatypes` -- the datatype table and Triton's raw layout;
-* :mod:`~anyserve.codec.values` -- tensors <-> plain Python values (``decode_*``,
-  ``encode_*``);
+* :mod:`~anyserve.codec.values` -- tensors <-> plain Python values: ``decode_*``
+  (numeric tensors -> numpy arrays of their shape, or nested lists without
+  numpy; BYTES -> ``bytes`` or nested lists of ``bytes``; shaping in
+  :mod:`~anyserve.codec.shapes`) and ``encode_*`` (from
+  :mod:`~anyserve.codec.encoding`);
 * :mod:`~anyserve.codec.responses` -- handler results -> responses (numeric
   numpy outputs go out as raw bytes);
 * :mod:`~anyserve.codec.json_tensors` -- v2 JSON tensors and parameter maps;

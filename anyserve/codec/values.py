@@ -2,17 +2,31 @@
 
 Runs inside worker processes on every request, so everything here is table
 driven and set up once at import; numpy is only imported when a value already
-is a numpy array or when :func:`decode_array` is called.
+is a numpy array or when a numeric tensor is decoded (the first time).
 
 Reading (``decode_*``): tensors come either in typed ``contents`` or, when the
 message carries ``raw_input_contents``/``raw_output_contents``, in Triton's
-raw layout (:mod:`anyserve.codec.datatypes`). A one-element tensor decodes to
-a scalar (``bytes``, ``int``, ``float`` or ``bool``), any other to a flat
-list. Every malformed tensor raises :class:`~anyserve.errors.InvalidArgument`
-naming the input or output.
+raw layout (:mod:`anyserve.codec.datatypes`). Each tensor decodes to a value
+of its shape (:mod:`anyserve.codec.shapes`):
 
-Writing (``encode_*``): a Python value becomes a typed tensor. The tensor
-being filled says what it is, so errors name an ``input`` or an ``output``.
+* numeric datatypes (BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64):
+  with numpy installed, an array of the tensor's shape and its datatype's
+  dtype (``bool``, ``uint8`` ... ``int64``, ``float16``, ``float32``,
+  ``float64``), 0-d for shape ``[]``; from raw contents it is a read-only
+  view of the message's bytes, not a copy. Without numpy, nested lists of
+  that shape (``[1]`` -> ``[x]``, ``[2, 2]`` -> ``[[a, b], [c, d]]``) and
+  a plain ``int``/``float``/``bool`` for shape ``[]``;
+* BYTES: ``bytes`` when the tensor is one element of shape ``[1]`` or ``[]``,
+  else nested lists of ``bytes`` of its shape (``[2]`` -> ``[b"a", b"b"]``,
+  ``[2, 1]`` -> ``[[b"a"], [b"b"]]``).
+
+An empty shape holding several elements is read as 1-d (proto3 cannot tell
+``[]`` from a shape never set). BF16 is refused. Every malformed tensor
+raises :class:`~anyserve.errors.InvalidArgument` naming the input or output.
+
+Writing (``encode_*``, re-exported from :mod:`anyserve.codec.encoding`): a
+Python value becomes a typed tensor. The tensor being filled says what it is,
+so errors name an ``input`` or an ``output``.
 """
 
 from __future__ import annotations
@@ -20,11 +34,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-from anyserve.codec.datatypes import DATATYPES, check_shape, numpy_datatype, spec, unpack_raw
+from anyserve.codec import shapes
+from anyserve.codec.datatypes import check_shape, spec, unpack_raw
+from anyserve.codec.encoding import encode_input, encode_into, encode_output, is_numpy
+from anyserve.codec.shapes import dims, nest
 from anyserve.errors import InvalidArgument
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 
 __all__ = [
+    "Inputs",
+    "MissingInput",
+    "MissingOutput",
+    "Outputs",
     "decode_array",
     "decode_input",
     "decode_inputs",
@@ -40,14 +61,57 @@ InputTensor = ModelInferRequest.InferInputTensor
 OutputTensor = ModelInferResponse.InferOutputTensor
 Tensor: TypeAlias = InputTensor | OutputTensor
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
 
 def _what(tensor: Tensor, name: str) -> str:
     return f"{'input' if isinstance(tensor, InputTensor) else 'output'} {name!r}"
 
 
 # --------------------------------------------------------------------------- decoding
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names) or "none"
+
+
+class MissingInput(InvalidArgument, KeyError):
+    """A request has no input of the name asked for: InvalidArgument (400 to
+    the caller when a handler lets it through), and still a KeyError."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class MissingOutput(KeyError):
+    """A response has no output of the name asked for (a KeyError whose
+    message names the outputs present)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class Inputs(dict[str, Any]):
+    """What :func:`decode_inputs` returns: input name -> decoded value.
+
+    Looking up a name that is not there (``inputs["x"]``) raises
+    :class:`MissingInput` naming the inputs present; ``in`` and ``get`` work
+    as on any dict.
+    """
+
+    def __missing__(self, name: str) -> Any:
+        raise MissingInput(f"request has no input {name!r} (inputs present: {_names(list(self))})")
+
+
+class Outputs(dict[str, Any]):
+    """What :func:`decode_outputs` returns: output name -> decoded value.
+
+    Looking up a name that is not there raises :class:`MissingOutput` naming
+    the outputs present.
+    """
+
+    def __missing__(self, name: str) -> Any:
+        raise MissingOutput(
+            f"response has no output {name!r} (outputs present: {_names(list(self))})"
+        )
 
 
 def _raw_entries(message: ModelInferRequest | ModelInferResponse) -> Sequence[bytes]:
@@ -76,6 +140,7 @@ def _no_typed_contents(tensor: Tensor, what: str) -> None:
 
 
 def _values(tensor: Tensor, raw: Sequence[bytes], index: int) -> list[Any]:
+    """The tensor's elements as one flat row-major list (shape checked)."""
     what = _what(tensor, tensor.name)
     field, _, _ = spec(tensor.datatype, what)
     if raw:
@@ -93,37 +158,88 @@ def _values(tensor: Tensor, raw: Sequence[bytes], index: int) -> list[Any]:
     return values
 
 
-def _scalar_or_list(values: list[Any]) -> Any:
-    return values[0] if len(values) == 1 else values
+def _array(np: Any, tensor: Tensor, raw: Sequence[bytes], index: int) -> Any:
+    """The tensor as a numpy array of its shape: its datatype's dtype (object
+    holding ``bytes`` for BYTES); a read-only view of raw contents."""
+    what = _what(tensor, tensor.name)
+    _, code, size = spec(tensor.datatype, what)
+    if raw and size:
+        _no_typed_contents(tensor, what)
+        if len(raw[index]) % size:
+            unpack_raw(tensor.datatype, raw[index], what)  # raises with the precise message
+        array = np.frombuffer(raw[index], dtype=np.dtype(code).newbyteorder("<"))
+        check_shape(what, tensor.shape, array.size)
+    else:
+        values = _values(tensor, raw, index)
+        if size:
+            try:
+                with np.errstate(over="ignore"):  # an FP16 beyond its range is inf
+                    array = np.array(values, dtype=np.dtype(code))
+            except (OverflowError, ValueError, TypeError) as exc:
+                fit = f"{what}: data does not fit {tensor.datatype}: {exc}"
+                raise InvalidArgument(fit) from None
+        else:
+            array = np.empty(len(values), dtype=object)
+            array[:] = values
+    return array.reshape(dims(what, tensor.shape, array.size))
 
 
-def decode_inputs(request: ModelInferRequest) -> dict[str, Any]:
-    """Decode every input, keyed by name.
+def _decode(tensor: Tensor, raw: Sequence[bytes], index: int) -> Any:
+    """One tensor as a value of its shape (the rules of the module docstring)."""
+    what = _what(tensor, tensor.name)
+    numeric = spec(tensor.datatype, what)[2] > 0
+    if numeric:
+        np = shapes.numpy_or_none()  # looked up per call: the seam tests patch
+        if np is not None:
+            return _array(np, tensor, raw, index)
+    values = _values(tensor, raw, index)
+    shape = dims(what, tensor.shape, len(values))
+    if len(values) == 1 and (not shape or (not numeric and shape == (1,))):
+        return values[0]
+    return nest(values, shape)
 
-    One-element tensors become scalars (``bytes`` for BYTES, else int/float/
-    bool), others flat lists in row-major order. Raises InvalidArgument for
-    unsupported datatypes, element counts that do not fill the shape, malformed
-    raw data, a raw_input_contents count that differs from the inputs, or a
-    repeated input name.
+
+def decode_inputs(request: ModelInferRequest) -> Inputs:
+    """Decode every input into a value of its shape, keyed by name.
+
+    Numeric tensors become numpy arrays of their shape and dtype when numpy
+    is installed (FP32 ``[1, 4]`` -> an array of shape ``(1, 4)``; ``[1]`` ->
+    shape ``(1,)``; ``[]`` -> a 0-d array), else nested lists of that shape
+    (``[]`` -> a plain ``int``/``float``/``bool``). A BYTES tensor holding one
+    element of shape ``[1]`` or ``[]`` becomes ``bytes``; other BYTES tensors
+    nested lists of ``bytes`` (``[2]`` -> ``[b"a", b"b"]``, ``[2, 1]`` ->
+    ``[[b"a"], [b"b"]]``). Arrays decoded from raw contents are read-only.
+
+    Looking up a name the request lacks (``inputs["x"]``) raises
+    :class:`MissingInput`, an InvalidArgument (400) naming the inputs present.
+    Raises InvalidArgument for unsupported datatypes, element counts that do
+    not fill the shape, malformed raw data, a raw_input_contents count that
+    differs from the inputs, or a repeated input name.
     """
     raw = _raw_entries(request)
-    result: dict[str, Any] = {}
+    result = Inputs()
     for index, tensor in enumerate(request.inputs):
         if tensor.name in result:
             raise InvalidArgument(f"input {tensor.name!r} appears more than once")
-        result[tensor.name] = _scalar_or_list(_values(tensor, raw, index))
+        result[tensor.name] = _decode(tensor, raw, index)
     return result
 
 
-def decode_outputs(response: ModelInferResponse) -> dict[str, Any]:
-    """Decode every output of a response, keyed by name, from typed contents or
-    raw_output_contents (rules of :func:`decode_inputs`). Raises
-    InvalidArgument for malformed outputs or a raw_output_contents count that
-    differs from the outputs."""
+def decode_outputs(response: ModelInferResponse) -> Outputs:
+    """Decode every output of a response into a value of its shape, keyed by
+    name, from typed contents or raw_output_contents (the rules of
+    :func:`decode_inputs`: a handler's ``{"n": 8}`` reads back as an INT64
+    ``[1]`` array, ``[8]``; its ``"text"`` as ``b"text"``).
+
+    Looking up a name the response lacks raises :class:`MissingOutput` (a
+    KeyError) naming the outputs present. Raises InvalidArgument for
+    malformed outputs or a raw_output_contents count that differs from the
+    outputs.
+    """
     raw = _raw_entries(response)
-    result: dict[str, Any] = {}
+    result = Outputs()
     for index, tensor in enumerate(response.outputs):
-        result[tensor.name] = _scalar_or_list(_values(tensor, raw, index))
+        result[tensor.name] = _decode(tensor, raw, index)
     return result
 
 
@@ -131,18 +247,19 @@ def _find(request: ModelInferRequest, name: str) -> tuple[int, InputTensor]:
     for index, tensor in enumerate(request.inputs):
         if tensor.name == name:
             return index, tensor
-    present = ", ".join(repr(t.name) for t in request.inputs) or "none"
-    raise InvalidArgument(f"request has no input {name!r} (inputs present: {present})")
+    present = _names([t.name for t in request.inputs])
+    raise MissingInput(f"request has no input {name!r} (inputs present: {present})")
 
 
 def decode_input(request: ModelInferRequest, name: str) -> Any:
-    """Decode the input called ``name`` with the rules of :func:`decode_inputs`.
+    """Decode the input called ``name`` into a value of its shape (the rules
+    of :func:`decode_inputs`).
 
-    Raises InvalidArgument when the input is missing (listing those present)
-    or malformed.
+    Raises :class:`MissingInput` (InvalidArgument) when the input is missing,
+    listing those present, and InvalidArgument when it is malformed.
     """
     index, tensor = _find(request, name)
-    return _scalar_or_list(_values(tensor, _raw_entries(request), index))
+    return _decode(tensor, _raw_entries(request), index)
 
 
 def input_text(request: ModelInferRequest, name: str) -> str:
@@ -165,197 +282,16 @@ def input_text(request: ModelInferRequest, name: str) -> str:
     return text
 
 
-def _numpy() -> Any:
-    try:
-        import numpy
-    except ImportError as exc:
-        raise ImportError("decode_array needs numpy; install it with `pip install numpy`") from exc
-    return numpy
-
-
 def decode_array(request: ModelInferRequest, name: str) -> Any:
-    """Decode the input called ``name`` into a numpy array of its shape and dtype.
+    """Decode the input called ``name`` into a numpy array of its shape and
+    dtype, whatever its datatype (the explicit form of :func:`decode_input`).
 
-    BYTES inputs become object arrays of ``bytes``. Arrays decoded from raw
-    data are read-only views of the request's bytes (as in tritonclient); copy
-    them to modify. An empty shape gives a 0-d array for one element, else 1-d.
-    Raises ImportError without numpy, InvalidArgument for a missing or
-    malformed input.
+    BYTES inputs become object arrays of ``bytes`` (a one-element BYTES input
+    too, of shape ``(1,)``). Arrays decoded from raw data are read-only views
+    of the request's bytes (as in tritonclient); copy them to modify. An empty
+    shape gives a 0-d array for one element, else 1-d. Raises ImportError
+    without numpy, InvalidArgument for a missing or malformed input.
     """
-    np = _numpy()
+    np = shapes.require_numpy("decode_array")
     index, tensor = _find(request, name)
-    raw = _raw_entries(request)
-    what = f"input {name!r}"
-    _, code, size = spec(tensor.datatype, what)
-    if raw and size:
-        _no_typed_contents(tensor, what)
-        if len(raw[index]) % size:
-            unpack_raw(tensor.datatype, raw[index], what)  # raises with the precise message
-        array = np.frombuffer(raw[index], dtype=np.dtype(code).newbyteorder("<"))
-        check_shape(what, tensor.shape, array.size)
-    else:
-        values = _values(tensor, raw, index)
-        if size:
-            array = np.array(values, dtype=np.dtype(code))
-        else:
-            array = np.empty(len(values), dtype=object)
-            array[:] = values
-    shape = list(tensor.shape)
-    if not shape:
-        return array.reshape(()) if array.size == 1 else array
-    try:
-        return array.reshape(shape)
-    except ValueError as exc:
-        raise InvalidArgument(f"{what}: cannot shape data as {shape}: {exc}") from None
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def _wire(value: Any) -> str | None:
-    method = getattr(type(value), "__anyserve_wire__", None)
-    return None if method is None else str(method(value))
-
-
-def _as_bytes(what: str, item: Any) -> bytes:
-    if isinstance(item, str):
-        return item.encode("utf-8")
-    if isinstance(item, bytes | bytearray | memoryview):
-        return bytes(item)
-    wire = _wire(item)
-    if wire is None:
-        raise TypeError(f"{what}: cannot encode {type(item).__name__} as BYTES")
-    return wire.encode("utf-8")
-
-
-def _kind(cls: type) -> str:
-    if issubclass(cls, bool):
-        return "BOOL"
-    if issubclass(cls, int):
-        return "INT"
-    if issubclass(cls, float):
-        return "FP"
-    if issubclass(cls, str | bytes | bytearray | memoryview) or hasattr(cls, "__anyserve_wire__"):
-        return "BYTES"
-    return cls.__name__
-
-
-def _set(tensor: Tensor, name: str, datatype: str, shape: Sequence[int]) -> None:
-    tensor.name = name
-    tensor.datatype = datatype
-    tensor.shape.extend(shape)
-
-
-def _set_ints(tensor: Tensor, what: str, values: Sequence[int]) -> None:
-    if min(values) < _INT64_MIN or max(values) > _INT64_MAX:
-        raise ValueError(f"{what}: integer out of the INT64 range")
-    tensor.contents.int64_contents.extend(values)
-
-
-def _encode_list(tensor: Tensor, name: str, what: str, values: Sequence[Any]) -> None:
-    # Classify by distinct element type, not per element: big lists stay cheap.
-    kinds = {_kind(cls) for cls in {type(v) for v in values}}
-    if kinds == {"BYTES"}:
-        _set(tensor, name, "BYTES", [len(values)])
-        if all(type(v) is bytes for v in values):
-            tensor.contents.bytes_contents.extend(values)
-        else:
-            tensor.contents.bytes_contents.extend([_as_bytes(what, v) for v in values])
-    elif kinds == {"BOOL"}:
-        _set(tensor, name, "BOOL", [len(values)])
-        tensor.contents.bool_contents.extend(values)
-    elif kinds == {"INT"}:
-        _set(tensor, name, "INT64", [len(values)])
-        _set_ints(tensor, what, values)
-    elif kinds <= {"INT", "FP"}:
-        _set(tensor, name, "FP64", [len(values)])
-        tensor.contents.fp64_contents.extend(values)
-    else:
-        raise TypeError(
-            f"{what}: a list must hold only str/bytes, only bools, or only"
-            f" numbers; got {', '.join(sorted(kinds))} (use a numpy array for nested data)"
-        )
-
-
-def is_numpy(value: Any) -> bool:
-    """Whether ``value`` is a numpy array or scalar (without importing numpy)."""
-    return type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape")
-
-
-def _numpy_shape(array: Any) -> list[int]:
-    return list(array.shape) if array.ndim else [1]
-
-
-def _encode_numpy(tensor: Tensor, name: str, what: str, array: Any) -> None:
-    datatype = numpy_datatype(array.dtype, what)
-    _set(tensor, name, datatype, _numpy_shape(array))
-    flat = array.ravel().tolist()
-    if datatype == "BYTES":
-        tensor.contents.bytes_contents.extend([_as_bytes(what, v) for v in flat])
-    else:
-        getattr(tensor.contents, DATATYPES[datatype][0]).extend(flat)
-
-
-def encode_into(tensor: Tensor, name: str, value: Any) -> None:
-    """Fill an empty input or output tensor from a Python value (see encode_output).
-
-    Errors name the tensor as an input or an output, after its type.
-    """
-    what = _what(tensor, name)
-    if isinstance(value, str):
-        _set(tensor, name, "BYTES", [1])
-        tensor.contents.bytes_contents.append(value.encode("utf-8"))
-    elif isinstance(value, bytes | bytearray | memoryview):
-        _set(tensor, name, "BYTES", [1])
-        tensor.contents.bytes_contents.append(bytes(value))
-    elif isinstance(value, bool):
-        _set(tensor, name, "BOOL", [1])
-        tensor.contents.bool_contents.append(value)
-    elif isinstance(value, int):
-        _set(tensor, name, "INT64", [1])
-        _set_ints(tensor, what, [value])
-    elif isinstance(value, float):
-        _set(tensor, name, "FP64", [1])
-        tensor.contents.fp64_contents.append(value)
-    elif isinstance(value, list | tuple):
-        if value:
-            _encode_list(tensor, name, what, value)
-        else:
-            _set(tensor, name, "BYTES", [0])
-    elif is_numpy(value):
-        _encode_numpy(tensor, name, what, value)
-    else:
-        wire = _wire(value)
-        if wire is None:
-            raise TypeError(
-                f"{what}: cannot encode a value of type {type(value).__qualname__}"
-                " (expected str, bytes, bool, int, float, a list of those, a numpy array"
-                " or an ObjRef)"
-            )
-        _set(tensor, name, "BYTES", [1])
-        tensor.contents.bytes_contents.append(wire.encode("utf-8"))
-
-
-def encode_output(name: str, value: Any) -> OutputTensor:
-    """Build a typed output tensor from a Python value.
-
-    str/bytes-like -> BYTES [1]; bool -> BOOL [1]; int -> INT64 [1]; float ->
-    FP64 [1]; a list/tuple of one kind -> shape [n] (ints mixed with floats ->
-    FP64; str mixed with bytes -> BYTES); empty list -> BYTES [0]; numpy array
-    -> its datatype and shape (0-d -> [1]); an object whose class defines
-    ``__anyserve_wire__`` -> BYTES [1] of that string. Raises TypeError for
-    anything else and ValueError for ints outside INT64, naming ``output
-    'name'``.
-    """
-    tensor = OutputTensor()
-    encode_into(tensor, name, value)
-    return tensor
-
-
-def encode_input(name: str, value: Any) -> InputTensor:
-    """Build a typed input tensor from a Python value (rules of encode_output,
-    errors naming ``input 'name'``); what clients and ``context.call`` use to
-    send plain values."""
-    tensor = InputTensor()
-    encode_into(tensor, name, value)
-    return tensor
+    return _array(np, tensor, _raw_entries(request), index)

@@ -29,9 +29,8 @@ def scores(row: list[float]) -> list[float]:
 
 
 def classify_one(request: ModelInferRequest) -> ModelInferResponse:
-    x = codec.decode_inputs(request)["x"]
-    flat = [float(v) for v in (x if isinstance(x, list) else [x])]
-    rows = [flat[i : i + 4] for i in range(0, len(flat), 4)]
+    x = codec.decode_inputs(request)["x"]  # FP32 [n, 4]: a float32 array of shape (n, 4)
+    rows = [[float(v) for v in row] for row in x]
     probs = [p for row in rows for p in scores(row)]
     return ModelInferResponse(
         model_name="classifier",
@@ -67,9 +66,15 @@ def echo(request: ModelInferRequest, context: Any) -> dict[str, Any]:
     values = codec.decode_inputs(request)
     return {
         "described": " ".join(
-            f"{t.name}:{t.datatype}{list(t.shape)}={values[t.name]!r}" for t in request.inputs
+            f"{t.name}:{t.datatype}{list(t.shape)}={plain(values[t.name])!r}"
+            for t in request.inputs
         )
     }
+
+
+def plain(value: Any) -> Any:
+    """A decoded value with numpy arrays as (nested) lists, shape kept."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 @app.capability(type="lazy", preload=False)

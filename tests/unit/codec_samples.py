@@ -69,3 +69,11 @@ def numpy_response() -> ModelInferResponse:
 
 
 NUMPY_MATRIX = [[0.0, 0.5, 1.0], [1.5, 2.0, 2.5]]
+
+
+def plain(value: Any) -> Any:
+    """A decoded value, or a dict of them, with numpy arrays as (nested) lists,
+    so that decoded results compare with ``==``."""
+    if isinstance(value, dict):
+        return {name: plain(item) for name, item in value.items()}
+    return value.tolist() if isinstance(value, np.ndarray) else value

@@ -24,6 +24,7 @@ from tests.unit.codec_samples import (
     body_of,
     numpy_response,
     one_input,
+    plain,
     sample_response,
 )
 
@@ -57,7 +58,7 @@ def test_request_from_json_fills_the_right_field(
     assert (tensor.name, tensor.datatype, list(tensor.shape)) == ("x", datatype, [2])
     assert [f.name for f, _ in tensor.contents.ListFields()] == [field]
     assert list(getattr(tensor.contents, field)) == expected
-    assert codec.decode_input(request, "x") == expected
+    assert plain(codec.decode_input(request, "x")) == expected
 
 
 def test_request_from_json_full_document() -> None:
@@ -80,7 +81,9 @@ def test_request_from_json_full_document() -> None:
     assert params["big"].uint64_param == 2**64 - 1
     assert params["t"].double_param == 0.5
     assert params["s"].string_param == "x"
-    assert codec.decode_inputs(request) == {"m": [1, 2, 3, 4], "c": [1.5, 2.5], "p": b"hi"}
+    decoded = codec.decode_inputs(request)
+    assert plain(decoded) == {"m": [[1, 2], [3, 4]], "c": [[[1.5], [2.5]]], "p": b"hi"}
+    assert (decoded["m"].dtype, decoded["c"].shape) == (np.int32, (1, 2, 1))
     assert [o.name for o in request.outputs] == ["y", "z"]
     assert request.outputs[0].parameters["binary_data"].bool_param is True
     assert not request.raw_input_contents
@@ -285,15 +288,16 @@ def test_response_from_json_inverts_response_to_json(raw: bool) -> None:
     parsed = codec.response_from_json(codec.response_to_json(response))
     assert (parsed.model_name, parsed.model_version, parsed.id) == ("m", "2", "r9")
     assert parsed.parameters["seq"].int64_param == 5
-    assert codec.decode_outputs(parsed) == codec.decode_outputs(response)
+    assert plain(codec.decode_outputs(parsed)) == plain(codec.decode_outputs(response))
     assert [(o.name, o.datatype, list(o.shape)) for o in parsed.outputs] == [
         (o.name, o.datatype, list(o.shape)) for o in response.outputs
     ]
     assert "content_encoding" not in parsed.outputs[1].parameters  # base64 undone
     assert list(parsed.outputs[1].contents.bytes_contents) == [b"ok", b"\xff\x00"]
-    # text parses from str as well as bytes, nested data is flattened
+    # text parses from str as well as bytes; nested data is flattened, then decodes shaped
     doc = {"outputs": [{"name": "m", "datatype": "INT32", "shape": [2, 1], "data": [[1], [2]]}]}
-    assert codec.decode_outputs(codec.response_from_json(json.dumps(doc))) == {"m": [1, 2]}
+    decoded = codec.decode_outputs(codec.response_from_json(json.dumps(doc)))
+    assert plain(decoded) == {"m": [[1], [2]]}
 
 
 @pytest.mark.parametrize(
@@ -367,9 +371,9 @@ def test_numpy_raw_outputs_render_as_json() -> None:
         {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["x"]},
     ]
     parsed = codec.response_from_json(codec.response_to_json(response))
-    matrix = parsed.outputs[0]
-    values = np.array(codec.decode_outputs(parsed)["matrix"], dtype=np.float32)
-    assert values.reshape(list(matrix.shape)).tolist() == NUMPY_MATRIX
+    values = codec.decode_outputs(parsed)["matrix"]
+    assert (values.shape, values.dtype) == ((2, 3), np.float32)
+    assert values.tolist() == NUMPY_MATRIX
     assert json.loads(codec.generate_response_json(response))["matrix"] == [
         0.0,
         0.5,

@@ -21,6 +21,7 @@ from anyserve.proto import (
     ModelInferResponse,
     ModelStreamInferResponse,
 )
+from tests.unit.codec_samples import plain
 
 Input = ModelInferRequest.InferInputTensor
 Output = ModelInferResponse.InferOutputTensor
@@ -71,18 +72,39 @@ def raw_request(
 @pytest.mark.parametrize("datatype", CASES)
 def test_typed_and_raw_decode_every_datatype(datatype: str) -> None:
     values = CASES[datatype]
-    assert codec.decode_inputs(typed_request(datatype, values)) == {"x": values}
-    assert codec.decode_inputs(raw_request(datatype, values)) == {"x": values}
-    assert codec.decode_input(raw_request(datatype, values), "x") == values
+    for request in (typed_request(datatype, values), raw_request(datatype, values)):
+        decoded = codec.decode_inputs(request)
+        assert plain(decoded) == {"x": values}
+        assert plain(codec.decode_input(request, "x")) == values
+        if datatype == "BYTES":
+            assert type(decoded["x"]) is list
+        else:
+            assert decoded["x"].shape == (3,)
+            assert decoded["x"].dtype == triton_to_np_dtype(datatype)
 
 
 @pytest.mark.parametrize("datatype", CASES)
-def test_one_element_decodes_to_scalar(datatype: str) -> None:
+def test_one_element_of_shape_1_keeps_its_shape_except_bytes(datatype: str) -> None:
     value = CASES[datatype][-1]
     for request in (typed_request(datatype, [value]), raw_request(datatype, [value])):
         decoded = codec.decode_input(request, "x")
-        assert decoded == value
-        assert type(decoded) is type(value)
+        if datatype == "BYTES":
+            assert decoded == value and type(decoded) is bytes
+        else:
+            assert decoded.shape == (1,)
+            assert decoded.tolist() == [value]
+
+
+@pytest.mark.parametrize("datatype", CASES)
+def test_empty_shape_decodes_to_a_scalar(datatype: str) -> None:
+    value = CASES[datatype][-1]
+    for request in (typed_request(datatype, [value], []), raw_request(datatype, [value], [])):
+        decoded = codec.decode_input(request, "x")
+        if datatype == "BYTES":
+            assert decoded == value and type(decoded) is bytes
+        else:
+            assert decoded.shape == ()
+            assert decoded.item() == value
 
 
 @pytest.mark.parametrize("datatype", CASES)
@@ -110,14 +132,17 @@ def test_raw_fp16_and_bool_layout() -> None:
         inputs=[Input(name="h", datatype="FP16", shape=[2]), Input(name="b", datatype="BOOL")],
         raw_input_contents=[struct.pack("<2e", 1.5, -2.0), b"\x00\x01\x02"],
     )
-    assert codec.decode_inputs(request) == {"h": [1.5, -2.0], "b": [False, True, True]}
+    decoded = codec.decode_inputs(request)
+    assert plain(decoded) == {"h": [1.5, -2.0], "b": [False, True, True]}
+    assert (decoded["h"].dtype, decoded["b"].dtype) == (np.float16, np.bool_)
 
 
 def test_empty_and_wildcard_shapes() -> None:
     # proto3 cannot tell a scalar shape from an unset one: empty shapes are not checked
-    assert codec.decode_input(typed_request("INT32", [1, 2], []), "x") == [1, 2]
-    assert codec.decode_input(typed_request("INT32", [1, 2, 3, 4], [-1, 2]), "x") == [1, 2, 3, 4]
-    assert codec.decode_input(typed_request("INT32", [], [0, 3]), "x") == []
+    assert codec.decode_input(typed_request("INT32", [1, 2], []), "x").tolist() == [1, 2]
+    wildcard = codec.decode_input(typed_request("INT32", [1, 2, 3, 4], [-1, 2]), "x")
+    assert wildcard.tolist() == [[1, 2], [3, 4]]
+    assert codec.decode_input(typed_request("INT32", [], [0, 3]), "x").shape == (0, 3)
     with pytest.raises(InvalidArgument, match=r"input 'x': 3 elements cannot fill shape \[-1, 2\]"):
         codec.decode_input(typed_request("INT32", [1, 2, 3], [-1, 2]), "x")
     with pytest.raises(InvalidArgument, match="negative dimension"):
@@ -224,7 +249,11 @@ def test_numpy_is_optional() -> None:
         "from anyserve.proto import ModelInferRequest\n"
         "r = ModelInferRequest(inputs=[{'name': 'x', 'datatype': 'INT8', 'shape': [1]}],"
         " raw_input_contents=[b'\\x05'])\n"
-        "assert codec.decode_inputs(r) == {'x': 5}\n"
+        "assert codec.decode_inputs(r) == {'x': [5]}\n"
+        "m = ModelInferRequest(inputs=[{'name': 'm', 'datatype': 'INT8', 'shape': [2, 2]},"
+        " {'name': 's', 'datatype': 'INT8', 'shape': []}],"
+        " raw_input_contents=[b'\\x01\\x02\\x03\\x04', b'\\x07'])\n"
+        "assert codec.decode_inputs(m) == {'m': [[1, 2], [3, 4]], 's': 7}\n"
         "assert codec.encode_output('y', [1, 2]).datatype == 'INT64'\n"
         "try:\n    codec.decode_array(r, 'x')\nexcept ImportError as e:\n    print(e)\n"
     )
@@ -486,10 +515,11 @@ def test_numpy_output_makes_every_output_raw() -> None:
     assert response.raw_output_contents[1] == struct.pack("<6f", *MATRIX.ravel().tolist())
 
     decoded = codec.decode_outputs(response)
-    assert decoded == {
+    assert decoded["matrix"].shape == (2, 3) and decoded["matrix"].dtype == np.float32
+    assert plain(decoded) == {
         "text": b"hi",
-        "matrix": [0.0, 0.25, 0.5, 0.75, 1.0, 1.25],
-        "count": 3,
+        "matrix": MATRIX.tolist(),
+        "count": [3],
         "ready": [True, False],
         "words": [b"a", "é".encode()],
     }
@@ -539,10 +569,7 @@ def test_numpy_raw_in_streams_and_failures() -> None:
     request = ModelInferRequest(id="s1")
     chunk = codec.to_stream_response({"m": MATRIX, "t": "tok"}, request)
     assert chunk.infer_response.id == "s1"
-    assert codec.decode_outputs(chunk.infer_response) == {
-        "m": MATRIX.ravel().tolist(),
-        "t": b"tok",
-    }
+    assert plain(codec.decode_outputs(chunk.infer_response)) == {"m": MATRIX.tolist(), "t": b"tok"}
     assert len(chunk.infer_response.raw_output_contents) == 2
 
     bad = Output(name="bad", datatype="INT8", contents=InferTensorContents(int_contents=[300]))

@@ -38,6 +38,7 @@ def test_the_api_server_and_the_replica_never_import_each_other() -> None:
 def test_handler_side_modules_do_not_pull_in_the_servers() -> None:
     # What a worker process imports to run user code must not drag the API
     # server (Starlette, uvicorn) along.
-    for name in ("app.py", "context.py", "errors.py", "capability.py", "wire.py", "rpc.py"):
+    handler_side = ("app.py", "handlers.py", "handler_options.py", "context.py", "errors.py")
+    for name in (*handler_side, "capability.py", "wire.py", "rpc.py", "signature.py"):
         servers = {m for m in imports(PACKAGE / name) if m.startswith("anyserve.api_server")}
         assert not servers, f"{name} imports {servers}"

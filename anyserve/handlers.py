@@ -1,0 +1,163 @@
+"""Handler normalisation: every handler form turned, once, into one shape.
+
+``@app.capability`` (:mod:`anyserve.app`) calls :func:`normalise` (or
+:func:`normalise_batch`) when a handler is registered; nothing is inspected
+per request. The worker then only ever calls ``async run(request, context,
+emit)``, which calls ``await emit(value)`` for each response (a unary handler
+emits exactly once).
+
+Forms accepted (``stream=False`` unless said):
+
+* ``def h(request, context) -> response`` and ``def h(request) -> response``
+  (sync; runs in a bounded thread pool);
+* ``async def h(request, context) -> response``;
+* ``def h(request, context, stream)`` with ``stream=True`` (the classic form:
+  ``stream.send(chunk)`` blocks while the consumer is slow and raises
+  :class:`~anyserve.context.StreamClosed` once the caller has gone);
+* ``async def h(request, context)`` that ``yield``\\ s chunks (``stream=True``);
+* ``def h(request, context)`` that ``yield``\\ s chunks (sync generator);
+* ``async def h(request, context, stream)`` using ``await stream.asend(chunk)``;
+* with ``max_batch_size``: ``def h(requests, contexts) -> list`` or ``def h(requests)``
+  (sync or async), normalised into ``async run_batch(requests, contexts)``,
+  which the worker's batcher calls (``run`` is then a batch of one:
+  :func:`batch_of_one`).
+
+Responses may be KServe messages or plain values (``str``, ``bytes``, ``dict``
+of output name to value); :mod:`anyserve.codec` encodes them in the worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from anyserve.context import Context, Stream
+
+__all__ = ["BatchRunner", "Emit", "Runner", "batch_of_one", "normalise", "normalise_batch"]
+
+Emit = Callable[[Any], Coroutine[Any, Any, None]]
+Runner = Callable[[Any, Context, Emit], Awaitable[None]]
+# A batched handler, normalised: its list of results (checked by the batcher).
+BatchRunner = Callable[[list[Any], list[Context]], Awaitable[Any]]
+
+
+def positional_arity(func: Callable[..., Any]) -> int:
+    """How many positional arguments ``func`` takes (3 for ``*args``)."""
+    params = inspect.signature(func).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return 3
+    return sum(1 for p in params if p.kind in kinds)
+
+
+def normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
+    """Turn any supported handler form into ``async run(request, context, emit)``."""
+    arity = positional_arity(func)
+    if arity not in (1, 2, 3):
+        raise ValueError(
+            f"handler {func.__name__!r} must take (request), (request, context) "
+            f"or (request, context, stream); it takes {arity} positional arguments"
+        )
+    if arity == 3 and not stream:
+        raise ValueError(f"handler {func.__name__!r} takes a stream; declare it with stream=True")
+
+    def args(request: Any, context: Context, stream_obj: Stream | None) -> tuple[Any, ...]:
+        return (request, context, stream_obj)[:arity]
+
+    if inspect.isasyncgenfunction(func):
+
+        async def run_async_gen(request: Any, context: Context, emit: Emit) -> None:
+            async with context.limiter, aclosing(func(*args(request, context, None))) as chunks:
+                async for chunk in chunks:
+                    await emit(chunk)
+
+        return run_async_gen, False
+
+    if inspect.iscoroutinefunction(func):
+
+        async def run_async(request: Any, context: Context, emit: Emit) -> None:
+            async with context.limiter:
+                if arity == 3:
+                    stream_obj = Stream(emit, context)
+                    await func(request, context, stream_obj)
+                else:
+                    await emit(await func(*args(request, context, None)))
+
+        return run_async, False
+
+    # Sync forms run in a worker thread so the event loop stays free; the thread
+    # reaches the loop only through Stream.send (anyio.from_thread).
+    if inspect.isgeneratorfunction(func):
+
+        def drain_gen(request: Any, context: Context, stream_obj: Stream) -> None:
+            for chunk in func(*args(request, context, None)):
+                stream_obj.send(chunk)
+
+        target: Callable[[Any, Context, Stream], Any] = drain_gen
+    elif arity == 3:
+        target = func
+    else:
+
+        def call_unary(request: Any, context: Context, stream_obj: Stream) -> None:
+            stream_obj.send(func(*args(request, context, None)))
+
+        target = call_unary
+
+    async def run_sync(request: Any, context: Context, emit: Emit) -> None:
+        stream_obj = Stream(emit, context)
+        await anyio.to_thread.run_sync(
+            functools.partial(context.run_in_thread, target, request, context, stream_obj),
+            limiter=context.limiter,  # type: ignore[arg-type]  # a CapacityLimiter for sync handlers
+        )
+
+    return run_sync, True
+
+
+def normalise_batch(func: Callable[..., Any]) -> tuple[BatchRunner, bool]:
+    """Turn a batched handler into ``async run_batch(requests, contexts)`` (sync
+    ones in the thread pool), under the worker's limiter like unary handlers."""
+    if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
+        raise ValueError(f"batched handler {func.__name__!r} must return a list, not yield")
+    arity = positional_arity(func)
+    if arity not in (1, 2):
+        raise ValueError(
+            f"batched handler {func.__name__!r} must take (requests) or (requests, contexts);"
+            f" it takes {arity} positional arguments"
+        )
+
+    def call(requests: list[Any], contexts: list[Context]) -> Any:
+        return func(*(requests, contexts)[:arity])
+
+    if inspect.iscoroutinefunction(func):
+
+        async def run_batch_async(requests: list[Any], contexts: list[Context]) -> Any:
+            async with contexts[0].limiter:
+                return await call(requests, contexts)
+
+        return run_batch_async, False
+
+    async def run_batch_sync(requests: list[Any], contexts: list[Context]) -> Any:
+        return await anyio.to_thread.run_sync(
+            functools.partial(call, requests, contexts),
+            limiter=contexts[0].limiter,  # type: ignore[arg-type]  # a CapacityLimiter (sync)
+        )
+
+    return run_batch_sync, True
+
+
+def batch_of_one(run_batch: BatchRunner) -> Runner:
+    """The ``run`` of a batched handler: one request as a batch of one."""
+
+    async def run(request: Any, context: Context, emit: Emit) -> None:
+        results = await run_batch([request], [context])
+        if not isinstance(results, list) or len(results) != 1:
+            raise TypeError("a batched handler must return a list of one response per request")
+        await emit(results[0])
+
+    return run
