@@ -162,6 +162,8 @@ class Client:
                     yield _stream_response(data)
         except httpx.TimeoutException as exc:
             raise DeadlineExceeded(f"stream from {self.base_url} timed out: {exc}") from None
+        except httpx.ConnectError as exc:
+            raise Unavailable(f"cannot reach the API server at {self.base_url}: {exc}") from None
         except httpx.HTTPError as exc:
             raise Unavailable(f"stream from {self.base_url} broke: {exc}") from None
         raise Unavailable("stream ended without end marker")
@@ -173,9 +175,12 @@ class Client:
         except httpx.HTTPError as exc:
             raise Unavailable(f"cannot reach the API server at {self.base_url}: {exc}") from None
         await _raise_for_status(response)
-        doc = response.json()
+        try:
+            doc = response.json()
+        except ValueError:
+            doc = None
         if not isinstance(doc, dict):
-            raise HandlerError("malformed registry answer")
+            raise HandlerError(f"malformed registry answer from {self.base_url}")
         return doc
 
     async def health(self) -> bool:

@@ -55,6 +55,16 @@ class Cluster:
         lines.append(f"object store {self.object_store}")
         return "\n".join(lines)
 
+    def workers_hint(self) -> str:
+        """The command that lists a replica's workers, by the replica's id (what
+        ``anyserve run`` prints under :meth:`describe`; its ports are random)."""
+        if not self.replicas:
+            return ""
+        return (
+            f"workers: anyserve workers list --replica {self.replicas[0].replica_id}"
+            f" --api-server {self.url}"
+        )
+
 
 def replica_name(app: str, taken: set[str]) -> str:
     """A readable replica id from an app spec: ``examples.chat_app:app`` -> ``chat_app``."""

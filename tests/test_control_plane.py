@@ -148,3 +148,34 @@ def test_refusing_a_public_address_without_a_token_is_one_line() -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, lines
     assert "refusing to serve on 0.0.0.0 without a token" in lines[0]
+
+
+def test_the_cli_flags_reach_the_api_server() -> None:
+    env = {**os.environ, "ANYSERVE_TOKEN": ""}
+    cli = [sys.executable, "-m", "anyserve.cli", "api-server", "--port", "0", "--grpc-port", "0"]
+    bad = subprocess.run(
+        [*cli, "--replica-networks", "10.0.0.0/8,not-a-net"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "anyserve: Invalid value: not a network (CIDR): 'not-a-net'"
+        " (see `anyserve api-server --help`)"
+    ]
+    proc = subprocess.Popen(
+        [*cli, "--host", "0.0.0.0", "--insecure-register"],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen: list[str] = []
+        for line in proc.stderr:  # its log: it starts, and says what it allows
+            seen.append(line)
+            if "without a token (--insecure-register)" in line:
+                break
+        else:
+            raise AssertionError(f"no start-up warning: {seen}")
+        assert any("anyserve API server: HTTP on" in line for line in seen)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -263,8 +263,9 @@ async def test_call_that_never_left_goes_to_another_replica(
 
 
 async def test_wrong_token_cannot_register(routing: Cluster) -> None:
+    owner = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=routing.url, timeout=30) as http:
-        before = (await http.get("/registry")).json()["replicas"]
+        before = (await http.get("/registry", headers=owner)).json()["replicas"]
         hijack = {
             "replica_id": "demo",
             "endpoint": "127.0.0.1:1",
@@ -276,7 +277,10 @@ async def test_wrong_token_cannot_register(routing: Cluster) -> None:
             assert "token" in response.json()["error"]
             response = await http.post("/unregister", json={"replica_id": "demo"}, headers=headers)
             assert response.status_code == 401
-        after = (await http.get("/registry")).json()["replicas"]
+        after = (await http.get("/registry", headers=owner)).json()["replicas"]
+        # Without the token the registry does not say where replicas live.
+        anonymous = (await http.get("/registry")).json()["replicas"]
+        assert len(anonymous) == 2 and not any("endpoint" in r for r in anonymous)
 
         def key(replicas: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             return sorted(

@@ -267,8 +267,8 @@ async def test_cli_workers_start_stop_list_change_what_is_served() -> None:
         (code, _, err), (code2, _, err2) = await concurrently(
             cli("workers", "start", "type=nope", *where), cli("workers", "stop", "zzz-9", *where)
         )
-        assert code == 1 and "NOT_FOUND" in err and "type=nope" in err
-        assert code2 == 1 and "NOT_FOUND" in err2 and "zzz-9" in err2
+        assert code == 1 and err.startswith("anyserve: NotFound (404): ") and "type=nope" in err
+        assert code2 == 1 and err2.startswith("anyserve: NotFound (404): ") and "zzz-9" in err2
 
 
 async def test_admin_needs_the_token_when_one_is_set() -> None:
@@ -279,7 +279,7 @@ async def test_admin_needs_the_token_when_one_is_set() -> None:
             cli("workers", "start", "crasher", *where, "--token", "wrong"),
         )
         for code, out, err in refused:
-            assert code == 1 and "UNAUTHENTICATED" in err, (out, err)
+            assert code == 1 and err.startswith("anyserve: Unauthenticated (401): "), (out, err)
         assert manager_of(replica).slots["crasher"] == []
         assert manager_of(replica).slots["ok"][0].state is State.READY
 
@@ -303,6 +303,33 @@ async def test_admin_needs_the_token_when_one_is_set() -> None:
         for code, out, err in allowed:
             assert code == 0, err
             assert "ready" in row(out, "ok-0")
+
+
+async def test_a_replica_id_needs_the_token_when_the_api_server_has_one() -> None:
+    api = ApiServerConfig(port=0, grpc_port=0, heartbeat_interval=5.0, token="s3cret")
+    async with start_cluster([WORKERS_APP], api=api) as cluster:
+        replica = cluster.replicas[0]
+        where = ("--replica", replica.replica_id, "--api-server", cluster.url)
+        # Without the token the registry hides endpoints: one line saying so.
+        (code, out, err), (code2, out2, err2) = await concurrently(
+            cli("workers", "list", *where), cli("registry", "--api-server", cluster.url)
+        )
+        assert code == 1, out
+        assert err.splitlines() == [
+            f"anyserve: the registry at {cluster.url} shows replica endpoints only to callers"
+            " with its token: pass --token (or set ANYSERVE_TOKEN), or give HOST:PORT"
+        ]
+        assert code2 == 0, err2
+        assert f"{replica.replica_id}  (endpoint hidden: pass --token)" in out2
+        # With it: the same token opens the registry and the admin service.
+        (code, out, err), (code2, out2, err2) = await concurrently(
+            cli("workers", "list", *where, token="s3cret"),
+            cli("registry", "--api-server", cluster.url, "--token", "s3cret"),
+        )
+        assert code == 0, err
+        assert "ready" in row(out, "a-0")
+        assert code2 == 0, err2
+        assert f"{replica.replica_id}  {replica.endpoint}  " in out2
 
 
 # -- 3. switching within resources ---------------------------------------------------

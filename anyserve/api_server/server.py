@@ -21,6 +21,7 @@ import uvicorn
 from anyio.abc import TaskGroup
 
 from anyserve import rpc
+from anyserve.api_server import guard
 from anyserve.api_server.app import build_app
 from anyserve.api_server.config import ApiServerConfig
 from anyserve.api_server.grpc_entry import start_grpc_server
@@ -153,6 +154,12 @@ class ApiServer:
             cfg.no_match,
             ", token required" if cfg.token else "",
         )
+        if not cfg.token and not guard.is_loopback(cfg.host):
+            logger.warning(
+                "serving on %s without a token (--insecure-register): anyone who can reach"
+                " it may send requests; replicas may register from this machine only",
+                cfg.host,
+            )
 
     async def _run_uvicorn(self, server: uvicorn.Server, sock: socket.socket) -> None:
         # uvicorn's serve() minus capture_signals(): signal handling belongs to

@@ -9,22 +9,34 @@ ones are 1). ``-i x:FP32[1,4]=1,2,3,4`` types an input explicitly (the shape
 may be left out: ``[n]``; it may hold ``-1``). Values are comma-separated;
 brackets are ignored, so ``[[1,2],[3,4]]`` is four values; BOOL takes
 ``true``/``false``/``1``/``0``; a BYTES value is one element.
+
+``--json FILE`` (``-``: stdin) sends a whole KServe v2 JSON request instead:
+it is parsed here with the API server's own parser
+(:func:`anyserve.codec.request_from_json`, so a malformed document is refused
+with the server's message before anything is sent) and goes out like every
+other request, as protobuf through :class:`anyserve.client.Client`; its
+``model_name`` routes it when no ``--capability`` is given. ``--stream``
+works with it too.
+
+A server that cannot be reached, or an error answer, is one line on stderr
+and exit code 1 (:func:`anyserve.cli.options.fail`); a usage mistake exit code 2.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import anyio
 import typer
+
+from anyserve.cli.options import DEFAULT_API, ApiUrl, Token, run_client
 
 if TYPE_CHECKING:
     from anyserve.proto import ModelInferRequest
-
-ApiUrl = Annotated[str, typer.Option("--api-server", help="API server URL.")]
 
 # name, then optionally :DATATYPE and [shape]
 _TYPED = re.compile(
@@ -113,6 +125,23 @@ def build_request(
     return request
 
 
+def json_request(source: str) -> ModelInferRequest:
+    """The KServe v2 JSON request in file ``source`` (``-``: stdin), parsed as
+    the API server parses one; raises typer.BadParameter naming the problem."""
+    from anyserve.codec import request_from_json
+    from anyserve.errors import InvalidArgument
+
+    where = "stdin" if source == "-" else source
+    try:
+        body = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        raise typer.BadParameter(f"--json: cannot read {where}: {exc.strerror or exc}") from None
+    try:
+        return request_from_json(body)
+    except InvalidArgument as exc:
+        raise typer.BadParameter(f"--json {where}: {exc.message}") from None
+
+
 async def declared_inputs(api: str, query: Mapping[str, str]) -> dict[str, tuple[str, list[int]]]:
     """The capability's declared inputs, name -> (datatype, shape), from
     ``GET /infer/metadata``; empty when none are declared or the API server
@@ -145,8 +174,9 @@ def _parse_pairs(items: list[str], what: str) -> dict[str, str]:
 
 def infer(
     capability: Annotated[
-        list[str], typer.Option("--capability", "-c", help="Capability key=value (repeatable).")
-    ],
+        list[str] | None,
+        typer.Option("--capability", "-c", help="Capability key=value (repeatable)."),
+    ] = None,
     input: Annotated[
         list[str] | None,
         typer.Option(
@@ -156,27 +186,44 @@ def infer(
             "name:FP32[1,4]=1,2,3,4 (repeatable).",
         ),
     ] = None,
+    json_file: Annotated[
+        str | None,
+        typer.Option(
+            "--json",
+            metavar="FILE|-",
+            help="Send the KServe v2 JSON request in FILE ('-': stdin) instead of --input; "
+            "its model_name routes it when no --capability is given.",
+        ),
+    ] = None,
     stream: Annotated[
         bool, typer.Option(help="Stream the answer (tokens as they arrive).")
     ] = False,
-    api: ApiUrl = "http://127.0.0.1:8080",
+    api: ApiUrl = DEFAULT_API,
 ) -> None:
     """Send one request through the API server and print the outputs."""
     from anyserve import codec
     from anyserve.client import Client
-    from anyserve.errors import AnyServeError
 
-    query = _parse_pairs(capability, "--capability")
+    query = _parse_pairs(capability or [], "--capability")
+    if json_file is not None and input:
+        raise typer.BadParameter("give --json or --input, not both")
     specs = [parse_input(item) for item in input or []]
+    given = json_request(json_file) if json_file is not None else None
+    if not query and (given is None or not given.model_name):
+        raise typer.BadParameter(
+            "say what to run: --capability key=value, or a model_name in the --json request"
+        )
 
     def show(value: Any) -> str:
         return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
     async def main() -> None:
-        declared = {}
-        if any(spec.datatype is None for spec in specs):
-            declared = await declared_inputs(api, query)
-        request = build_request(specs, declared)
+        request = given
+        if request is None:
+            declared = {}
+            if any(spec.datatype is None for spec in specs):
+                declared = await declared_inputs(api, query)
+            request = build_request(specs, declared)
         async with Client(api) as client:
             if stream:
                 async for chunk in client.stream(query, request=request):
@@ -192,32 +239,31 @@ def infer(
                 for name, value in codec.decode_outputs(response).items():
                     typer.echo(f"{name}: {show(value)}")
 
-    try:
-        anyio.run(main)
-    except AnyServeError as exc:
-        typer.echo(f"anyserve: {type(exc).__name__} ({exc.http_status}): {exc.message}", err=True)
-        raise typer.Exit(1) from None
+    run_client(main)
 
 
-def registry(api: ApiUrl = "http://127.0.0.1:8080") -> None:
-    """Print the API server's registry: replicas, capabilities, workers."""
+async def fetch_registry(api: str, token: str | None = None) -> dict[str, Any]:
+    """The API server's ``GET /registry``; raises the anyserve error (Unavailable
+    when it cannot be reached)."""
     from anyserve.client import Client
 
-    async def main() -> dict[str, Any]:
-        async with Client(api) as client:
-            return await client.registry()
+    async with Client(api, token=token) as client:
+        return await client.registry()
 
-    data = anyio.run(main)
+
+def registry(api: ApiUrl = DEFAULT_API, token: Token = None) -> None:
+    """Print the API server's registry: replicas, capabilities, workers (with a
+    token set on the API server, endpoints and pids only for callers with it)."""
+    data = run_client(lambda: fetch_registry(api, token))
     replicas = data.get("replicas", [])
     if not replicas:
         typer.echo("no replicas registered")
     for rep in replicas:
-        typer.echo(
-            f"{rep.get('replica_id')}  {rep.get('endpoint')}  in-flight {rep.get('in_flight', 0)}"
-        )
+        endpoint = rep.get("endpoint") or "(endpoint hidden: pass --token)"
+        typer.echo(f"{rep.get('replica_id')}  {endpoint}  in-flight {rep.get('in_flight', 0)}")
         for cap in rep.get("capabilities", []):
             typer.echo(f"    loaded    {','.join(f'{k}={v}' for k, v in cap.items())}")
         for cap in rep.get("loadable", []):
             typer.echo(f"    loadable  {','.join(f'{k}={v}' for k, v in cap.items())}")
         for w in rep.get("workers", []):
-            typer.echo(f"    worker {w.get('id')}  pid {w.get('pid')}  {w.get('state')}")
+            typer.echo(f"    worker {w.get('id')}  pid {w.get('pid') or '-'}  {w.get('state')}")

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, NoReturn
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from anyserve.errors import AnyServeError
+
+T = TypeVar("T")
+
+DEFAULT_API = "http://127.0.0.1:8080"
+ApiUrl = Annotated[str, typer.Option("--api-server", help="API server URL.")]
 
 NoMatch = Annotated[
     str,
@@ -37,6 +46,27 @@ Heartbeat = Annotated[
 MaxBodyMib = Annotated[int, typer.Option(help="HTTP body limit in MiB (413 beyond).")]
 MaxInflight = Annotated[int, typer.Option(help="Requests in flight per replica before 429.")]
 RequestTimeout = Annotated[float, typer.Option(help="Deadline (s) for requests that set none.")]
+InsecureRegister = Annotated[
+    bool,
+    typer.Option(
+        help="Serve on a non-loopback --host without a token anyway (registration then"
+        " still only from this machine).",
+    ),
+]
+ReplicaNetworks = Annotated[
+    str | None,
+    typer.Option(
+        help="Networks (CIDR,...) replica endpoints must be in, e.g. 10.0.0.0/8.",
+    ),
+]
+StartTimeout = Annotated[
+    float,
+    typer.Option(
+        min=0.001,
+        help="Seconds a worker may take to start (load its model) before it is killed and"
+        " restarted; a handler's own start_timeout wins.",
+    ),
+]
 
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
@@ -79,6 +109,26 @@ def parse_resources(text: str | None) -> dict[str, float]:
         except ValueError:
             raise typer.BadParameter(f"expected name=number, got {part!r}") from None
     return resources
+
+
+def fail(error: AnyServeError) -> NoReturn:
+    """End a command that talks to a server: the error as one line on stderr
+    (``anyserve: Unavailable (503): cannot reach ...``), exit code 1."""
+    typer.echo(f"anyserve: {type(error).__name__} ({error.http_status}): {error.message}", err=True)
+    raise typer.Exit(1)
+
+
+def run_client(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main`` (talks to a server) in an event loop; an anyserve error it
+    raises (unreachable server, error answer) ends the command with :func:`fail`."""
+    import anyio
+
+    from anyserve.errors import AnyServeError
+
+    try:
+        return anyio.run(main)
+    except AnyServeError as error:
+        fail(error)
 
 
 def event_loop_options() -> dict[str, object]:

@@ -18,17 +18,21 @@ from anyserve.cli.options import (
     HopLimit,
     Host,
     HttpPort,
+    InsecureRegister,
     LogLevel,
     MaxBodyMib,
     MaxInflight,
     NoMatch,
+    ReplicaNetworks,
     RequestTimeout,
+    StartTimeout,
     Token,
     event_loop_options,
     parse_resources,
     setup_logging,
 )
 from anyserve.errors import InvalidArgument, StartupError
+from anyserve.replica.processes import DEFAULT_START_TIMEOUT
 
 
 def start(
@@ -62,6 +66,7 @@ def start(
         typer.Option(envvar="ANYSERVE_TOKEN", help="Shared secret for registration and admin."),
     ] = None,
     grace: Annotated[float, typer.Option(help="Seconds to drain calls on shutdown.")] = 10.0,
+    start_timeout: StartTimeout = DEFAULT_START_TIMEOUT,
     log_level: LogLevel = "info",
 ) -> None:
     """Start one replica: a KServe v2 gRPC server and its worker processes."""
@@ -82,6 +87,7 @@ def start(
         resources=parse_resources(resources),
         app_dir=os.getcwd(),
         grace=grace,
+        start_timeout=start_timeout,
         log_level=log_level,
     )
     _run_until_signal(Replica(config).run)
@@ -141,6 +147,8 @@ _API_OPTIONS = (
     "max_body_mib",
     "max_inflight",
     "request_timeout",
+    "insecure_register",
+    "replica_networks",
 )
 
 
@@ -152,6 +160,8 @@ def _api_config(values: dict[str, Any]) -> Any:
     options = {name: values[name] for name in _API_OPTIONS}
     options["max_body"] = options.pop("max_body_mib") * MIB
     options["max_inflight_per_replica"] = options.pop("max_inflight")
+    networks = options.pop("replica_networks") or ""
+    options["replica_networks"] = tuple(n for n in networks.split(",") if n.strip())
     try:
         return ApiServerConfig(**options)
     except ValueError as exc:
@@ -169,6 +179,8 @@ def api_server(
     max_body_mib: MaxBodyMib = 64,
     max_inflight: MaxInflight = 256,
     request_timeout: RequestTimeout = 300.0,
+    insecure_register: InsecureRegister = False,
+    replica_networks: ReplicaNetworks = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Start the API server alone (`python -m anyserve.api_server` is the same command)."""
@@ -199,12 +211,15 @@ def run(
     max_body_mib: MaxBodyMib = 64,
     max_inflight: MaxInflight = 256,
     request_timeout: RequestTimeout = 300.0,
+    insecure_register: InsecureRegister = False,
+    replica_networks: ReplicaNetworks = None,
     object_store: Annotated[
         str | None, typer.Option(help="Object directory (default: a temporary one).")
     ] = None,
     resources: Annotated[
         str | None, typer.Option(help="What each replica has, e.g. gpu=1.")
     ] = None,
+    start_timeout: StartTimeout = DEFAULT_START_TIMEOUT,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a whole local system: an API server plus one replica per app."""
@@ -212,7 +227,12 @@ def run(
 
     log_level = setup_logging(log_level)
     config = _api_config(locals())
-    options: dict[str, Any] = {"host": host, "app_dir": os.getcwd(), "log_level": log_level}
+    options: dict[str, Any] = {
+        "host": host,
+        "app_dir": os.getcwd(),
+        "log_level": log_level,
+        "start_timeout": start_timeout,
+    }
     if resources:
         options["resources"] = parse_resources(resources)
 
@@ -221,6 +241,7 @@ def run(
             apps, api=config, object_store=object_store, replica_options=options
         ) as cluster:
             typer.echo(cluster.describe())
+            typer.echo(cluster.workers_hint())
             typer.echo("anyserve is running; press Ctrl-C to stop.")
             task_status.started()
             await anyio.sleep_forever()

@@ -130,9 +130,14 @@ class AdminServicer:
         return self._reply()
 
     async def _settle(self, slots: list[Slot], context: grpc.aio.ServicerContext) -> None:
-        """Wait while any of ``slots`` is starting (crash-loop restarts included)."""
+        """Wait while any of ``slots`` is starting (crash-loop restarts included),
+        within the call's deadline, else the handlers' start timeout."""
         left = context.time_remaining()
-        timeout = self.manager.config.start_timeout if left is None else max(left - 0.2, 0.0)
+        config = self.manager.config
+        longest = max(
+            (config.start_timeout_for(s.handler) for s in slots), default=config.start_timeout
+        )
+        timeout = longest if left is None else max(left - 0.2, 0.0)
         with anyio.move_on_after(timeout):
             for slot in slots:
                 # ready is set once the slot is READY, FAILED or STOPPED; a crash

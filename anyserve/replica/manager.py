@@ -25,7 +25,7 @@ import anyio.abc
 
 from anyserve.app import HandlerInfo
 from anyserve.errors import NotFound, Overloaded, Unavailable
-from anyserve.replica.processes import WorkerConfig, WorkerLauncher
+from anyserve.replica.processes import WorkerConfig, WorkerLauncher, seconds
 from anyserve.replica.resources import ResourceBudget
 from anyserve.replica.slot import Slot, State
 from anyserve.replica.supervisor import Supervisor
@@ -71,9 +71,11 @@ class Manager:
         ready (or failed), then supervise until :meth:`stop` is called.
 
         Shielded from outside cancellation on purpose: the replica must drain
-        its calls before the workers go, so only ``stop()`` ends this.
+        its calls before the workers go, so only ``stop()`` ends this. Until
+        it reports started nothing is served yet, so a cancellation while the
+        preloaded workers load (Ctrl-C during a long model load) ends it at once.
         """
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True) as shield:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 preload = []
@@ -90,16 +92,27 @@ class Manager:
                             dict(handler.resources),
                             self.budget.free(),
                         )
-                with anyio.move_on_after(self.config.start_timeout + 1):
-                    for handler in preload:
-                        for slot in self.slots[handler.name]:
-                            while slot.state is State.STARTING and not self._stopping.is_set():
-                                await slot.ready.wait()
+                shield.shield = False
+                try:
+                    await self._wait_preloaded(preload)
+                finally:
+                    shield.shield = True
                 task_status.started()
                 await self._stopping.wait()
                 for slot in self.all_slots():
                     slot.shutdown()
                 tg.cancel_scope.cancel()
+
+    async def _wait_preloaded(self, preload: list[HandlerInfo]) -> None:
+        """Wait while the preloaded handlers' workers start (restarts included),
+        each handler for at most its start timeout (plus a second for the kill)."""
+        begun = anyio.current_time()
+        for handler in preload:
+            deadline = begun + self.config.start_timeout_for(handler) + 1
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                for slot in self.slots[handler.name]:
+                    while slot.state is State.STARTING and not self._stopping.is_set():
+                        await slot.ready.wait()
 
     def stop(self) -> None:
         """Stop every worker (their connections close, the processes exit)."""
@@ -274,7 +287,7 @@ class Manager:
     async def acquire(self, name: str) -> Slot:
         """A ready worker for handler ``name``: waits for one that is starting and
         starts a loadable handler on demand. Callers bound the wait with their
-        deadline; without one it ends after the start timeout.
+        deadline; without one it ends after the handler's start timeout.
 
         Raises Unavailable when the handler failed (crash loop) or no worker
         became ready in time, NotFound when it was stopped by command,
@@ -299,14 +312,14 @@ class Manager:
                     raise Unavailable(f"handler {name} failed: {failed[0].failure}")
                 await self.load(name)
                 continue
+            timeout = self.config.start_timeout_for(self.handler(name))
             if deadline is None:
-                deadline = anyio.current_time() + self.config.start_timeout
+                deadline = anyio.current_time() + timeout
             with anyio.move_on_after(deadline - anyio.current_time()):
                 await _wait_any([s.ready for s in starting])
             if anyio.current_time() >= deadline and self.pick(name) is None:
                 raise Unavailable(
-                    f"handler {name} has no ready worker after "
-                    f"{self.config.start_timeout:.0f}s (start timeout)"
+                    f"handler {name} has no ready worker after {seconds(timeout)} s (start timeout)"
                 )
 
 

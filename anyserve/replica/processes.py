@@ -5,6 +5,12 @@ Dispatcher and worker talk over a Unix socketpair created per process and
 inherited by the child (no socket files, so nothing to clean up and nothing
 another user could connect to). A worker that dies fails its in-flight calls at
 once with UNAVAILABLE naming its exit code.
+
+A worker is *starting* until it says hello (its app imported, its model
+loaded). It gets its handler's ``start_timeout`` for that, else the replica's
+(:meth:`WorkerConfig.start_timeout_for`); meanwhile the replica logs its
+progress every ``start_progress_interval`` seconds, and once the time is up it
+warns and kills the worker, which the supervisor then counts as a crash.
 """
 
 from __future__ import annotations
@@ -36,6 +42,13 @@ REAP_GRACE = 5.0
 # Seconds a worker that never said hello gets to exit after its connection
 # closes before it is terminated (a ready worker gets REAP_GRACE).
 REAP_GRACE_STARTING = 0.5
+# Seconds a worker may take to start (load its model) unless its handler says.
+DEFAULT_START_TIMEOUT = 600.0
+# Seconds between "still loading" lines while a worker starts.
+START_PROGRESS_INTERVAL = 10.0
+# Seconds the describe process may take to import the app, at least (an app that
+# loads its models at import in every process needs the start timeout there too).
+DESCRIBE_TIMEOUT = 120.0
 
 
 @dataclass
@@ -50,10 +63,21 @@ class WorkerConfig:
     object_max_size: int | None = None
     api_server: str | None = None
     max_frame: int = wire.DEFAULT_MAX_FRAME
-    start_timeout: float = 120.0
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    start_progress_interval: float = START_PROGRESS_INTERVAL
     drain_timeout: float = 30.0
     log_level: str = "info"
     env: Mapping[str, str] = field(default_factory=dict)
+
+    def start_timeout_for(self, handler: HandlerInfo) -> float:
+        """Seconds a worker of ``handler`` may take to start: the handler's own
+        ``start_timeout``, else the replica's."""
+        return self.start_timeout if handler.start_timeout is None else handler.start_timeout
+
+
+def seconds(value: float) -> str:
+    """Seconds for a log line: ``600``, ``40``, ``0.5``."""
+    return f"{round(value, 1):g}"
 
 
 def exit_text(code: int | None, *, started: bool = True) -> str:
@@ -87,7 +111,7 @@ async def reap(proc: asyncio.subprocess.Process, grace: float = REAP_GRACE) -> i
 
 
 async def describe_app(
-    app: str, app_dir: str | None = None, timeout: float = 120.0
+    app: str, app_dir: str | None = None, timeout: float = DESCRIBE_TIMEOUT
 ) -> tuple[str, list[HandlerInfo]]:
     """Import the app in a throwaway process (:mod:`anyserve.replica.describe`)
     and return its name and handlers.
@@ -154,9 +178,10 @@ def worker_command(config: WorkerConfig, slot: Slot, fd: int) -> list[str]:
 
 class WorkerLauncher:
     """Runs one worker process for a slot until it exits (the supervisor's
-    ``RunWorker``): spawn it on a socketpair, wait for its hello, serve its
-    frames, and when the connection ends (or the slot's stop is requested)
-    reap the process and fail the calls it still had."""
+    ``RunWorker``): spawn it on a socketpair, wait for its hello (within the
+    start timeout, logging progress), serve its frames, and when the
+    connection ends (or the slot's stop is requested) reap the process and
+    fail the calls it still had."""
 
     def __init__(self, config: WorkerConfig, on_change: Callable[[], None]) -> None:
         self.config = config
@@ -165,6 +190,7 @@ class WorkerLauncher:
     async def __call__(self, slot: Slot) -> str:
         """Run one worker process for ``slot``; return why it ended."""
         config = self.config
+        timeout = config.start_timeout_for(slot.handler)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -175,9 +201,11 @@ class WorkerLauncher:
         finally:
             child.close()
         slot.spawned(proc.pid)
+        self.on_change()  # the registry shows the starting worker's pid
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
         reason = "stopped"
         hello = False
+        loading = anyio.Event()  # set once the wait for the hello is over
         try:
             async with anyio.create_task_group() as tg:
 
@@ -186,9 +214,11 @@ class WorkerLauncher:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_stop)
+                tg.start_soon(self._report_loading, slot, proc.pid, timeout, loading)
                 try:
-                    with anyio.fail_after(config.start_timeout):
+                    with anyio.fail_after(timeout):
                         header, _ = await wire.read_frame(reader, config.max_frame)
+                    loading.set()
                     if header.WhichOneof("kind") != "hello":
                         raise wire.ConnectionClosed("worker did not say hello")
                     hello = True
@@ -201,11 +231,13 @@ class WorkerLauncher:
                     self.on_change()
                     await slot.serve(reader, config.max_frame)
                 except TimeoutError:
-                    reason = f"did not start within {config.start_timeout:.0f}s"
+                    reason = f"did not start within {seconds(timeout)} s"
+                    log.warning("worker %s %s; killing it", slot.id, reason)
                 except (wire.ConnectionClosed, AnyServeError):
                     pass  # the worker went away; the finally below says why
                 tg.cancel_scope.cancel()
         finally:
+            loading.set()
             slot.disconnect()
             writer.close()
             with anyio.CancelScope(shield=True):
@@ -215,3 +247,21 @@ class WorkerLauncher:
                 reason = ended
             slot.fail_calls(Unavailable(f"worker {slot.id} (pid {proc.pid}) {ended}"))
         return reason
+
+    async def _report_loading(
+        self, slot: Slot, pid: int, timeout: float, loading: anyio.Event
+    ) -> None:
+        """Log every ``start_progress_interval`` seconds until ``loading`` is set:
+        ``worker chat-0 (pid 123) still loading, 40 s of 600 s``."""
+        started = anyio.current_time()
+        while True:
+            with anyio.move_on_after(self.config.start_progress_interval):
+                await loading.wait()
+                return
+            log.info(
+                "worker %s (pid %d) still loading, %s s of %s s",
+                slot.id,
+                pid,
+                seconds(anyio.current_time() - started),
+                seconds(timeout),
+            )

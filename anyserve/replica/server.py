@@ -35,7 +35,13 @@ from anyserve.replica import status
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
 from anyserve.replica.manager import Manager
-from anyserve.replica.processes import WorkerConfig, describe_app
+from anyserve.replica.processes import (
+    DEFAULT_START_TIMEOUT,
+    DESCRIBE_TIMEOUT,
+    START_PROGRESS_INTERVAL,
+    WorkerConfig,
+    describe_app,
+)
 from anyserve.replica.registration import Registration
 from anyserve.replica.servicer import InferenceServicer
 
@@ -61,6 +67,10 @@ class ReplicaConfig:
     grace: float = 10.0
     max_message: int = rpc.DEFAULT_MAX_MESSAGE
     log_level: str = "info"
+    # Seconds a worker may take to start (a handler's own start_timeout wins),
+    # and between its "still loading" log lines meanwhile.
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    start_progress_interval: float = START_PROGRESS_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,8 @@ class Replica:
         when the app cannot be loaded, the port cannot be bound or the object
         store directory cannot be used."""
         cfg = self.config
-        app_name, handlers = await describe_app(cfg.app, cfg.app_dir)
+        describe_timeout = max(cfg.start_timeout, DESCRIBE_TIMEOUT)
+        app_name, handlers = await describe_app(cfg.app, cfg.app_dir, describe_timeout)
         server = grpc.aio.server(options=rpc.grpc_options(cfg.max_message))
         problem = rpc.bind_problem(cfg.host, cfg.port)
         try:
@@ -220,6 +231,8 @@ class Replica:
             api_server=cfg.api_server,
             max_frame=cfg.max_message,
             log_level=cfg.log_level,
+            start_timeout=cfg.start_timeout,
+            start_progress_interval=cfg.start_progress_interval,
             env={"ANYSERVE_TOKEN": cfg.token} if cfg.token else {},
         )
 
