@@ -1,21 +1,26 @@
 """Test helpers: in-process replicas and API servers on port 0, and gRPC clients.
 
 Installing anyserve registers this module as a pytest plugin (entry point
-``pytest11``), which provides two fixtures for anyio tests:
+``pytest11``), which provides these fixtures for anyio tests:
 
-* ``anyserve_apps`` - the apps to serve (override it in your test module);
+* ``anyserve_apps`` - the apps to serve (override it in your test module or
+  conftest.py), as ``module:attr`` specs like ``anyserve run`` takes;
+* ``anyserve_app_dir`` - where those specs resolve: pytest's rootdir (the
+  directory of your pyproject.toml / pytest.ini), wherever pytest was started
+  from; override it to serve apps from elsewhere;
 * ``anyserve_cluster`` - a running :class:`~anyserve.cluster.Cluster` of those
   apps: API server, one replica per app with real worker processes, and a
-  temporary object store, all on free local ports::
+  temporary object store, all on free local ports;
+* ``anyserve_client`` - an :class:`~anyserve.client.Client` connected to that
+  cluster's API server::
 
     @pytest.fixture
     def anyserve_apps() -> list[str]:
         return ["my_app:app"]
 
     @pytest.mark.anyio
-    async def test_chat(anyserve_cluster):
-        async with anyserve.client.Client(anyserve_cluster.url) as client:
-            response = await client.infer({"type": "chat"}, {"text_input": "hi"})
+    async def test_chat(anyserve_client):
+        response = await anyserve_client.infer({"type": "chat"}, {"text_input": "hi"})
 
 The helpers below work in any anyio-based test too::
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -40,6 +46,7 @@ import pytest
 
 from anyserve import rpc
 from anyserve.capability import query_to_metadata
+from anyserve.client import Client
 from anyserve.cluster import Cluster, start_cluster
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
 from anyserve.replica.server import Replica, ReplicaConfig
@@ -137,9 +144,29 @@ def anyserve_apps() -> list[str]:
 
 
 @pytest.fixture
-async def anyserve_cluster(anyserve_apps: list[str]) -> AsyncIterator[Cluster]:
+def anyserve_app_dir(request: pytest.FixtureRequest) -> Path:
+    """Where ``anyserve_apps`` specs resolve (first on ``sys.path`` in the
+    worker processes): pytest's rootdir, not the directory pytest was started
+    in. Override it to serve apps from elsewhere (a relative path is taken
+    from the rootdir)."""
+    return request.config.rootpath
+
+
+@pytest.fixture
+async def anyserve_cluster(
+    anyserve_apps: list[str], anyserve_app_dir: str | Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Cluster]:
     """A running local cluster of ``anyserve_apps`` (stopped after the test)."""
     if not anyserve_apps:
         raise pytest.UsageError("override the anyserve_apps fixture to name the apps to serve")
-    async with start_cluster(anyserve_apps) as cluster:
+    # A relative anyserve_app_dir is taken from the rootdir too, never the cwd.
+    options = {"app_dir": str(request.config.rootpath / anyserve_app_dir)}
+    async with start_cluster(anyserve_apps, replica_options=options) as cluster:
         yield cluster
+
+
+@pytest.fixture
+async def anyserve_client(anyserve_cluster: Cluster) -> AsyncIterator[Client]:
+    """A :class:`~anyserve.client.Client` of ``anyserve_cluster``'s API server."""
+    async with Client(anyserve_cluster.url) as client:
+        yield client
