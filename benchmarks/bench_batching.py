@@ -4,8 +4,9 @@ real replica, in one run.
 The cost model is one device (a GPU, say): a call holds it (a lock in the
 worker process) for 5 ms plus 0.1 ms per request it carries (``time.sleep``),
 so one call of 32 requests costs 8.2 ms where 32 single calls cost 163 ms.
-The replica runs as its own process (``python -m benchmarks.bench_batching``,
-protocol in :mod:`benchmarks.procs`) and serves this module's ``app``:
+The replica runs as its own process (``python -m benchmarks.replica_proc
+benchmarks.bench_batching:app``, protocol in :mod:`benchmarks.procs`) and serves
+this module's ``app``:
 
 * ``type=cost, batched=no``: a plain sync handler, one request per call;
 * ``type=cost, batched=yes``: ``max_batch_size=64, batch_timeout=0.004``.
@@ -26,9 +27,7 @@ change the run time.
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import threading
 import time
 from typing import Any
@@ -186,37 +185,8 @@ def run() -> list[dict[str, Any]]:
     """Start the replica, measure both variants, stop it; one row per figure."""
     from benchmarks import procs
 
-    with procs.ServerProcess("benchmarks.bench_batching") as replica:
+    with procs.ServerProcess("benchmarks.replica_proc", APP) as replica:
         rows: list[dict[str, Any]] = anyio.run(
             _measure, replica.endpoint, backend_options=procs.event_loop_options()
         )
     return rows
-
-
-# --------------------------------------------------------------------------- the server
-
-
-async def _serve() -> None:
-    from anyserve.replica.server import Replica, ReplicaConfig
-    from benchmarks import procs
-
-    config = ReplicaConfig(
-        app=APP,
-        port=0,
-        object_store=None,
-        app_dir=str(procs.ROOT),
-        grace=1.0,
-        log_level="warning",
-    )
-    async with anyio.create_task_group() as tg:
-        replica: Replica = await tg.start(Replica(config).run)
-        procs.announce(replica.endpoint)
-        await procs.wait_for_exit()
-        tg.cancel_scope.cancel()
-
-
-if __name__ == "__main__":
-    from benchmarks import procs
-
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    procs.run_child(_serve)

@@ -1,7 +1,8 @@
-"""A replica serving :mod:`benchmarks.apps` with one worker per handler, as its
-own process: ``python -m benchmarks.replica_proc`` (protocol in
-:mod:`benchmarks.procs`). It is what ``anyserve start --app benchmarks.apps:app
---port 0`` runs, minus the object store and registration.
+"""A replica serving :mod:`benchmarks.apps` (or the app given as the first
+argument) with one worker per handler, as its own process: ``python -m
+benchmarks.replica_proc [APP]`` (protocol in :mod:`benchmarks.procs`). It is what
+``anyserve start --app benchmarks.apps:app --port 0`` runs, minus the object
+store and registration.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ APP = "benchmarks.apps:app"
 
 async def main() -> None:
     config = ReplicaConfig(
-        app=APP,
+        app=sys.argv[1] if len(sys.argv) > 1 else APP,
         port=0,
         object_store=None,
         app_dir=str(procs.ROOT),

@@ -50,8 +50,8 @@ def parse_request_doc(
 ) -> tuple[ModelInferRequest, list[Pending]]:
     """Parse a request document, leaving each input's data pending.
 
-    The URL's ``model_name`` wins when given, else the body's (the seed's
-    ``/infer`` bodies carry one; KServe v2 puts it in the URL only).
+    The URL's ``model_name`` wins when given, else the body's (``/infer``
+    bodies may carry one; KServe v2 puts it in the URL only).
     """
     in_body = string_field(doc, "model_name")
     request = ModelInferRequest(model_name=model_name or in_body)
