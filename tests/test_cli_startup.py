@@ -132,3 +132,26 @@ def test_a_bad_flag_value_is_one_line(apps: Path) -> None:
     assert len(lines) == 1, lines
     assert lines[0].startswith("anyserve: No such option: --nope")
     assert lines[0].endswith("(see `anyserve start --help`)")
+
+
+def test_a_world_writable_object_store_is_warned_about_at_start_up(apps: Path) -> None:
+    store = apps / "objects"
+    store.mkdir()
+    store.chmod(0o777)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anyserve.cli", "start", "--app", "good_app:app",
+         "--port", "0", "--object-store", str(store)],
+        cwd=apps, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen: list[str] = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "serving" in line:
+                break
+        warnings = [line for line in seen if "writable by every user" in line]
+        assert len(warnings) == 1 and "WARNING" in warnings[0], seen
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -31,6 +31,7 @@ from anyserve.app import HandlerInfo
 from anyserve.calls import ApiChannel, ApiDelegator
 from anyserve.errors import StartupError
 from anyserve.objects import ObjectStore
+from anyserve.objects.directory import prepare_root
 from anyserve.replica import status
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
@@ -183,11 +184,13 @@ class Replica:
         store = None
         if cfg.object_store:
             try:
-                os.makedirs(cfg.object_store, mode=0o700, exist_ok=True)
+                warning = prepare_root(cfg.object_store)
             except OSError as exc:
                 raise StartupError(
-                    f"cannot use object store directory {cfg.object_store}: {exc.strerror}"
+                    f"cannot use object store directory {cfg.object_store}: {exc.strerror or exc}"
                 ) from None
+            if warning:
+                log.warning("%s", warning)
             store = ObjectStore(
                 cfg.object_store, ttl=cfg.object_ttl, max_object_size=cfg.object_max_size
             )
