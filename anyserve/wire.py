@@ -15,10 +15,22 @@ from anyserve._proto import worker_pb2 as wpb
 from anyserve.errors import PayloadTooLarge
 
 PREFIX = struct.Struct(">II")
-# Default ceiling on header + payload; matches the gRPC message limit.
-DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 # Headers are tiny; a large one means a corrupt or hostile stream.
 MAX_HEADER = 1024 * 1024
+# Frames are this much larger than the gRPC message limit, so every message
+# gRPC let through (and its header) fits in one frame.
+FRAME_HEADROOM = MAX_HEADER
+# Default ceiling on header + payload: the default gRPC message limit plus headroom.
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024 + FRAME_HEADROOM
+# A worker's answers stay this much under the gRPC message limit, so one still
+# fits a gRPC message once the replica wraps or batches it.
+ANSWER_MARGIN = 1024
+
+
+def answer_limit(max_frame: int) -> int:
+    """The largest answer a worker may send with frames of ``max_frame`` bytes."""
+    return max_frame - FRAME_HEADROOM - ANSWER_MARGIN
+
 
 Header = wpb.Header
 
@@ -52,10 +64,30 @@ def encode_frame(header: wpb.Header, payload: bytes = b"") -> list[bytes]:
     return [PREFIX.pack(len(head), len(payload)), head, payload]
 
 
-def write_frame(writer: asyncio.StreamWriter, header: wpb.Header, payload: bytes = b"") -> None:
+def write_frame(
+    writer: asyncio.StreamWriter,
+    header: wpb.Header,
+    payload: bytes = b"",
+    max_frame: int | None = None,
+) -> None:
     """Queue one frame on ``writer`` (call ``await writer.drain()`` for backpressure).
 
     The pieces go in one ``writelines`` call with no await in between, so frames
-    written by concurrent tasks never interleave.
+    written by concurrent tasks never interleave. With ``max_frame``, a frame
+    over it raises PayloadTooLarge and nothing is written: the peer would drop
+    the connection (and every call on it) rather than read it.
     """
-    writer.writelines(encode_frame(header, payload))
+    pieces = encode_frame(header, payload)
+    if max_frame is not None and len(pieces[1]) + len(payload) > max_frame:
+        raise PayloadTooLarge(
+            f"{len(payload)} bytes are over the {max_frame - FRAME_HEADROOM}-byte message limit"
+        )
+    writer.writelines(pieces)
+
+
+def check_answer(payload: bytes, max_frame: int) -> None:
+    """Raise PayloadTooLarge when a worker's answer could not cross the next
+    gRPC hop (:func:`answer_limit`)."""
+    limit = answer_limit(max_frame)
+    if len(payload) > limit:
+        raise PayloadTooLarge(f"an answer of {len(payload)} bytes is over the {limit}-byte limit")

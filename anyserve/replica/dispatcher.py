@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
-from typing import Protocol
+from typing import Any, Protocol
 
-from anyserve import rpc
+from anyserve import rpc, wire
 from anyserve.app import HandlerInfo
 from anyserve.capability import Capability, query_from_headers, rank
 from anyserve.errors import (
@@ -29,8 +29,10 @@ from anyserve.replica.manager import Manager
 
 log = logging.getLogger("anyserve.dispatcher")
 
-# Most stream responses relayed in one batch (bounds one gRPC message's size).
+# Most stream responses relayed in one batch.
 MAX_BATCH = 256
+# Bytes a response adds to a batch besides its own (its length prefix, slack).
+BATCH_OVERHEAD = 16
 
 
 class Delegator(Protocol):
@@ -61,11 +63,18 @@ class Dispatcher:
     """Routes calls to handlers and their workers."""
 
     def __init__(
-        self, handlers: list[HandlerInfo], manager: Manager, delegator: Delegator | None = None
+        self,
+        handlers: list[HandlerInfo],
+        manager: Manager,
+        delegator: Delegator | None = None,
+        *,
+        max_message: int = rpc.DEFAULT_MAX_MESSAGE,
     ) -> None:
         self.handlers = handlers
         self.manager = manager
         self.delegator = delegator
+        # Batches of stream responses stay within one gRPC message.
+        self.max_batch_bytes = max_message - wire.ANSWER_MARGIN
         # Handlers never change while a replica runs, so a resolution can be
         # reused; bounded because queries come from the network.
         self._resolved: dict[tuple[frozenset[tuple[str, str]], str, bool], HandlerInfo] = {}
@@ -196,16 +205,24 @@ class Dispatcher:
             payload, stream=handler.stream, metadata=metadata, timeout=timeout
         )
         done = False
+        pending: tuple[Any, bytes] | None = None  # a chunk that starts the next batch
         try:
             await slot.drain_writer()
             while not done:
                 batch: list[bytes] = []
-                frame = await sink.next()
+                size = 0
+                frame = pending if pending is not None else await sink.next()
+                pending = None
                 while True:
                     header, body = frame
                     kind = header.WhichOneof("kind")
                     if kind == "chunk":
+                        # A batch travels as one gRPC message: keep it under the limit.
+                        if batch and size + len(body) + BATCH_OVERHEAD > self.max_batch_bytes:
+                            pending = frame
+                            break
                         batch.append(body)
+                        size += len(body) + BATCH_OVERHEAD
                     elif kind == "end":
                         done = True
                         if not handler.stream:

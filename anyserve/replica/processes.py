@@ -224,7 +224,7 @@ class WorkerLauncher:
                     hello = True
                     if not slot.wanted:
                         raise wire.ConnectionClosed("stopped while starting")
-                    slot.connect(writer)
+                    slot.connect(writer, config.max_frame)
                     log.info(
                         "worker %s (pid %d) ready for %s", slot.id, proc.pid, slot.handler.name
                     )

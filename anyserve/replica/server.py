@@ -26,7 +26,7 @@ import anyio
 import grpc
 import grpc.aio
 
-from anyserve import rpc
+from anyserve import rpc, wire
 from anyserve.app import HandlerInfo
 from anyserve.calls import ApiChannel, ApiDelegator
 from anyserve.errors import StartupError
@@ -205,7 +205,7 @@ class Replica:
             resources=cfg.resources,
             on_change=registration.notify if registration is not None else None,
         )
-        dispatcher = Dispatcher(handlers, manager, delegator)
+        dispatcher = Dispatcher(handlers, manager, delegator, max_message=cfg.max_message)
         servicer = InferenceServicer(handlers, manager, dispatcher)
         admin = AdminServicer(manager, replica_id, cfg.token)
         server.add_generic_rpc_handlers((servicer.generic_handler(), admin.generic_handler()))
@@ -232,7 +232,7 @@ class Replica:
             object_ttl=cfg.object_ttl,
             object_max_size=cfg.object_max_size,
             api_server=cfg.api_server,
-            max_frame=cfg.max_message,
+            max_frame=cfg.max_message + wire.FRAME_HEADROOM,
             log_level=cfg.log_level,
             start_timeout=cfg.start_timeout,
             start_progress_interval=cfg.start_progress_interval,

@@ -93,6 +93,7 @@ class Slot:
         self.idle.set()
         self._stop_requested = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
+        self._max_frame: int | None = None
         self._calls: dict[int, CallSink] = {}
         self._next_call = 1
 
@@ -203,18 +204,19 @@ class Slot:
     def open_call(
         self, payload: bytes, *, stream: bool, metadata: Mapping[str, str], timeout: float | None
     ) -> tuple[int, CallSink]:
-        """Send a Call frame; raises Unavailable when the worker is not ready."""
+        """Send a Call frame; raises Unavailable when the worker is not ready,
+        PayloadTooLarge (nothing sent) when the frame is over the limit."""
         writer = self._writer
         if writer is None or self._state is not State.READY:
             raise Unavailable(f"worker {self.id} is {self._state.value}")
         call_id = self._next_call
+        # On the wire 0 means "no deadline" (a passed one never gets this far).
+        call = wpb.Call(stream=stream, timeout=timeout or 0.0, metadata=metadata)
+        wire.write_frame(writer, wpb.Header(call_id=call_id, call=call), payload, self._max_frame)
         self._next_call += 1
         sink = CallSink()
         self._calls[call_id] = sink
         self.idle.clear()
-        # On the wire 0 means "no deadline" (a passed one never gets this far).
-        call = wpb.Call(stream=stream, timeout=timeout or 0.0, metadata=metadata)
-        wire.write_frame(writer, wpb.Header(call_id=call_id, call=call), payload)
         return call_id, sink
 
     async def drain_writer(self) -> None:
@@ -243,9 +245,12 @@ class Slot:
 
     # -- the connection (driven by the supervisor's process runner) -------------
 
-    def connect(self, writer: asyncio.StreamWriter) -> None:
-        """The worker said hello: calls may go to it now (READY)."""
+    def connect(self, writer: asyncio.StreamWriter, max_frame: int | None = None) -> None:
+        """The worker said hello: calls may go to it now (READY). A call whose
+        frame would be over ``max_frame`` is refused (PayloadTooLarge) before
+        anything is written."""
         self._writer = writer
+        self._max_frame = max_frame
         self._state = State.READY
         self.ready.set()
 

@@ -150,6 +150,8 @@ class WorkerServer:
             call.granted.set()
 
     def _send(self, header: wpb.Header, payload: bytes = b"") -> None:
+        # An answer too large to pass on fails its call (PayloadTooLarge), not the worker.
+        wire.check_answer(payload, self.max_frame)
         wire.write_frame(self.writer, header, payload)
 
     async def _run(self, call_id: int, call: wpb.Call, payload: bytes) -> None:
