@@ -105,7 +105,9 @@ async def infer(state: ApiState, request: Request) -> Response:
     meta = _request_meta(state, request)
     payload, parsed = await _decode_infer(state, request, meta)
     _require_target(meta)
-    raw = await unless_disconnected(request, state.router.unary(rpc.MODEL_INFER, payload, meta))
+    raw = await unless_disconnected(
+        request, state.router.unary(rpc.MODEL_INFER, payload, meta), state.expired
+    )
     headers = {"X-Request-Id": meta.request_id}
     if parsed is None:
         return Response(raw, headers=headers, media_type=PROTOBUF)
@@ -124,7 +126,9 @@ async def infer_stream(state: ApiState, request: Request) -> Response:
     payload, parsed = await _decode_infer(state, request, meta)
     _require_target(meta)
     render = protobuf_data if parsed is None else codec.response_to_json
-    return StreamRelay(state.router, payload, meta, render, state.config.sse_ping)
+    return StreamRelay(
+        state.router, payload, meta, render, state.config.sse_ping, expired=state.expired
+    )
 
 
 async def _generate_payload(state: ApiState, request: Request) -> tuple[bytes, RequestMeta]:
@@ -137,7 +141,9 @@ async def _generate_payload(state: ApiState, request: Request) -> tuple[bytes, R
 async def generate(state: ApiState, request: Request) -> Response:
     """``POST /v2/models/{name}/generate``: Triton's flat JSON in and out."""
     payload, meta = await _generate_payload(state, request)
-    raw = await unless_disconnected(request, state.router.unary(rpc.MODEL_INFER, payload, meta))
+    raw = await unless_disconnected(
+        request, state.router.unary(rpc.MODEL_INFER, payload, meta), state.expired
+    )
     body = codec.generate_response_json(_parse_response(raw))
     return Response(body, headers={"X-Request-Id": meta.request_id}, media_type="application/json")
 
@@ -146,7 +152,12 @@ async def generate_stream(state: ApiState, request: Request) -> Response:
     """``POST /v2/models/{name}/generate_stream``: SSE of flat JSON events."""
     payload, meta = await _generate_payload(state, request)
     return StreamRelay(
-        state.router, payload, meta, codec.generate_response_json, state.config.sse_ping
+        state.router,
+        payload,
+        meta,
+        codec.generate_response_json,
+        state.config.sse_ping,
+        expired=state.expired,
     )
 
 

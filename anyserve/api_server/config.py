@@ -47,8 +47,9 @@ class ApiServerConfig:
     request_timeout: float = 300.0
     # Seconds to wait for a TCP/HTTP2 connection to a replica before trying another.
     connect_timeout: float = 5.0
-    # Seconds stop() lets in-flight requests (SSE streams included) finish.
-    shutdown_grace: float = 5.0
+    # Seconds stop() lets in-flight requests (SSE streams included) finish
+    # before it ends them with an error (`--grace`, like a replica's).
+    shutdown_grace: float = 10.0
     # Seconds between SSE keep-alive comments (0 disables them).
     sse_ping: float = 15.0
     # Serve on a non-loopback address without a token (registration stays local).

@@ -195,7 +195,9 @@ async def _complete(
     if found.stream:
         chunks = Chunks(kind, found.model, meta.request_id, found.include_usage)
         framing = OpenAIFraming(chunks)
-        return StreamRelay(state.router, payload, meta, framing, state.config.sse_ping)
+        return StreamRelay(
+            state.router, payload, meta, framing, state.config.sse_ping, expired=state.expired
+        )
     answer = Completion(kind, found.model, meta.request_id)
     async with state.router.stream(payload, meta, batched=True) as stream:
         while (batch := await stream.read_batch()) is not None:

@@ -58,11 +58,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 _T = TypeVar("_T")
 
 
-async def unless_disconnected(request: Request, call: Coroutine[Any, Any, _T]) -> _T:
+async def unless_disconnected(
+    request: Request, call: Coroutine[Any, Any, _T], expired: asyncio.Event | None = None
+) -> _T:
     """Await ``call`` (the body has been read), cancelling it when the client
     disconnects first: the router then cancels the replica's call, and the
-    handler with it. Raises Unavailable in that case (nobody reads the answer)
-    and whatever ``call`` raises otherwise.
+    handler with it. Raises Unavailable in that case (nobody reads the answer),
+    and also when ``expired`` is set first (the server's shutdown grace ran
+    out), and whatever ``call`` raises otherwise.
 
     An asyncio TaskGroup rather than anyio's: this runs for every unary
     request, and anyio's costs about ten times as much to set up.
@@ -84,9 +87,18 @@ async def unless_disconnected(request: Request, call: Coroutine[Any, Any, _T]) -
             pass
         worker.cancel()
 
+    async def end_at_shutdown() -> None:
+        assert expired is not None
+        await expired.wait()
+        failure.append(Unavailable("the API server is shutting down; retry the request"))
+        worker.cancel()
+
     async with asyncio.TaskGroup() as tg:
         worker = tg.create_task(run())
         watcher = tg.create_task(watch())
+        if expired is not None:
+            shutdown = tg.create_task(end_at_shutdown())
+            worker.add_done_callback(lambda _: shutdown.cancel())
     if failure:
         raise failure[0]
     if not outcome:

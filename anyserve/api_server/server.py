@@ -131,7 +131,9 @@ class ApiServer:
                     log_config=None,
                     access_log=False,
                     ws="none",
-                    timeout_graceful_shutdown=max(1, math.ceil(cfg.shutdown_grace)),
+                    # After our own grace has ended what still ran (stop()), a
+                    # few seconds for those answers to be written.
+                    timeout_graceful_shutdown=math.ceil(cfg.shutdown_grace) + 3,
                 )
             )
             self._http_done = anyio.Event()
@@ -201,7 +203,17 @@ class ApiServer:
                     tg.start_soon(self._close_grpc)
                     if self._uvicorn is not None:
                         self._uvicorn.should_exit = True
-                        await self._http_done.wait()
+                        with anyio.move_on_after(self.config.shutdown_grace):
+                            await self._http_done.wait()
+                        if not self._http_done.is_set():
+                            # Grace is over: what still runs answers 503 / an
+                            # error event now, rather than being cut.
+                            logger.warning(
+                                "shutdown grace (%.0fs) over: ending the requests still running",
+                                self.config.shutdown_grace,
+                            )
+                            self.state.expired.set()
+                            await self._http_done.wait()
                 if self._tg is not None:
                     self._tg.cancel_scope.cancel()
         finally:

@@ -24,6 +24,7 @@ that comes before the stream starts.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Callable
@@ -37,10 +38,19 @@ from starlette.types import Receive, Scope, Send
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import error_response
 from anyserve.api_server.router import ReplicaStream, Router
-from anyserve.errors import AnyServeError, HandlerError, error_body, from_stream_response
+from anyserve.errors import (
+    AnyServeError,
+    HandlerError,
+    Unavailable,
+    error_body,
+    from_stream_response,
+)
 from anyserve.proto import ModelInferResponse, ModelStreamInferResponse
 
 Render = Callable[[ModelInferResponse], bytes]
+
+# What a stream still running when the server's shutdown grace ran out is told.
+_SHUTTING_DOWN = Unavailable("the API server is shutting down; retry the request")
 
 DONE_EVENT = b"event: done\ndata: [DONE]\n\n"
 _BUFFER = 64  # rendered events a slow client may fall behind before the replica waits
@@ -118,6 +128,8 @@ class StreamRelay(Response):
         meta: RequestMeta,
         render: Render | Framing,
         ping: float,
+        *,
+        expired: asyncio.Event | None = None,
     ) -> None:
         # Response.__init__ is not called: nothing is rendered up front.
         self._router = router
@@ -125,12 +137,14 @@ class StreamRelay(Response):
         self._meta = meta
         self._framing = render if isinstance(render, Framing) else Framing(render)
         self._ping = ping
+        # Set when the server's shutdown grace ran out: end with an error event.
+        self._expired = expired or asyncio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
         try:
             async with self._router.stream(self._body, self._meta, batched=True) as stream:
-                gone, first = await _first_or_disconnect(stream, receive)
+                gone, first = await _first_or_disconnect(stream, receive, self._expired)
                 if gone:
                     return  # leaving the block cancels the replica's call
                 if first:
@@ -154,7 +168,14 @@ class StreamRelay(Response):
     ) -> None:
         events_in, events_out = anyio.create_memory_object_stream[bytes](_BUFFER)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._pump, stream, first, events_in)
+            pump = anyio.CancelScope()
+            tg.start_soon(self._pump, stream, first, events_in, pump)
+
+            async def end_at_shutdown() -> None:
+                await self._expired.wait()
+                pump.cancel()
+
+            tg.start_soon(end_at_shutdown)
             response = EventSourceResponse(
                 _batched(events_out),
                 ping=self._ping,
@@ -171,39 +192,54 @@ class StreamRelay(Response):
         stream: ReplicaStream,
         batch: list[bytes] | None,
         events: MemoryObjectSendStream[bytes],
+        scope: anyio.CancelScope,
     ) -> None:
-        """Render each batch the replica sends into one chunk of SSE events."""
+        """Render each batch the replica sends into one chunk of SSE events;
+        ``scope`` is cancelled when the server's shutdown grace runs out."""
         framing = self._framing
         async with events:
-            try:
-                while batch is not None:
-                    rendered: list[bytes] = []
-                    for raw in batch:
-                        message = _parse(raw)
-                        error = from_stream_response(message)
-                        if error is not None:
-                            rendered.append(framing.error(error))
-                            await events.send(b"".join(rendered))
-                            return
-                        rendered.append(framing.events(message.infer_response))
-                    chunk = b"".join(rendered)
-                    if chunk:
-                        await events.send(chunk)
-                    batch = await stream.read_batch()
-            except AnyServeError as exc:
-                await events.send(framing.error(exc))
-                return
-            await events.send(framing.end())
+            with scope:
+                await self._pump_batches(stream, batch, events)
+            if scope.cancelled_caught:
+                await events.send(framing.error(_SHUTTING_DOWN))
+
+    async def _pump_batches(
+        self,
+        stream: ReplicaStream,
+        batch: list[bytes] | None,
+        events: MemoryObjectSendStream[bytes],
+    ) -> None:
+        framing = self._framing
+        try:
+            while batch is not None:
+                rendered: list[bytes] = []
+                for raw in batch:
+                    message = _parse(raw)
+                    error = from_stream_response(message)
+                    if error is not None:
+                        rendered.append(framing.error(error))
+                        await events.send(b"".join(rendered))
+                        return
+                    rendered.append(framing.events(message.infer_response))
+                chunk = b"".join(rendered)
+                if chunk:
+                    await events.send(chunk)
+                batch = await stream.read_batch()
+        except AnyServeError as exc:
+            await events.send(framing.error(exc))
+            return
+        await events.send(framing.end())
 
 
 async def _first_or_disconnect(
-    stream: ReplicaStream, receive: Receive
+    stream: ReplicaStream, receive: Receive, expired: asyncio.Event
 ) -> tuple[bool, list[bytes] | None]:
     """Wait for the replica's first responses unless the client goes first.
 
     Returns ``(client_gone, first batch or None at a clean empty end)``.
     The body was read already, so the next ASGI message can only be the
-    disconnect.
+    disconnect. Raises Unavailable when the server's shutdown grace runs out
+    first.
     """
     first: list[bytes] | None = None
     error: AnyServeError | None = None
@@ -216,6 +252,14 @@ async def _first_or_disconnect(
             tg.cancel_scope.cancel()
 
         tg.start_soon(watch)
+
+        async def end_at_shutdown() -> None:
+            nonlocal error
+            await expired.wait()
+            error = _SHUTTING_DOWN
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(end_at_shutdown)
         try:
             first = await stream.read_batch()
         except AnyServeError as exc:

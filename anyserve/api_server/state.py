@@ -5,6 +5,7 @@ There is no module-level state: several servers can run in one process.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -37,6 +38,9 @@ class ApiState:
     router: Router = field(init=False)
     grpc_port: int = 0  # the bound port, set by the server once it listens
     draining: bool = False  # set by stop(): not ready any more
+    # Set by stop() when the shutdown grace ran out: requests still running end
+    # with 503 (unary) or an error event (streams) instead of being cut.
+    expired: asyncio.Event = field(init=False, default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         cfg = self.config

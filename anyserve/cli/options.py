@@ -46,6 +46,13 @@ Heartbeat = Annotated[
 MaxBodyMib = Annotated[int, typer.Option(help="HTTP body limit in MiB (413 beyond).")]
 MaxInflight = Annotated[int, typer.Option(help="Requests in flight per replica before 429.")]
 RequestTimeout = Annotated[float, typer.Option(help="Deadline (s) for requests that set none.")]
+Grace = Annotated[
+    float,
+    typer.Option(
+        help="Seconds in-flight requests (streams too) get to finish on SIGTERM/Ctrl-C;"
+        " then they end with 503 or an error event.",
+    ),
+]
 InsecureRegister = Annotated[
     bool,
     typer.Option(

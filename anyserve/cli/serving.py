@@ -13,6 +13,7 @@ import anyio
 import typer
 
 from anyserve.cli.options import (
+    Grace,
     GrpcPort,
     Heartbeat,
     HopLimit,
@@ -93,19 +94,34 @@ def start(
     _run_until_signal(Replica(config).run)
 
 
-def _run_until_signal(serve: Callable[..., Coroutine[Any, Any, Any]]) -> None:
+def _run_until_signal(
+    serve: Callable[..., Coroutine[Any, Any, Any]], stop: anyio.Event | None = None
+) -> None:
     """Run ``serve`` (an anyio task function) until SIGINT/SIGTERM, then let it
-    shut down gracefully."""
+    shut down gracefully: by setting ``stop`` when given (``serve`` returns
+    once its in-flight work is done; a second signal cuts it short), else by
+    cancelling it (a replica's shutdown is shielded)."""
     import signal
 
     async def main() -> None:
+        log = logging.getLogger("anyserve")
         async with anyio.create_task_group() as tg:
-            await tg.start(serve)
+
+            async def run_serve(*, task_status: anyio.abc.TaskStatus[Any]) -> None:
+                await serve(task_status=task_status)
+                tg.cancel_scope.cancel()  # it drained and returned: stop listening
+
+            await tg.start(run_serve)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    logging.getLogger("anyserve").info(
-                        "received %s, shutting down", signal.Signals(signum).name
-                    )
+                    if stop is not None and not stop.is_set():
+                        log.info(
+                            "received %s, draining (again to stop at once)",
+                            signal.Signals(signum).name,
+                        )
+                        stop.set()
+                        continue
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
                     break
             tg.cancel_scope.cancel()
 
@@ -149,6 +165,7 @@ _API_OPTIONS = (
     "request_timeout",
     "insecure_register",
     "replica_networks",
+    "grace",
 )
 
 
@@ -160,6 +177,7 @@ def _api_config(values: dict[str, Any]) -> Any:
     options = {name: values[name] for name in _API_OPTIONS}
     options["max_body"] = options.pop("max_body_mib") * MIB
     options["max_inflight_per_replica"] = options.pop("max_inflight")
+    options["shutdown_grace"] = options.pop("grace")
     networks = options.pop("replica_networks") or ""
     options["replica_networks"] = tuple(n for n in networks.split(",") if n.strip())
     try:
@@ -181,6 +199,7 @@ def api_server(
     request_timeout: RequestTimeout = 300.0,
     insecure_register: InsecureRegister = False,
     replica_networks: ReplicaNetworks = None,
+    grace: Grace = 10.0,
     log_level: LogLevel = "info",
 ) -> None:
     """Start the API server alone (`python -m anyserve.api_server` is the same command)."""
@@ -189,12 +208,14 @@ def api_server(
     log_level = setup_logging(log_level)
     config = _api_config(locals())
 
-    async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with ApiServer(config):
-            task_status.started()
-            await anyio.sleep_forever()
+    stop = anyio.Event()
 
-    _run_until_signal(serve)
+    async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with ApiServer(config):  # leaving it drains in-flight requests (--grace)
+            task_status.started()
+            await stop.wait()
+
+    _run_until_signal(serve, stop)
 
 
 def run(
@@ -213,6 +234,7 @@ def run(
     request_timeout: RequestTimeout = 300.0,
     insecure_register: InsecureRegister = False,
     replica_networks: ReplicaNetworks = None,
+    grace: Grace = 10.0,
     object_store: Annotated[
         str | None, typer.Option(help="Object directory (default: a temporary one).")
     ] = None,
@@ -232,9 +254,12 @@ def run(
         "app_dir": os.getcwd(),
         "log_level": log_level,
         "start_timeout": start_timeout,
+        "grace": grace,
     }
     if resources:
         options["resources"] = parse_resources(resources)
+
+    stop = anyio.Event()
 
     async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with start_cluster(
@@ -244,6 +269,6 @@ def run(
             typer.echo(cluster.workers_hint())
             typer.echo("anyserve is running; press Ctrl-C to stop.")
             task_status.started()
-            await anyio.sleep_forever()
+            await stop.wait()  # leaving the block drains replicas, then the API server
 
-    _run_until_signal(serve)
+    _run_until_signal(serve, stop)
