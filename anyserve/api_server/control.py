@@ -33,6 +33,8 @@ async def _json_object(request: Request) -> dict[str, Any]:
     body = await read_body(request, _MAX_CONTROL_BODY)
     try:
         doc = json.loads(body)
+    except RecursionError:
+        raise InvalidArgument("body nests too deeply") from None
     except ValueError as exc:
         raise InvalidArgument(f"body is not JSON: {exc}") from None
     if not isinstance(doc, dict):

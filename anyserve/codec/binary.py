@@ -21,6 +21,7 @@ from anyserve.codec.datatypes import pack_raw, spec
 from anyserve.codec.json_tensors import (
     Pending,
     check_raw_count,
+    client_text,
     encode_json,
     fill_typed,
     load_object,
@@ -82,6 +83,7 @@ def _fill_raw(pending: list[Pending], raw: Any, body: bytes, offset: int, kind: 
         raise InvalidArgument(f"body has {len(body) - offset} bytes after the last binary {kind}")
 
 
+@client_text
 def request_from_binary(body: bytes, header_length: int, model_name: str = "") -> ModelInferRequest:
     """Parse a request using Triton's binary tensor data extension.
 

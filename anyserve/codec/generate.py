@@ -12,6 +12,7 @@ from typing import Any
 
 from anyserve.codec.json_tensors import (
     check_raw_count,
+    client_text,
     encode_json,
     jtype,
     load_object,
@@ -25,6 +26,7 @@ from anyserve.proto import ModelInferRequest, ModelInferResponse
 __all__ = ["generate_request", "generate_response_json"]
 
 
+@client_text
 def generate_request(body: bytes, model_name: str) -> ModelInferRequest:
     """Parse a Triton generate request (flat JSON object) into a ModelInferRequest.
 

@@ -16,11 +16,12 @@ output that cannot be rendered raises :class:`~anyserve.errors.HandlerError`.
 from __future__ import annotations
 
 import base64
+import functools
 import json
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from itertools import chain
 from math import prod
-from typing import Any, TypeAlias
+from typing import Any, ParamSpec, TypeAlias, TypeVar
 
 from anyserve.codec.datatypes import DATATYPES, spec, unpack_raw
 from anyserve.errors import HandlerError, InvalidArgument
@@ -65,12 +66,36 @@ def jtype(value: Any) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def client_text(parse: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate a parser of client bodies: a string no UTF-8 can carry (JSON
+    may spell a lone surrogate, ``"\\ud800"``) is the client's mistake, an
+    InvalidArgument, wherever in the body it sits."""
+
+    @functools.wraps(parse)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return parse(*args, **kwargs)
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(
+                f"the body holds a string that is not valid Unicode ({exc.reason}:"
+                f" {exc.object[exc.start : exc.end]!a})"
+            ) from None
+
+    return checked
+
+
 def load_object(body: bytes | str, what: str) -> dict[str, Any]:
     """Parse a JSON object; InvalidArgument naming ``what`` if it is not one."""
     try:
         doc = json.loads(body)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{what} nests too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{what} must be a JSON object, not {jtype(doc)}")
     return doc
@@ -156,6 +181,8 @@ def _json_values(datatype: str, flat: list[Any], what: str, b64: bool) -> list[A
             raise InvalidArgument(
                 f"{what}: BYTES data elements must be strings, found {jtype(bad)}"
             ) from None
+        except UnicodeEncodeError:
+            raise  # the client's text: client_text() answers it, for every field alike
         except ValueError as exc:  # binascii.Error, or non-ASCII text
             raise InvalidArgument(f"{what}: BYTES data is not valid base64: {exc}") from None
     if datatype == "BOOL":

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from anyserve.codec.json_tensors import jtype, load_object
+from anyserve.codec.json_tensors import client_text, jtype, load_object
 from anyserve.errors import InvalidArgument
 from anyserve.proto import ModelInferRequest
 
@@ -97,6 +97,7 @@ class OpenAIRequest:
     count: int = 1  # embeddings: how many input strings
 
 
+@client_text
 def chat_request(body: bytes) -> OpenAIRequest:
     """A ``POST /v1/chat/completions`` body; raises InvalidArgument."""
     doc = load_object(body, "request body")
@@ -108,6 +109,7 @@ def chat_request(body: bytes) -> OpenAIRequest:
     return _finish(doc, _CHAT, OpenAIRequest(model, request))
 
 
+@client_text
 def completion_request(body: bytes) -> OpenAIRequest:
     """A ``POST /v1/completions`` body; raises InvalidArgument."""
     doc = load_object(body, "request body")
@@ -118,6 +120,7 @@ def completion_request(body: bytes) -> OpenAIRequest:
     return _finish(doc, _COMPLETION, OpenAIRequest(model, request))
 
 
+@client_text
 def embedding_request(body: bytes) -> OpenAIRequest:
     """A ``POST /v1/embeddings`` body; raises InvalidArgument."""
     doc = load_object(body, "request body")

@@ -19,6 +19,7 @@ from typing import Any
 from anyserve.codec.json_tensors import (
     Pending,
     check_raw_count,
+    client_text,
     encode_json,
     fill_typed,
     jtype,
@@ -72,6 +73,7 @@ def parse_request_doc(
     return request, pending
 
 
+@client_text
 def request_from_json(body: bytes, model_name: str = "") -> ModelInferRequest:
     """Parse a KServe v2 REST inference request (JSON body) into a ModelInferRequest.
 
