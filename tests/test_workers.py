@@ -554,8 +554,13 @@ async def test_crash_loops_mark_the_capability_failed_and_deregister_it() -> Non
         assert "ok" in types(entry["capabilities"])
         answer = await http.post("/infer", headers={"X-Capability-Type": "ok"}, json=body())
         assert answer.status_code == 200 and json_output(answer.json(), "text_output") == "fine"
+        # It still exists, but down: 503 naming the failure, not "no replica serves" (404).
+        assert {"crasher", "broken_import"} <= types(entry["failed"])
         answer = await http.post("/infer", headers={"X-Capability-Type": "crasher"}, json=body())
-        assert answer.status_code in (404, 503), answer.text
+        assert answer.status_code == 503, answer.text
+        assert "is down on" in answer.json()["error"] and "crashing" in answer.json()["error"]
+        unknown = await http.post("/infer", headers={"X-Capability-Type": "zzz"}, json=body())
+        assert unknown.status_code == 404  # what never existed is still unknown
 
         # Started again by command: the crasher comes back (until its next call).
         code, out, err = await cli("workers", "start", "type=crasher", *where)

@@ -85,12 +85,15 @@ async def register(state: ApiState, request: Request) -> Response:
     endpoint = _endpoint(state, doc)
     capabilities = _capabilities(doc, "capabilities", required=True)
     loadable = _capabilities(doc, "loadable", required=False)
+    failed = _capabilities(doc, "failed", required=False)
     workers = doc.get("workers", [])
     if not isinstance(workers, list):
         raise InvalidArgument("'workers' must be a list")
     old = state.registry.get(replica_id)
     before = None if old is None else (old.endpoint, old.capabilities, old.loadable)
-    replica, created = state.registry.upsert(replica_id, endpoint, capabilities, loadable, workers)
+    replica, created = state.registry.upsert(
+        replica_id, endpoint, capabilities, loadable, workers, failed
+    )
     state.pool.refresh(endpoint)
     if created or before != (replica.endpoint, replica.capabilities, replica.loadable):
         # Heartbeats repeat the same body: only news is logged.

@@ -34,6 +34,9 @@ class ReplicaEntry:
     endpoint: str
     capabilities: tuple[Capability, ...]
     loadable: tuple[Capability, ...] = ()
+    # Served here but down (its workers crash-looped): never routed to, but a
+    # request for it is told it is unavailable rather than unknown.
+    failed: tuple[Capability, ...] = ()
     workers: list[Any] = field(default_factory=list)
     registered_at: float = 0.0  # wall clock, for display
     last_heartbeat: float = 0.0  # wall clock, for display
@@ -58,6 +61,7 @@ class ReplicaEntry:
             "endpoint": self.endpoint,
             "capabilities": [c.to_dict() for c in self.capabilities],
             "loadable": [c.to_dict() for c in self.loadable],
+            "failed": [c.to_dict() for c in self.failed],
             "workers": self.workers,
             "registered_at": self.registered_at,
             "last_heartbeat": self.last_heartbeat,
@@ -81,6 +85,7 @@ class Registry:
         capabilities: Sequence[Capability],
         loadable: Sequence[Capability] = (),
         workers: Sequence[Any] = (),
+        failed: Sequence[Capability] = (),
     ) -> tuple[ReplicaEntry, bool]:
         """Register or refresh a replica; its capabilities are replaced.
 
@@ -97,6 +102,7 @@ class Registry:
         replica.endpoint = endpoint
         replica.capabilities = tuple(capabilities)
         replica.loadable = tuple(loadable)
+        replica.failed = tuple(failed)
         replica.workers = list(workers)
         replica.last_heartbeat = now_wall
         replica.last_seen = now
@@ -150,6 +156,16 @@ class Registry:
                 ranked.append((found, replica.in_flight, random.random(), replica))
         ranked.sort(key=lambda item: item[:3])
         return [item[3] for item in ranked]
+
+    def failed_for(self, query: Mapping[str, str], name: str) -> list[ReplicaEntry]:
+        """Live replicas that have the capability asked for but report it
+        failed (see :attr:`ReplicaEntry.failed`)."""
+        now = self._clock()
+        return [
+            r
+            for r in self._replicas.values()
+            if self._alive(r, now) and any(rank(c, query, name) is not None for c in r.failed)
+        ]
 
     def shuffled(self, exclude: Collection[str] = ()) -> list[ReplicaEntry]:
         """Every live replica not in ``exclude``, in random order (the

@@ -323,6 +323,13 @@ class Router:
                 f"{meta.describe()} went round every replica that could take it"
                 f" without being served; replicas tried: {', '.join(meta.visited)}"
             )
+        down = self.registry.failed_for(meta.query, meta.model_name)
+        if down:
+            names = ", ".join(r.replica_id for r in down)
+            raise Unavailable(
+                f"{meta.describe()} is down on {names}: its workers keep crashing (see"
+                " GET /registry); restart it with `anyserve workers start`"
+            )
         tried = f"; replicas tried: {', '.join(meta.visited)}" if meta.visited else ""
         raise NotFound(f"no replica serves {meta.describe()}{tried}")
 

@@ -60,9 +60,12 @@ def worker_row(slot: Slot) -> dict[str, Any]:
 
 
 def registration_body(manager: Manager, replica_id: str, endpoint: str) -> dict[str, Any]:
-    """The /register body: loaded and loadable capabilities, and the workers."""
+    """The /register body: loaded, loadable and failed capabilities (a failed
+    one exists here but is down: the API server answers 503 for it, not 404),
+    and the workers."""
     loaded: list[dict[str, str]] = []
     loadable: list[dict[str, str]] = []
+    failed: list[dict[str, str]] = []
     for handler in manager.handlers.values():
         cap = handler.capability.to_dict()
         offered = availability(manager, handler.name)
@@ -70,11 +73,14 @@ def registration_body(manager: Manager, replica_id: str, endpoint: str) -> dict[
             loaded.append(cap)
         elif offered == "loadable" and cap not in loadable:
             loadable.append(cap)
+        elif offered == "failed" and cap not in failed:
+            failed.append(cap)
     return {
         "replica_id": replica_id,
         "endpoint": endpoint,
         "capabilities": loaded,
         "loadable": [c for c in loadable if c not in loaded],
+        "failed": [c for c in failed if c not in loaded and c not in loadable],
         # Stopped slots are history, not workers.
         "workers": [worker_row(s) for s in manager.all_slots() if s.state is not State.STOPPED],
     }

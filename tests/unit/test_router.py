@@ -213,3 +213,13 @@ async def test_a_request_with_no_time_left_never_reaches_a_replica() -> None:
     with pytest.raises(DeadlineExceeded):
         await send(router, request)
     assert pool.get("a:1").sent == []
+
+
+async def test_a_capability_that_exists_but_is_down_is_unavailable_not_unknown() -> None:
+    router, registry, _ = make_router([("ok", [{"type": "chat"}])])
+    registry.upsert("sick", "sick:1", [], failed=[Capability(type="heavy")])
+    with pytest.raises(Unavailable, match="is down on sick"):
+        await send(router, meta({"type": "heavy"}))
+    with pytest.raises(NotFound):
+        await send(router, meta({"type": "never-heard-of"}))
+    assert await send(router, meta({"type": "chat"})) == "ok:1"
