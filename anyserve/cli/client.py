@@ -215,7 +215,10 @@ def infer(
         )
 
     def show(value: Any) -> str:
-        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        if isinstance(value, bytes):
+            return value.decode(errors="replace")
+        # numpy arrays: every element (str() would elide the middle of a big one).
+        return str(value.tolist()) if hasattr(value, "tolist") else str(value)
 
     async def main() -> None:
         request = given
