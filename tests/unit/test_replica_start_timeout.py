@@ -66,7 +66,7 @@ async def running(*handlers: HandlerInfo) -> AsyncIterator[tuple[Manager, float]
 
 
 class Aborted(Exception):
-    pass
+    """What FakeContext.abort raises, as grpc.aio's abort() does."""
 
 
 class FakeContext:
