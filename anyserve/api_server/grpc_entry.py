@@ -6,8 +6,9 @@ from the serialized request) and forwarded as the client's bytes; responses
 come back the same way. On the bidirectional stream every request is routed on
 its own (requests of one stream may reach different replicas) and responses
 are relayed as they arrive; a failure of one request, routing errors included,
-is reported in-band (Triton's convention: ``error_message`` set, the status
-code name in the ``anyserve_error_code`` parameter) and the stream goes on.
+is reported in-band (Triton's convention: ``error_message`` set; the error's
+type in the ``anyserve_error`` parameter, see :func:`anyserve.errors.to_stream_error`)
+and the stream goes on.
 Server liveness, readiness, metadata and the repository index are answered
 here; model readiness, metadata and config are forwarded to a replica serving
 the name (or the capability of ``x-capability-*`` metadata). The client's
