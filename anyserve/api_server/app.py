@@ -24,16 +24,18 @@ from starlette.routing import Route
 from anyserve import codec, rpc
 from anyserve.api_server import control, model_meta
 from anyserve.api_server import openai as openai_api
-from anyserve.api_server.meta import RequestMeta, http_timeout, parse_meta
+from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import (
     error_response,
     json_response,
     read_body,
+    replica_message,
+    request_meta,
     unless_disconnected,
 )
 from anyserve.api_server.sse import StreamRelay, protobuf_data
 from anyserve.api_server.state import ApiState
-from anyserve.errors import AnyServeError, HandlerError, InvalidArgument
+from anyserve.errors import AnyServeError, InvalidArgument
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 
 logger = logging.getLogger(__name__)
@@ -47,13 +49,6 @@ Endpoint = Callable[[ApiState, Request], Awaitable[Response]]
 def _is_protobuf(request: Request) -> bool:
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     return ctype in _PROTOBUF_TYPES
-
-
-def _request_meta(state: ApiState, request: Request) -> RequestMeta:
-    timeout = http_timeout(request.headers.get("x-request-timeout"), state.config.request_timeout)
-    meta = parse_meta(request.headers.items(), model_name="", timeout=timeout)
-    request.state.request_id = meta.request_id  # for error answers
-    return meta
 
 
 async def _decode_infer(
@@ -93,16 +88,9 @@ def _require_target(meta: RequestMeta) -> None:
         )
 
 
-def _parse_response(raw: bytes) -> ModelInferResponse:
-    try:
-        return ModelInferResponse.FromString(raw)
-    except Exception as exc:
-        raise HandlerError(f"replica sent a malformed response: {exc}") from None
-
-
 async def infer(state: ApiState, request: Request) -> Response:
     """``POST /infer`` and ``/v2/models/{name}/infer`` (JSON, binary or protobuf)."""
-    meta = _request_meta(state, request)
+    meta = request_meta(request, state.config.request_timeout)
     payload, parsed = await _decode_infer(state, request, meta)
     _require_target(meta)
     raw = await unless_disconnected(
@@ -111,7 +99,7 @@ async def infer(state: ApiState, request: Request) -> Response:
     headers = {"X-Request-Id": meta.request_id}
     if parsed is None:
         return Response(raw, headers=headers, media_type=PROTOBUF)
-    body, header_length = codec.response_to_http(_parse_response(raw), parsed)
+    body, header_length = codec.response_to_http(replica_message(ModelInferResponse, raw), parsed)
     if header_length is None:
         return Response(body, headers=headers, media_type="application/json")
     headers[codec.HEADER_LENGTH] = str(header_length)
@@ -122,7 +110,7 @@ async def infer_stream(state: ApiState, request: Request) -> Response:
     """``POST /infer/stream``: SSE of responses, answered in the request's kind:
     base64 of each serialized ``ModelInferResponse`` for a protobuf body, else
     KServe v2 REST JSON."""
-    meta = _request_meta(state, request)
+    meta = request_meta(request, state.config.request_timeout)
     payload, parsed = await _decode_infer(state, request, meta)
     _require_target(meta)
     render = protobuf_data if parsed is None else codec.response_to_json
@@ -132,7 +120,7 @@ async def infer_stream(state: ApiState, request: Request) -> Response:
 
 
 async def _generate_payload(state: ApiState, request: Request) -> tuple[bytes, RequestMeta]:
-    meta = _request_meta(state, request)
+    meta = request_meta(request, state.config.request_timeout)
     meta.model_name = request.path_params["name"]
     body = await read_body(request, state.config.max_body)
     return codec.generate_request(body, meta.model_name).SerializeToString(), meta
@@ -144,7 +132,7 @@ async def generate(state: ApiState, request: Request) -> Response:
     raw = await unless_disconnected(
         request, state.router.unary(rpc.MODEL_INFER, payload, meta), state.expired
     )
-    body = codec.generate_response_json(_parse_response(raw))
+    body = codec.generate_response_json(replica_message(ModelInferResponse, raw))
     return Response(body, headers={"X-Request-Id": meta.request_id}, media_type="application/json")
 
 

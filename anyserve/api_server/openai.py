@@ -30,9 +30,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from anyserve import rpc
-from anyserve.api_server.meta import RequestMeta, http_timeout, parse_meta
+from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry
-from anyserve.api_server.responses import json_response, read_body
+from anyserve.api_server.responses import (
+    json_response,
+    read_body,
+    replica_message,
+    request_meta,
+    unless_disconnected,
+)
 from anyserve.api_server.sse import Framing, StreamRelay, data_event
 from anyserve.api_server.state import ApiState
 from anyserve.codec.json_tensors import encode_json
@@ -168,23 +174,10 @@ async def _read(
     state: ApiState, request: Request, parse: Callable[[bytes], OpenAIRequest]
 ) -> tuple[OpenAIRequest, RequestMeta]:
     """Parse the body and the routing headers; ``model`` names the model."""
-    timeout = http_timeout(request.headers.get("x-request-timeout"), state.config.request_timeout)
-    meta = parse_meta(request.headers.items(), model_name="", timeout=timeout)
-    request.state.request_id = meta.request_id  # for error answers
+    meta = request_meta(request, state.config.request_timeout)
     found = parse(await read_body(request, state.config.max_body))
     meta.model_name = found.model
     return found, meta
-
-
-def _infer_response(raw: bytes) -> ModelInferResponse:
-    try:
-        message = ModelStreamInferResponse.FromString(raw)
-    except Exception as exc:
-        raise HandlerError(f"replica sent a malformed stream response: {exc}") from None
-    error = from_stream_response(message)
-    if error is not None:
-        raise error
-    return message.infer_response
 
 
 async def _complete(
@@ -199,10 +192,19 @@ async def _complete(
             state.router, payload, meta, framing, state.config.sse_ping, expired=state.expired
         )
     answer = Completion(kind, found.model, meta.request_id)
-    async with state.router.stream(payload, meta, batched=True) as stream:
-        while (batch := await stream.read_batch()) is not None:
-            for raw in batch:
-                answer.add(_infer_response(raw))
+
+    async def collect() -> None:
+        async with state.router.stream(payload, meta, batched=True) as stream:
+            while (batch := await stream.read_batch()) is not None:
+                for raw in batch:
+                    message = replica_message(ModelStreamInferResponse, raw)
+                    error = from_stream_response(message)
+                    if error is not None:
+                        raise error
+                    answer.add(message.infer_response)
+
+    # Like every unary answer: a client that leaves cancels the handler.
+    await unless_disconnected(request, collect(), state.expired)
     return json_response(answer.document(), headers={"X-Request-Id": meta.request_id})
 
 
@@ -222,11 +224,9 @@ async def completions(state: ApiState, request: Request) -> Response:
 async def embeddings(state: ApiState, request: Request) -> Response:
     """``POST /v1/embeddings``: one unary call; ``embedding`` output -> list."""
     found, meta = await _read(state, request, embedding_request)
-    raw = await state.router.unary(rpc.MODEL_INFER, found.request.SerializeToString(), meta)
-    try:
-        response = ModelInferResponse.FromString(raw)
-    except Exception as exc:
-        raise HandlerError(f"replica sent a malformed response: {exc}") from None
+    call = state.router.unary(rpc.MODEL_INFER, found.request.SerializeToString(), meta)
+    raw = await unless_disconnected(request, call, state.expired)
+    response = replica_message(ModelInferResponse, raw)
     doc = embedding_document(response, found.model, found.count, found.encoding_format)
     return json_response(doc, headers={"X-Request-Id": meta.request_id})
 

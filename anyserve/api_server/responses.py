@@ -10,7 +10,16 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
-from anyserve.errors import AnyServeError, InvalidArgument, PayloadTooLarge, Unavailable, to_http
+from anyserve.api_server.meta import RequestMeta, http_timeout, parse_meta
+from anyserve.errors import (
+    AnyServeError,
+    HandlerError,
+    InvalidArgument,
+    PayloadTooLarge,
+    Unavailable,
+    to_http,
+)
+from anyserve.proto import ModelInferResponse, ModelStreamInferResponse
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -56,6 +65,30 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 _T = TypeVar("_T")
+_M = TypeVar("_M", ModelInferResponse, ModelStreamInferResponse)
+
+
+def request_meta(request: Request, default_timeout: float) -> RequestMeta:
+    """The routing facts of an HTTP request (headers; the model name is set by
+    the route), remembered on the request for its error answer."""
+    timeout = http_timeout(request.headers.get("x-request-timeout"), default_timeout)
+    meta = parse_meta(request.headers.items(), model_name="", timeout=timeout)
+    request.state.request_id = meta.request_id
+    return meta
+
+
+def replica_message(kind: type[_M], raw: bytes) -> _M:
+    """A replica's serialized answer parsed; HandlerError when it is malformed
+    (a replica bug must not look like an empty success)."""
+    try:
+        return kind.FromString(raw)
+    except Exception as exc:  # protobuf raises DecodeError, a plain Exception
+        raise HandlerError(f"replica sent a malformed {kind.__name__}: {exc}") from None
+
+
+def shutting_down() -> Unavailable:
+    """What a request still running when the shutdown grace ran out is told."""
+    return Unavailable("the API server is shutting down; retry the request")
 
 
 async def unless_disconnected(
@@ -90,7 +123,7 @@ async def unless_disconnected(
     async def end_at_shutdown() -> None:
         assert expired is not None
         await expired.wait()
-        failure.append(Unavailable("the API server is shutting down; retry the request"))
+        failure.append(shutting_down())
         worker.cancel()
 
     async with asyncio.TaskGroup() as tg:

@@ -36,12 +36,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from anyserve.api_server.meta import RequestMeta
-from anyserve.api_server.responses import error_response
+from anyserve.api_server.responses import error_response, replica_message, shutting_down
 from anyserve.api_server.router import ReplicaStream, Router
 from anyserve.errors import (
     AnyServeError,
-    HandlerError,
-    Unavailable,
     error_body,
     from_stream_response,
 )
@@ -49,8 +47,6 @@ from anyserve.proto import ModelInferResponse, ModelStreamInferResponse
 
 Render = Callable[[ModelInferResponse], bytes]
 
-# What a stream still running when the server's shutdown grace ran out is told.
-_SHUTTING_DOWN = Unavailable("the API server is shutting down; retry the request")
 
 DONE_EVENT = b"event: done\ndata: [DONE]\n\n"
 _BUFFER = 64  # rendered events a slow client may fall behind before the replica waits
@@ -72,13 +68,6 @@ def protobuf_data(response: ModelInferResponse) -> bytes:
 def error_event(exc: AnyServeError) -> bytes:
     """``event: error`` whose data is the error's JSON body."""
     return b"event: error\n" + data_event(json.dumps(error_body(exc)).encode())
-
-
-def _parse(raw: bytes) -> ModelStreamInferResponse:
-    try:
-        return ModelStreamInferResponse.FromString(raw)
-    except Exception as exc:  # a replica bug must not look like a clean stream
-        raise HandlerError(f"replica sent a malformed stream response: {exc}") from None
 
 
 class Framing:
@@ -148,7 +137,9 @@ class StreamRelay(Response):
                 if gone:
                     return  # leaving the block cancels the replica's call
                 if first:
-                    error = from_stream_response(_parse(first[0]))
+                    error = from_stream_response(
+                        replica_message(ModelStreamInferResponse, first[0])
+                    )
                     if error is not None:
                         raise error
                 started = True
@@ -201,7 +192,7 @@ class StreamRelay(Response):
             with scope:
                 await self._pump_batches(stream, batch, events)
             if scope.cancelled_caught:
-                await events.send(framing.error(_SHUTTING_DOWN))
+                await events.send(framing.error(shutting_down()))
 
     async def _pump_batches(
         self,
@@ -214,7 +205,7 @@ class StreamRelay(Response):
             while batch is not None:
                 rendered: list[bytes] = []
                 for raw in batch:
-                    message = _parse(raw)
+                    message = replica_message(ModelStreamInferResponse, raw)
                     error = from_stream_response(message)
                     if error is not None:
                         rendered.append(framing.error(error))
@@ -256,7 +247,7 @@ async def _first_or_disconnect(
         async def end_at_shutdown() -> None:
             nonlocal error
             await expired.wait()
-            error = _SHUTTING_DOWN
+            error = shutting_down()
             tg.cancel_scope.cancel()
 
         tg.start_soon(end_at_shutdown)
