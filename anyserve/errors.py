@@ -22,11 +22,11 @@ An error keeps its class and message through every hop. This module converts
 an :class:`AnyServeError` to and from each form it travels in:
 
 * a gRPC status: the status code and message, plus trailing metadata
-  ``anyserve-error: <error_type>`` (and ``retry-after`` for Overloaded), so
+  ``anyserve-error: <error_type>`` (and ``retry-after`` when known), so
   two classes that share a status code stay apart (:func:`abort`,
   :func:`grpc_trailers`, :func:`from_grpc`, :func:`from_rpc_error`);
 * an HTTP answer: the status and a JSON body ``{"error": message, "type":
-  error_type, "code": gRPC status name}`` with ``Retry-After`` on 429
+  error_type, "code": gRPC status name}`` and ``Retry-After`` when known
   (:func:`to_http`, :func:`from_http`); an SSE ``event: error`` carries the
   same body (:func:`error_body`, :func:`from_error_body`);
 * a worker ``Error`` frame (:func:`to_frame`, :func:`from_frame`);
@@ -53,11 +53,11 @@ from anyserve.proto import InferParameter, ModelInferResponse, ModelStreamInferR
 
 #: gRPC trailing-metadata key carrying an error's ``error_type``.
 TRAILER = "anyserve-error"
-#: Key (trailing metadata, HTTP header) carrying Overloaded's retry delay in seconds.
+#: Key (trailing metadata, HTTP header) carrying an error's retry delay in seconds.
 RETRY_AFTER = "retry-after"
 #: Response parameter of an in-band stream error naming its ``error_type``.
 STREAM_PARAM = "anyserve_error"
-#: Response parameter of an in-band Overloaded error carrying its retry delay.
+#: Response parameter of an in-band error carrying its retry delay.
 STREAM_RETRY_PARAM = "anyserve_retry_after"
 
 
@@ -67,6 +67,8 @@ class AnyServeError(Exception):
     error_type: ClassVar[str] = "internal"
     grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     http_status: ClassVar[int] = 500
+    #: Seconds after which a retry may succeed (Overloaded, Unavailable); None: not said.
+    retry_after: float | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -129,17 +131,23 @@ class Overloaded(AnyServeError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
 
+    retry_after: float
+
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
 class Unavailable(AnyServeError):
-    """A replica or worker could not be reached, or died while serving."""
+    """A replica or worker is unreachable, was lost, or is down (``retry_after``: how long)."""
 
     error_type = "unavailable"
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class DeadlineExceeded(AnyServeError):
@@ -211,7 +219,7 @@ _BY_HTTP_STATUS: dict[int, type[AnyServeError]] = {
 def _build(cls: type[AnyServeError], message: str, retry_after: float | None) -> AnyServeError:
     if cls is Overloaded:
         return Overloaded(message, 1.0 if retry_after is None else retry_after)
-    return cls(message)
+    return Unavailable(message, retry_after) if cls is Unavailable else cls(message)
 
 
 def _seconds(value: object) -> float | None:
@@ -222,18 +230,13 @@ def _seconds(value: object) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def _retry_header(exc: AnyServeError) -> str:
-    # Whole seconds, at least 1: what HTTP's Retry-After allows.
-    return str(max(1, math.ceil(exc.retry_after))) if isinstance(exc, Overloaded) else ""
-
-
 # --------------------------------------------------------------------------- gRPC
 
 
 def grpc_trailers(exc: AnyServeError) -> tuple[tuple[str, str], ...]:
     """The trailing metadata that carries ``exc``'s class across a gRPC hop."""
-    if isinstance(exc, Overloaded):
-        return ((TRAILER, exc.error_type), (RETRY_AFTER, _retry_header(exc)))
+    if exc.retry_after is not None:
+        return ((TRAILER, exc.error_type), (RETRY_AFTER, f"{exc.retry_after:g}"))
     return ((TRAILER, exc.error_type),)
 
 
@@ -300,21 +303,23 @@ def grpc_method(
 
 def error_body(exc: AnyServeError) -> dict[str, Any]:
     """``{"error": message, "type": error_type, "code": gRPC status name}``, plus
-    ``retry_after`` for Overloaded: the JSON of an HTTP error and of an SSE
+    ``retry_after`` when the error has one: the JSON of an HTTP error and of an SSE
     ``event: error``."""
     body: dict[str, Any] = {
         "error": exc.message,
         "type": exc.error_type,
         "code": exc.grpc_code.name,
     }
-    if isinstance(exc, Overloaded):
+    if exc.retry_after is not None:
         body["retry_after"] = exc.retry_after
     return body
 
 
 def to_http(exc: AnyServeError) -> tuple[int, dict[str, Any], dict[str, str]]:
     """``(status, JSON body, headers)`` of the HTTP answer for ``exc``."""
-    headers = {"Retry-After": _retry_header(exc)} if isinstance(exc, Overloaded) else {}
+    retry = exc.retry_after
+    # Whole seconds, at least 1: what HTTP's Retry-After allows.
+    headers = {} if retry is None else {"Retry-After": str(max(1, math.ceil(retry)))}
     return exc.http_status, error_body(exc), headers
 
 
@@ -353,8 +358,7 @@ def from_http(status: int, body: bytes | str, retry_after: str | None = None) ->
 
 def to_frame(exc: AnyServeError) -> wpb.Error:
     """The worker ``Error`` frame body for ``exc``."""
-    retry_after = exc.retry_after if isinstance(exc, Overloaded) else 0.0
-    return wpb.Error(code=exc.error_type, message=exc.message, retry_after=retry_after)
+    return wpb.Error(code=exc.error_type, message=exc.message, retry_after=exc.retry_after or 0.0)
 
 
 def from_frame(frame: wpb.Error) -> AnyServeError:
@@ -371,7 +375,7 @@ def to_stream_error(exc: AnyServeError, request_id: str = "", model_name: str = 
     one request of a stream (Triton's convention: ``error_message`` set)."""
     response = ModelInferResponse(id=request_id, model_name=model_name)
     response.parameters[STREAM_PARAM].CopyFrom(InferParameter(string_param=exc.error_type))
-    if isinstance(exc, Overloaded):
+    if exc.retry_after is not None:
         response.parameters[STREAM_RETRY_PARAM].CopyFrom(
             InferParameter(double_param=exc.retry_after)
         )

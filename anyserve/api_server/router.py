@@ -51,6 +51,10 @@ from anyserve.errors import (
 
 logger = logging.getLogger(__name__)
 
+#: Retry-After (seconds) of a capability that is down: an operator must restart
+#: it, so a client polling faster only adds load.
+DOWN_RETRY_AFTER = 30.0
+
 
 @dataclass(slots=True)
 class Lease:
@@ -328,7 +332,8 @@ class Router:
             names = ", ".join(r.replica_id for r in down)
             raise Unavailable(
                 f"{meta.describe()} is down on {names}: its workers keep crashing (see"
-                " GET /registry); restart it with `anyserve workers start`"
+                " GET /registry); restart it with `anyserve workers start`",
+                retry_after=DOWN_RETRY_AFTER,
             )
         tried = f"; replicas tried: {', '.join(meta.visited)}" if meta.visited else ""
         raise NotFound(f"no replica serves {meta.describe()}{tried}")

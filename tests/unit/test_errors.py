@@ -25,7 +25,7 @@ from anyserve import errors
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.api_server.responses import error_response
 from anyserve.api_server.sse import error_event
-from anyserve.errors import AnyServeError, Overloaded
+from anyserve.errors import AnyServeError, Overloaded, Unavailable
 from anyserve.proto import ModelStreamInferResponse
 
 pytestmark = pytest.mark.anyio
@@ -46,6 +46,8 @@ def all_classes() -> list[type[AnyServeError]]:
 def sample(cls: type[AnyServeError]) -> AnyServeError:
     if cls is Overloaded:
         return Overloaded("queue full: 32 calls waiting", retry_after=7.0)
+    if cls is Unavailable:
+        return Unavailable("handler chat is down: crash loop", retry_after=30.0)
     return cls(f"{cls.__name__} happened: détails ünicode")
 
 
@@ -68,8 +70,7 @@ EXPECTED = {
 def same(a: AnyServeError, b: AnyServeError) -> None:
     assert type(b) is type(a), f"{type(a).__name__} came back as {type(b).__name__}"
     assert b.message == a.message
-    if isinstance(a, Overloaded):
-        assert isinstance(b, Overloaded) and b.retry_after == a.retry_after
+    assert b.retry_after == a.retry_after
 
 
 def test_subclasses_elsewhere_travel_as_their_protocol_class() -> None:
@@ -136,8 +137,10 @@ async def through_http(exc: AnyServeError) -> AnyServeError:
     assert response.status_code == exc.http_status
     assert response.json()["error"] == exc.message
     assert response.headers["x-request-id"] == "req-1"
-    if isinstance(exc, Overloaded):
+    if exc.retry_after is not None:
         assert response.headers["retry-after"] == str(int(exc.retry_after))
+    else:
+        assert "retry-after" not in response.headers
     return errors.from_http(
         response.status_code, response.content, response.headers.get("retry-after")
     )
