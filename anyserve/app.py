@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anyserve.capability import Capability
-from anyserve.handler_options import check_capability, check_options
+from anyserve.handler_options import DEFAULT_MAX_QUEUE, check_capability, check_options
 from anyserve.handlers import BatchRunner, Runner, batch_of_one, normalise, normalise_batch
 from anyserve.signature import Tensor
 
@@ -49,6 +49,10 @@ class HandlerInfo:
     outputs: tuple[Tensor, ...] = ()
     # Seconds a worker may take to start (load its model); None: the replica's default.
     start_timeout: float | None = None
+    # Calls one worker holds waiting beyond the ones it runs (admission limit).
+    max_queue: int = DEFAULT_MAX_QUEUE
+    # MiB one worker may hold resident before it is recycled; None: the replica's default.
+    max_memory_mib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +68,8 @@ class HandlerInfo:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "start_timeout": self.start_timeout,
+            "max_queue": self.max_queue,
+            "max_memory_mib": self.max_memory_mib,
         }
 
     @classmethod
@@ -82,6 +88,10 @@ class HandlerInfo:
             outputs=tuple(Tensor.from_dict(t) for t in data.get("outputs", ())),
             start_timeout=(
                 None if data.get("start_timeout") is None else float(data["start_timeout"])
+            ),
+            max_queue=int(data.get("max_queue", DEFAULT_MAX_QUEUE)),
+            max_memory_mib=(
+                None if data.get("max_memory_mib") is None else float(data["max_memory_mib"])
             ),
         )
 
@@ -140,6 +150,8 @@ class AnyServe:
         inputs: list[Tensor] | None = None,
         outputs: list[Tensor] | None = None,
         start_timeout: float | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_memory_mib: float | None = None,
         **capability: str | int,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a handler for the capability given as keyword arguments.
@@ -156,7 +168,13 @@ class AnyServe:
         first request or by command). ``name``: the handler's id (default:
         the function name). ``start_timeout``: seconds one worker may take to
         start, module import and model loading included, before it counts as
-        failed (None: the replica's default, 600 s).
+        failed (None: the replica's default, 600 s). ``max_queue``: calls one
+        worker holds waiting beyond the ones it runs (default 1024); past it,
+        or when a call's deadline would pass before a worker could take it,
+        the call is refused with 429 (Overloaded) instead of queued.
+        ``max_memory_mib``: resident memory one worker may hold; a worker over
+        it takes no new calls and is replaced once its calls end (None: the
+        replica's ``--max-memory-mib``, by default no limit).
 
         ``max_batch_size`` > 0 turns on dynamic batching: the handler receives a
         list of requests (up to that many, gathered for at most
@@ -187,6 +205,8 @@ class AnyServe:
             inputs=inputs,
             outputs=outputs,
             start_timeout=start_timeout,
+            max_queue=max_queue,
+            max_memory_mib=max_memory_mib,
         )
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -215,6 +235,8 @@ class AnyServe:
                 inputs=options.inputs,
                 outputs=options.outputs,
                 start_timeout=options.start_timeout,
+                max_queue=options.max_queue,
+                max_memory_mib=options.max_memory_mib,
             )
             self._handlers[handler_name] = Handler(
                 info=info, func=func, run=run, is_sync=is_sync, run_batch=run_batch

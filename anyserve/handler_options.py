@@ -45,10 +45,14 @@ OPTIONS = (
     "inputs",
     "outputs",
     "start_timeout",
+    "max_queue",
+    "max_memory_mib",
 )
 # The one option that takes a string: a string-valued key close to another
 # option is taken as the capability key it looks like (``input="image"``).
 _STRING_OPTIONS = frozenset({"name"})
+#: Calls one worker holds waiting beyond those it runs, when max_queue is not given.
+DEFAULT_MAX_QUEUE = 1024
 # batch_timeout's upper bound, in seconds.
 MAX_BATCH_TIMEOUT = 60.0
 
@@ -158,6 +162,8 @@ class Options:
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     start_timeout: float | None
+    max_queue: int
+    max_memory_mib: float | None = None
 
 
 def _is_int(value: Any) -> bool:
@@ -200,6 +206,8 @@ def check_options(
     inputs: Any,
     outputs: Any,
     start_timeout: Any,
+    max_queue: Any,
+    max_memory_mib: Any = None,
 ) -> Options:
     """Check every option of ``@app.capability``; ValueError naming the
     option, what it takes and the value given."""
@@ -221,6 +229,10 @@ def check_options(
         raise _bad("batch_timeout", batch_timeout, "seconds between 0 and 60")
     if start_timeout is not None and (not _is_number(start_timeout) or start_timeout <= 0):
         raise _bad("start_timeout", start_timeout, "seconds > 0, or None for the replica's default")
+    if not _is_int(max_queue) or max_queue < 0:
+        raise _bad("max_queue", max_queue, "an int >= 0 (calls waiting per worker)")
+    if max_memory_mib is not None and (not _is_number(max_memory_mib) or max_memory_mib <= 0):
+        raise _bad("max_memory_mib", max_memory_mib, "MiB > 0, or None for the replica's default")
     try:
         declared_inputs, declared_outputs = tensors(inputs, "inputs"), tensors(outputs, "outputs")
     except ValueError as exc:
@@ -237,4 +249,6 @@ def check_options(
         inputs=declared_inputs,
         outputs=declared_outputs,
         start_timeout=None if start_timeout is None else float(start_timeout),
+        max_queue=max_queue,
+        max_memory_mib=None if max_memory_mib is None else float(max_memory_mib),
     )

@@ -35,6 +35,10 @@ AUTHORIZATION = "authorization"
 # a fast token stream costs one gRPC message per batch instead of per token.
 # Negotiated per hop; never forwarded.
 BATCH = "x-anyserve-batch"
+# Set ("1") by the API server when the replica it sends a request to is the only
+# one that could take it: the replica then answers "overloaded" itself rather
+# than delegating the call back. Per hop; never forwarded.
+SOLE_CANDIDATE = "x-anyserve-sole-candidate"
 
 # Response parameter naming the replica that served a request.
 SERVED_BY = "anyserve_served_by"

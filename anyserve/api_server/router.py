@@ -255,7 +255,7 @@ class Router:
         deadline = attempts.deadline
         unreachable = attempts.unreachable
         while True:
-            replica, attempts.random_mode = self._choose(
+            replica, attempts.random_mode, others = self._choose(
                 meta, unreachable, attempts.random_mode, allow_random
             )
             conn = self.pool.get(replica.endpoint)
@@ -265,7 +265,10 @@ class Router:
                 left = deadline - anyio.current_time()
                 if await conn.connect(min(self.connect_timeout, max(left, 0.0))):
                     try:
-                        yield Lease(replica, conn, meta.metadata(), deadline)
+                        metadata = meta.metadata()
+                        if not others:
+                            metadata.append((rpc.SOLE_CANDIDATE, "1"))
+                        yield Lease(replica, conn, metadata, deadline)
                     except _NotSent:
                         logger.warning(
                             "request %s: connection to replica %s at %s failed before the"
@@ -307,19 +310,20 @@ class Router:
         unreachable: list[ReplicaEntry],
         random_mode: bool,
         allow_random: bool,
-    ) -> tuple[ReplicaEntry, bool]:
+    ) -> tuple[ReplicaEntry, bool, int]:
+        """``(replica, random mode?, how many other candidates there were)``."""
         exclude = set(meta.visited)
         exclude.update(r.replica_id for r in unreachable)
         if not random_mode:
             found = self.registry.candidates(meta.query, meta.model_name, exclude)
             if found:
-                return self._first_free(found, meta, "match"), False
+                return self._first_free(found, meta, "match"), False, len(found) - 1
             if unreachable:
                 raise self._unreachable(meta, unreachable)
         if allow_random and self.no_match == "random":
             found = self.registry.shuffled(exclude)
             if found:
-                return self._first_free(found, meta, "random (no match)"), True
+                return self._first_free(found, meta, "random (no match)"), True, len(found) - 1
             if unreachable:
                 raise self._unreachable(meta, unreachable)
         if meta.visited and self._went_round(meta, allow_random):

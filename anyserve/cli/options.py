@@ -75,6 +75,25 @@ StartTimeout = Annotated[
     ),
 ]
 
+StuckCallGrace = Annotated[
+    float,
+    typer.Option(
+        min=0.001,
+        help="Seconds a call may go on running after its deadline or cancellation (a sync"
+        " handler's thread cannot be stopped) before its worker takes no new calls and is"
+        " replaced once its other calls end.",
+    ),
+]
+MaxMemoryMib = Annotated[
+    float | None,
+    typer.Option(
+        min=0.001,
+        help="Resident memory (MiB) one worker may hold before it takes no new calls and is"
+        " replaced once its calls end; a handler's own max_memory_mib wins (default: no"
+        " limit).",
+    ),
+]
+
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
 # Libraries whose own debug/info lines drown anyserve's: warnings only, unless

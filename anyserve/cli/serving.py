@@ -23,17 +23,19 @@ from anyserve.cli.options import (
     LogLevel,
     MaxBodyMib,
     MaxInflight,
+    MaxMemoryMib,
     NoMatch,
     ReplicaNetworks,
     RequestTimeout,
     StartTimeout,
+    StuckCallGrace,
     Token,
     event_loop_options,
     parse_resources,
     setup_logging,
 )
 from anyserve.errors import InvalidArgument, StartupError
-from anyserve.replica.processes import DEFAULT_START_TIMEOUT
+from anyserve.replica.processes import DEFAULT_START_TIMEOUT, STUCK_CALL_GRACE
 
 
 def start(
@@ -68,6 +70,8 @@ def start(
     ] = None,
     grace: Annotated[float, typer.Option(help="Seconds to drain calls on shutdown.")] = 10.0,
     start_timeout: StartTimeout = DEFAULT_START_TIMEOUT,
+    stuck_call_grace: StuckCallGrace = STUCK_CALL_GRACE,
+    max_memory_mib: MaxMemoryMib = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Start one replica: a KServe v2 gRPC server and its worker processes."""
@@ -89,6 +93,8 @@ def start(
         app_dir=os.getcwd(),
         grace=grace,
         start_timeout=start_timeout,
+        stuck_call_grace=stuck_call_grace,
+        max_memory_mib=max_memory_mib,
         log_level=log_level,
     )
     _run_until_signal(Replica(config).run)

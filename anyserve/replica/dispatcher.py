@@ -9,6 +9,7 @@ the dispatcher never parses a request or a response.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from anyserve.errors import (
     from_stream_response,
 )
 from anyserve.proto import ModelStreamInferResponse
+from anyserve.replica.admission import Admission
 from anyserve.replica.manager import Manager
 
 log = logging.getLogger("anyserve.dispatcher")
@@ -75,6 +77,7 @@ class Dispatcher:
         self.delegator = delegator
         # Batches of stream responses stay within one gRPC message.
         self.max_batch_bytes = max_message - wire.ANSWER_MARGIN
+        self.admission = Admission()
         # Handlers never change while a replica runs, so a resolution can be
         # reused; bounded because queries come from the network.
         self._resolved: dict[tuple[frozenset[tuple[str, str]], str, bool], HandlerInfo] = {}
@@ -144,13 +147,16 @@ class Dispatcher:
         try:
             handler = self._route(payload, metadata, stream=False)
             slot = await self.manager.acquire(handler.name)
+            ticket = self.admission.admit(handler, slot.inflight, timeout)
         except (NotFound, Overloaded) as local:
-            # Nothing here can serve it (no handler, stopped, or no room to
-            # start it): hand it back to the API server for another replica.
-            if self.delegator is None or not self.delegator.allowed(metadata):
+            # Nothing here can serve it (no handler, stopped, no room to start
+            # it or to queue it): hand it back to the API server for another
+            # replica, unless the API server said there is none.
+            delegator = self._delegator_for(local, metadata)
+            if delegator is None:
                 raise _for_caller(local) from None
             try:
-                return await self.delegator.unary(payload, metadata, timeout)
+                return await delegator.unary(payload, metadata, timeout)
             except NotFound:
                 # Nobody else has it either: "no room here, retry later" (429)
                 # and "use the streaming endpoint" (400) tell the client more
@@ -158,6 +164,7 @@ class Dispatcher:
                 if isinstance(local, Overloaded | _StreamOnly):
                     raise _for_caller(local) from None
                 raise
+        started = time.monotonic()
         call_id, sink = slot.open_call(payload, stream=False, metadata=metadata, timeout=timeout)
         done = False
         try:
@@ -166,6 +173,7 @@ class Dispatcher:
             done = True
             if header.WhichOneof("kind") == "error":
                 raise from_frame(header.error)
+            self.admission.finished(ticket, time.monotonic() - started)
             return body
         finally:
             slot.close_call(call_id, cancel=not done)
@@ -185,10 +193,14 @@ class Dispatcher:
         try:
             handler = self._route(payload, metadata, stream=True)
             slot = await self.manager.acquire(handler.name)
+            # A stream's length says nothing of its handler's speed: only the
+            # queue length is checked.
+            self.admission.admit(handler, slot.inflight, None)
         except (NotFound, Overloaded) as local:
-            if self.delegator is None or not self.delegator.allowed(metadata):
+            delegator = self._delegator_for(local, metadata)
+            if delegator is None:
                 raise
-            async with aclosing(self.delegator.stream(payload, metadata, timeout)) as chunks:
+            async with aclosing(delegator.stream(payload, metadata, timeout)) as chunks:
                 first = True
                 try:
                     async for chunk in chunks:
@@ -247,6 +259,17 @@ class Dispatcher:
                         slot.grant(call_id, len(batch))
         finally:
             slot.close_call(call_id, cancel=not done)
+
+    def _delegator_for(self, local: AnyServeError, metadata: Mapping[str, str]) -> Delegator | None:
+        """Where a call this replica cannot take now goes back to the API
+        server, or None when it is answered here with ``local``."""
+        if self.delegator is None or not self.delegator.allowed(metadata):
+            return None
+        # The API server had no other replica for it: bouncing an overloaded
+        # call would only come back as the same 429, one round trip later.
+        if isinstance(local, Overloaded) and metadata.get(rpc.SOLE_CANDIDATE) == "1":
+            return None
+        return self.delegator
 
 
 def _not_found_in_band(message: bytes) -> bool:

@@ -26,11 +26,18 @@ import anyio.abc
 from anyserve.app import HandlerInfo
 from anyserve.errors import NotFound, Overloaded, Unavailable
 from anyserve.replica.processes import WorkerConfig, WorkerLauncher, seconds
+from anyserve.replica.recycling import Watchdog
 from anyserve.replica.resources import ResourceBudget
 from anyserve.replica.slot import Slot, State
 from anyserve.replica.supervisor import Supervisor
 
 log = logging.getLogger("anyserve.manager")
+
+#: Retry-After (seconds) for a handler that failed or could not start: it stays
+#: down until an operator restarts it.
+FAILED_RETRY_AFTER = 30.0
+#: Retry-After (seconds) while a handler's workers are still (re)starting.
+STARTING_RETRY_AFTER = 5.0
 
 
 class Manager:
@@ -57,6 +64,13 @@ class Manager:
         self.supervisor = Supervisor(
             WorkerLauncher(config, self.on_change), on_change=self.on_change
         )
+        self.watchdog = Watchdog(
+            self.all_slots,
+            self,
+            stuck_call_grace=config.stuck_call_grace,
+            limit_for=lambda slot: config.max_memory_for(slot.handler),
+            interval=config.watch_interval,
+        )
         # Handlers stopped by command: not started on demand until started again.
         self.disabled: set[str] = set()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -78,6 +92,7 @@ class Manager:
         with anyio.CancelScope(shield=True) as shield:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self.watchdog.run, name="watchdog")
                 preload = []
                 for handler in self.handlers.values():
                     if not handler.preload or handler.workers == 0:
@@ -274,6 +289,27 @@ class Manager:
                 )
         slot.request_stop()
 
+    # -- recycling ---------------------------------------------------------------
+
+    def recycle(self, slot: Slot, reason: str, *, stuck: bool = False) -> None:
+        """Replace ``slot``'s worker (see :mod:`anyserve.replica.recycling`): it
+        takes no new calls at once, its process is stopped once its other calls
+        end (within the drain timeout) and a new one starts. Does nothing
+        unless the slot is READY."""
+        pid = slot.pid
+        if not slot.begin_recycle(reason, stuck=stuck):
+            return
+        log.warning("recycling worker %s (pid %s): %s", slot.id, pid, reason)
+        self.on_change()
+        self._task_group().start_soon(self._finish_recycle, slot, name=f"recycle {slot.id}")
+
+    async def _finish_recycle(self, slot: Slot) -> None:
+        with anyio.move_on_after(self.config.drain_timeout):
+            await slot.idle.wait()
+        # Unless the process ended meanwhile (and its replacement may be starting).
+        if slot.recycling:
+            slot.request_stop()
+
     # -- choosing a worker ----------------------------------------------------
 
     def pick(self, name: str) -> Slot | None:
@@ -291,25 +327,23 @@ class Manager:
 
         Raises Unavailable when the handler failed (crash loop) or no worker
         became ready in time, NotFound when it was stopped by command,
-        Overloaded when it cannot be started for lack of resources or all its
-        workers have their queue limit of calls queued (max_concurrency x 4,
-        times max_batch_size for a batched handler: a call is one batch item).
+        Overloaded when it cannot be started for lack of resources. Whether
+        the call may join the worker's queue is :mod:`~anyserve.replica.admission`'s
+        decision, not this one's.
         """
         deadline: float | None = None
         while True:
             slot = self.pick(name)
             if slot is not None:
-                info = slot.handler
-                limit = info.max_concurrency * max(1, info.max_batch_size) * 4
-                if slot.inflight >= limit:
-                    raise Overloaded(f"handler {name} has {slot.inflight} calls queued", 1.0)
                 return slot
             slots = self.slots.get(name, [])
             starting = [s for s in slots if s.wanted]
             if not starting:
                 failed = [s for s in slots if s.state is State.FAILED]
                 if failed:
-                    raise Unavailable(f"handler {name} failed: {failed[0].failure}")
+                    raise Unavailable(
+                        f"handler {name} failed: {failed[0].failure}", FAILED_RETRY_AFTER
+                    )
                 await self.load(name)
                 continue
             timeout = self.config.start_timeout_for(self.handler(name))
@@ -319,7 +353,9 @@ class Manager:
                 await _wait_any([s.ready for s in starting])
             if anyio.current_time() >= deadline and self.pick(name) is None:
                 raise Unavailable(
-                    f"handler {name} has no ready worker after {seconds(timeout)} s (start timeout)"
+                    f"handler {name} has no ready worker after {seconds(timeout)} s"
+                    " (start timeout)",
+                    STARTING_RETRY_AFTER,
                 )
 
 

@@ -11,6 +11,12 @@ loaded). It gets its handler's ``start_timeout`` for that, else the replica's
 (:meth:`WorkerConfig.start_timeout_for`); meanwhile the replica logs its
 progress every ``start_progress_interval`` seconds, and once the time is up it
 warns and kills the worker, which the supervisor then counts as a crash.
+
+A worker whose connection ends (it crashed, or closed its socket and lingers)
+fails its in-flight calls within ``EXIT_WAIT`` seconds, naming its exit code
+when it has exited by then, without waiting for the reap. A process that cannot
+be spawned at all (a missing interpreter, no file descriptors left) is a crash
+with that reason, and leaks no socket.
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ REAP_GRACE_STARTING = 0.5
 DEFAULT_START_TIMEOUT = 600.0
 # Seconds between "still loading" lines while a worker starts.
 START_PROGRESS_INTERVAL = 10.0
+# Seconds a worker whose connection ended gets to exit before its in-flight calls
+# fail without its exit code (a crash is reaped within milliseconds).
+EXIT_WAIT = 0.25
+# Seconds between checks of stuck calls and workers' memory (see recycling.py).
+WATCH_INTERVAL = 1.0
+# Seconds a call may run on after its deadline or cancellation before its worker
+# is recycled.
+STUCK_CALL_GRACE = 30.0
 # Seconds the describe process may take to import the app, at least (an app that
 # loads its models at import in every process needs the start timeout there too).
 DESCRIBE_TIMEOUT = 120.0
@@ -68,11 +82,24 @@ class WorkerConfig:
     drain_timeout: float = 30.0
     log_level: str = "info"
     env: Mapping[str, str] = field(default_factory=dict)
+    # The interpreter workers run on (the replica's own).
+    python: str = sys.executable
+    # Recycling (anyserve.replica.recycling): a call still running this long
+    # after its cancellation, or a worker resident over this many MiB (a
+    # handler's own max_memory_mib wins; None: no limit), replaces the worker.
+    stuck_call_grace: float = STUCK_CALL_GRACE
+    max_memory_mib: float | None = None
+    watch_interval: float = WATCH_INTERVAL
 
     def start_timeout_for(self, handler: HandlerInfo) -> float:
         """Seconds a worker of ``handler`` may take to start: the handler's own
         ``start_timeout``, else the replica's."""
         return self.start_timeout if handler.start_timeout is None else handler.start_timeout
+
+    def max_memory_for(self, handler: HandlerInfo) -> float | None:
+        """MiB a worker of ``handler`` may hold resident: the handler's own
+        ``max_memory_mib``, else the replica's (None: no limit)."""
+        return self.max_memory_mib if handler.max_memory_mib is None else handler.max_memory_mib
 
 
 def seconds(value: float) -> str:
@@ -147,7 +174,7 @@ async def describe_app(
 def worker_command(config: WorkerConfig, slot: Slot, fd: int) -> list[str]:
     """The command line of a worker process for ``slot`` talking over ``fd``."""
     cmd = [
-        sys.executable,
+        config.python,
         "-m",
         "anyserve.replica.worker",
         "--app",
@@ -191,18 +218,17 @@ class WorkerLauncher:
         """Run one worker process for ``slot``; return why it ended."""
         config = self.config
         timeout = config.start_timeout_for(slot.handler)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *worker_command(config, slot, child.fileno()),
-                pass_fds=(child.fileno(),),
-                env={**os.environ, **config.env},
-            )
-        finally:
-            child.close()
+            proc, reader, writer = await self._spawn(slot)
+        except OSError as exc:
+            # Not the worker's fault but no worker either: a crash to the
+            # supervisor (backoff, then failed), never an error that would end
+            # the manager and every other handler's workers with it.
+            reason = f"could not be started: {exc}"
+            log.warning("worker %s %s", slot.id, reason)
+            return reason
         slot.spawned(proc.pid)
         self.on_change()  # the registry shows the starting worker's pid
-        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
         reason = "stopped"
         hello = False
         loading = anyio.Event()  # set once the wait for the hello is over
@@ -241,12 +267,52 @@ class WorkerLauncher:
             slot.disconnect()
             writer.close()
             with anyio.CancelScope(shield=True):
-                code = await reap(proc, REAP_GRACE if hello else REAP_GRACE_STARTING)
+                code = None
+                with anyio.move_on_after(EXIT_WAIT):
+                    code = await proc.wait()
+                if code is None:
+                    # It closed its end but lingers (a handler ignoring its
+                    # cancellation, a hung exit): its calls fail now, not after
+                    # the reap's grace.
+                    why = (
+                        "was stopped with calls still running"
+                        if slot.stop_requested.is_set()
+                        else "closed its connection"
+                    )
+                    slot.fail_calls(Unavailable(f"worker {slot.id} (pid {proc.pid}) {why}"))
+                    # A worker recycled for a stuck call cannot exit by itself.
+                    quick = not hello or slot.stuck
+                    code = await reap(proc, REAP_GRACE_STARTING if quick else REAP_GRACE)
             ended = exit_text(code, started=hello)
             if reason == "stopped" and slot.wanted:
                 reason = ended
             slot.fail_calls(Unavailable(f"worker {slot.id} (pid {proc.pid}) {ended}"))
         return reason
+
+    async def _spawn(
+        self, slot: Slot
+    ) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader, asyncio.StreamWriter]:
+        """Start a worker process on a new socketpair; raises OSError (every
+        socket closed, no process left behind) when it cannot be started."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        proc: asyncio.subprocess.Process | None = None
+        try:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *worker_command(self.config, slot, child.fileno()),
+                    pass_fds=(child.fileno(),),
+                    env={**os.environ, **self.config.env},
+                )
+            finally:
+                child.close()
+            reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
+        except BaseException:
+            parent.close()
+            if proc is not None:
+                with anyio.CancelScope(shield=True):
+                    await reap(proc, REAP_GRACE_STARTING)
+            raise
+        return proc, reader, writer
 
     async def _report_loading(
         self, slot: Slot, pid: int, timeout: float, loading: anyio.Event

@@ -40,6 +40,8 @@ from anyserve.replica.processes import (
     DEFAULT_START_TIMEOUT,
     DESCRIBE_TIMEOUT,
     START_PROGRESS_INTERVAL,
+    STUCK_CALL_GRACE,
+    WATCH_INTERVAL,
     WorkerConfig,
     describe_app,
 )
@@ -72,6 +74,12 @@ class ReplicaConfig:
     # and between its "still loading" log lines meanwhile.
     start_timeout: float = DEFAULT_START_TIMEOUT
     start_progress_interval: float = START_PROGRESS_INTERVAL
+    # Recycling a worker: a call running this long after its deadline or
+    # cancellation; resident memory over this many MiB (a handler's own
+    # max_memory_mib wins; None: no limit); seconds between the checks.
+    stuck_call_grace: float = STUCK_CALL_GRACE
+    max_memory_mib: float | None = None
+    watch_interval: float = WATCH_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,9 @@ class Replica:
             log_level=cfg.log_level,
             start_timeout=cfg.start_timeout,
             start_progress_interval=cfg.start_progress_interval,
+            stuck_call_grace=cfg.stuck_call_grace,
+            max_memory_mib=cfg.max_memory_mib,
+            watch_interval=cfg.watch_interval,
             env={"ANYSERVE_TOKEN": cfg.token} if cfg.token else {},
         )
 

@@ -15,6 +15,9 @@ waits on its events:
 * :meth:`Slot.restarting` - the process crashed and will be restarted: STARTING;
 * :meth:`Slot.mark_failed` - it crash-looped: FAILED, no longer wanted;
 * :meth:`Slot.begin_drain` - a stop: no longer wanted, out of the registration;
+* :meth:`Slot.begin_recycle` - a stuck call or too much memory: DRAINING but
+  still wanted, so the process is replaced once its calls end;
+* :meth:`Slot.recycled` - the recycled process ended: STARTING its replacement;
 * :meth:`Slot.request_stop` - the drain is over: the supervisor lets the process go;
 * :meth:`Slot.supervision_ended` - the supervisor let go: STOPPED (or FAILED);
 * :meth:`Slot.shutdown`, :meth:`Slot.wake` - the replica is shutting down.
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 
-from anyserve import wire
+from anyserve import rpc, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import HandlerInfo
 from anyserve.errors import AnyServeError, Unavailable
@@ -47,10 +52,12 @@ class State(StrEnum):
 class CallSink:
     """Frames of one call, from the connection reader to the waiting dispatcher."""
 
-    __slots__ = ("queue",)
+    __slots__ = ("metadata", "queue")
 
-    def __init__(self) -> None:
+    def __init__(self, metadata: Mapping[str, str]) -> None:
         self.queue: asyncio.Queue[tuple[wpb.Header, bytes] | AnyServeError] = asyncio.Queue()
+        # Kept (a reference, no copy) to name the request if it gets stuck.
+        self.metadata = metadata
 
     async def next(self) -> tuple[wpb.Header, bytes]:
         """The next frame; raises the error that ended the call instead."""
@@ -69,6 +76,16 @@ class CallSink:
         if isinstance(item, AnyServeError):
             raise item
         return item
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """A call cancelled by the dispatcher that the worker has not confirmed
+    ended yet (see :meth:`Slot.close_call`)."""
+
+    call_id: int
+    request_id: str
+    since: float  # time.monotonic() of the cancel
 
 
 class Slot:
@@ -96,6 +113,13 @@ class Slot:
         self._max_frame: int | None = None
         self._calls: dict[int, CallSink] = {}
         self._next_call = 1
+        # Cancelled calls the worker has not confirmed ended, oldest first.
+        self._cancelled: dict[int, Cancelled] = {}
+        self._recycles = 0
+        self._last_recycle = ""
+        # Set from begin_recycle() until recycled(): the process is being replaced.
+        self._recycling = False
+        self._stuck = False
 
     # -- what others read ------------------------------------------------------
 
@@ -122,6 +146,28 @@ class Slot:
     def failure(self) -> str:
         """Why the slot failed (crash loop), "" unless it did."""
         return self._failure
+
+    @property
+    def recycles(self) -> int:
+        """Workers replaced on purpose (a stuck call, too much memory); not crashes."""
+        return self._recycles
+
+    @property
+    def last_recycle(self) -> str:
+        """Why the worker was last recycled, "" if never."""
+        return self._last_recycle
+
+    @property
+    def recycling(self) -> bool:
+        """Whether the current process is being replaced (between
+        :meth:`begin_recycle` and :meth:`recycled`)."""
+        return self._recycling
+
+    @property
+    def stuck(self) -> bool:
+        """Whether the current process is being replaced because a call would
+        not end: it cannot exit by itself, so it is not waited for long."""
+        return self._stuck
 
     @property
     def stop_requested(self) -> asyncio.Event:
@@ -176,6 +222,31 @@ class Slot:
         if self._state in (State.READY, State.STARTING):
             self._state = State.DRAINING
 
+    def begin_recycle(self, reason: str, *, stuck: bool = False) -> bool:
+        """Replace a READY worker (``reason`` says why; ``stuck``: a call in it
+        does not end): DRAINING at once, so it takes no new calls, while it
+        stays wanted, so the supervisor starts a new process once this one
+        ends (not counted as a crash). Returns False, doing nothing, unless
+        the slot is READY and wanted."""
+        if self._state is not State.READY or not self._wanted:
+            return False
+        self._state = State.DRAINING
+        self.ready.clear()
+        self._recycles += 1
+        self._last_recycle = reason
+        self._recycling = True
+        self._stuck = stuck
+        return True
+
+    def recycled(self) -> None:
+        """The recycled process ended: STARTING its replacement, with a fresh
+        stop request for the new run."""
+        self._recycling = False
+        self._stuck = False
+        self._state = State.STARTING
+        self.ready.clear()
+        self._stop_requested = asyncio.Event()
+
     def request_stop(self) -> None:
         """The drain is over (or skipped): the supervisor closes the connection."""
         self._stop_requested.set()
@@ -186,6 +257,8 @@ class Slot:
         if self._state is not State.FAILED:
             self._state = State.STOPPED
         self._pid = None
+        self._recycling = False
+        self._stuck = False
         self.ready.set()
         self.stopped.set()
 
@@ -214,7 +287,7 @@ class Slot:
         call = wpb.Call(stream=stream, timeout=timeout or 0.0, metadata=metadata)
         wire.write_frame(writer, wpb.Header(call_id=call_id, call=call), payload, self._max_frame)
         self._next_call += 1
-        sink = CallSink()
+        sink = CallSink(metadata)
         self._calls[call_id] = sink
         self.idle.clear()
         return call_id, sink
@@ -234,14 +307,26 @@ class Slot:
             wire.write_frame(writer, wpb.Header(call_id=call_id, credit=credit))
 
     def close_call(self, call_id: int, *, cancel: bool) -> None:
-        """Forget a call; tell the worker to cancel it when it has not finished."""
-        if self._calls.pop(call_id, None) is None:
+        """Forget a call; tell the worker to cancel it when it has not finished.
+
+        A cancelled call is remembered until the worker answers the Cancel
+        (it does once the call has really ended there, at once if it already
+        had): :meth:`oldest_cancelled` is how long a handler has ignored its
+        cancellation."""
+        sink = self._calls.pop(call_id, None)
+        if sink is None:
             return
         if not self._calls:
             self.idle.set()
         writer = self._writer
         if cancel and writer is not None and not writer.is_closing():
             wire.write_frame(writer, wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
+            request_id = sink.metadata.get(rpc.REQUEST_ID, "")
+            self._cancelled[call_id] = Cancelled(call_id, request_id, time.monotonic())
+
+    def oldest_cancelled(self) -> Cancelled | None:
+        """The call cancelled longest ago that the worker still runs, or None."""
+        return next(iter(self._cancelled.values()), None)
 
     # -- the connection (driven by the supervisor's process runner) -------------
 
@@ -251,6 +336,7 @@ class Slot:
         anything is written."""
         self._writer = writer
         self._max_frame = max_frame
+        self._cancelled.clear()
         self._state = State.READY
         self.ready.set()
 
@@ -263,6 +349,9 @@ class Slot:
             sink = self._calls.get(header.call_id)
             if sink is not None:
                 sink.queue.put_nowait((header, payload))
+            elif header.WhichOneof("kind") == "cancel":
+                # The worker confirms a cancelled call has ended.
+                self._cancelled.pop(header.call_id, None)
             # read_frame does not suspend while frames are buffered, so a worker
             # flooding a stream would keep the callers from running until the
             # socket is drained (the first token waits for the last): let them
@@ -275,6 +364,7 @@ class Slot:
     def disconnect(self) -> None:
         """The connection ended: no new calls go to this worker."""
         self._writer = None
+        self._cancelled.clear()
         if self._state is State.READY:
             self._state = State.DRAINING
             self.ready.clear()

@@ -56,6 +56,9 @@ def worker_row(slot: Slot) -> dict[str, Any]:
         "inflight": slot.inflight,
         "restarts": slot.restarts,
         "error": slot.failure or None,
+        # Replaced on purpose (stuck call, memory limit): not crashes.
+        "recycles": slot.recycles,
+        "last_recycle": slot.last_recycle or None,
     }
 
 

@@ -5,7 +5,8 @@ wanted. After a crash it waits (exponential backoff: ``BACKOFF_START`` seconds
 doubling to ``BACKOFF_MAX``, back to the start after a run longer than
 ``HEALTHY_RUN``) and restarts it; ``CRASH_LIMIT`` crashes within
 ``CRASH_WINDOW`` seconds mark the slot failed until it is started again by
-command.
+command. A worker recycled on purpose (:mod:`anyserve.replica.recycling`) is
+started again at once and is not a crash.
 
 How a process is run is not decided here: the supervisor is given a
 :data:`RunWorker` (run one worker process for a slot until it ends and say why;
@@ -114,9 +115,20 @@ class Supervisor:
                 await other.stopped.wait()
             while slot.wanted:
                 started = self.clock()
-                reason = await self.run_worker(slot)
+                try:
+                    reason = await self.run_worker(slot)
+                except Exception as exc:
+                    # A bug around one process must not end the manager's task
+                    # group, and every other handler's workers with it: a crash.
+                    log.exception("running worker %s failed", slot.id)
+                    reason = f"could not be run: {exc!r}"
                 if not slot.wanted:
                     break
+                if slot.recycling:
+                    log.info("worker %s recycled; starting its replacement", slot.id)
+                    slot.recycled()
+                    self.on_change()
+                    continue
                 # A crash: fail fast if it keeps happening, else back off and restart.
                 delay = crashes.crashed(started, self.clock())
                 if delay is None:

@@ -62,6 +62,8 @@ class _Call:
     # Chunks this stream may still send before the dispatcher grants more.
     credits: int = STREAM_WINDOW
     granted: asyncio.Event = field(default_factory=asyncio.Event)
+    # The dispatcher cancelled it: confirm with a Cancel frame once it has ended.
+    confirm: bool = False
 
     def grant(self, chunks: int) -> None:
         self.credits += chunks
@@ -125,7 +127,7 @@ class WorkerServer:
                     self.calls[header.call_id] = _Call()
                     tg.start_soon(self._run, header.call_id, header.call, payload)
                 elif kind == "cancel":
-                    self._cancel(header.call_id)
+                    self._cancel_requested(header.call_id)
                 elif kind == "credit":
                     call = self.calls.get(header.call_id)
                     if call is not None:
@@ -136,6 +138,23 @@ class WorkerServer:
             for call_id in list(self.calls):
                 self._cancel(call_id)
             tg.cancel_scope.cancel()
+
+    def _cancel_requested(self, call_id: int) -> None:
+        """The dispatcher cancelled a call. It is told when the call has really
+        ended (a Cancel frame back): at once when it already had, else when its
+        task ends — a sync handler's thread cannot be stopped, so only then.
+        The replica recycles a worker whose cancelled call goes on too long
+        (see :mod:`anyserve.replica.recycling`)."""
+        call = self.calls.get(call_id)
+        if call is None:
+            self._confirm_cancel(call_id)
+            return
+        call.confirm = True
+        self._cancel(call_id)
+
+    def _confirm_cancel(self, call_id: int) -> None:
+        if not self.writer.is_closing():
+            wire.write_frame(self.writer, wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
 
     def _cancel(self, call_id: int) -> None:
         call = self.calls.get(call_id)
@@ -161,6 +180,8 @@ class WorkerServer:
                 await self._serve_call(call_id, call, payload, state)
         finally:
             del self.calls[call_id]
+            if state.confirm:
+                self._confirm_cancel(call_id)
 
     async def _serve_call(self, call_id: int, call: wpb.Call, payload: bytes, state: _Call) -> None:
         info = self.handler.info

@@ -60,6 +60,8 @@ def test_registration_body_offers_loaded_and_loadable_capabilities() -> None:
             "inflight": 0,
             "restarts": 0,
             "error": None,
+            "recycles": 0,
+            "last_recycle": None,
         }
     ]
     assert history.id not in {w["id"] for w in body["workers"]}

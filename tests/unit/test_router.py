@@ -223,3 +223,19 @@ async def test_a_capability_that_exists_but_is_down_is_unavailable_not_unknown()
     with pytest.raises(NotFound):
         await send(router, meta({"type": "never-heard-of"}))
     assert await send(router, meta({"type": "chat"})) == "ok:1"
+    with pytest.raises(Unavailable) as info:
+        await send(router, meta({"type": "heavy"}))
+    assert info.value.retry_after == 30.0
+
+
+async def test_the_replica_is_told_when_it_is_the_only_candidate() -> None:
+    # An overloaded replica then answers 429 itself instead of bouncing the
+    # call back through the API server for nothing.
+    router, _, pool = make_router([("a", [{"type": "chat"}]), ("b", [{"type": "embed"}])])
+    await send(router, meta({"type": "chat"}))
+    assert dict(pool.by_endpoint["a:1"].sent[-1][1])[rpc.SOLE_CANDIDATE] == "1"
+    router, _, pool = make_router([("a", [{"type": "chat"}]), ("b", [{"type": "chat"}])])
+    for _ in range(4):
+        await send(router, meta({"type": "chat"}))
+    for conn in pool.by_endpoint.values():
+        assert all(rpc.SOLE_CANDIDATE not in dict(md) for _, md in conn.sent)
