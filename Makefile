@@ -9,7 +9,12 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
+# redis-server for the Redis registry tests (they start their own, on a free
+# port): installed when missing, if we are root and have apt-get.
 $(STAMP): pyproject.toml
+	command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server); } \
+		|| echo "redis-server not installed: the Redis registry tests will be skipped"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

@@ -111,23 +111,36 @@ class ApiCaller:
     deadline and call chain, and detects call cycles before sending."""
 
     def __init__(self, api_server: str, token: str | None = None) -> None:
-        self.api_server = api_server.rstrip("/")
+        # Comma-separated URLs (API servers sharing a registry) fail over in order.
+        self.api_servers = [u.strip().rstrip("/") for u in api_server.split(",") if u.strip()]
+        self.api_server = self.api_servers[0] if self.api_servers else api_server
         self._grpc_endpoint: str | None = None
         self.channel = ApiChannel(lambda: self._grpc_endpoint, token)
 
     async def _discover(self) -> None:
-        """Ask the API server (once) where its gRPC entry listens."""
+        """Ask the first API server that answers (once) where its gRPC entry listens."""
         if self._grpc_endpoint is not None:
             return
-        try:
-            async with httpx.AsyncClient(timeout=5.0) as client:
-                answer = (await client.get(f"{self.api_server}/health")).json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise Unavailable(f"cannot reach the API server at {self.api_server}: {exc}") from None
-        endpoint = answer.get("grpc_endpoint") if isinstance(answer, dict) else None
-        if not endpoint:
-            raise Unavailable(f"the API server at {self.api_server} did not say its gRPC endpoint")
-        self._grpc_endpoint = str(endpoint)
+        problems: list[str] = []
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            for url in self.api_servers:
+                try:
+                    answer = (await client.get(f"{url}/health")).json()
+                except (httpx.HTTPError, ValueError) as exc:
+                    problems.append(f"cannot reach the API server at {url}: {exc}")
+                    continue
+                endpoint = answer.get("grpc_endpoint") if isinstance(answer, dict) else None
+                if endpoint:
+                    self.api_server, self._grpc_endpoint = url, str(endpoint)
+                    return
+                problems.append(f"the API server at {url} did not say its gRPC endpoint")
+        raise Unavailable("; ".join(problems) or "no API server URL given")
+
+    def _forget(self) -> None:
+        # The API server may be gone: the next call asks again (another one
+        # of several answers then). This call is not retried: it may have run.
+        if len(self.api_servers) > 1:
+            self._grpc_endpoint = None
 
     def _prepare(
         self, parent: Context, capability: Mapping[str, Any], inputs: Mapping[str, Any]
@@ -165,7 +178,12 @@ class ApiCaller:
         """Send one request; returns its response or raises the callee's error."""
         payload, metadata, timeout = self._prepare(parent, capability, inputs)
         await self._discover()
-        return ModelInferResponse.FromString(await self.channel.unary(payload, metadata, timeout))
+        try:
+            answer = await self.channel.unary(payload, metadata, timeout)
+        except Unavailable:
+            self._forget()
+            raise
+        return ModelInferResponse.FromString(answer)
 
     async def stream(
         self, parent: Context, capability: Mapping[str, Any], inputs: Mapping[str, Any]
@@ -174,12 +192,16 @@ class ApiCaller:
         raises the error that ended the stream."""
         payload, metadata, timeout = self._prepare(parent, capability, inputs)
         await self._discover()
-        async for message in self.channel.stream(payload, metadata, timeout):
-            chunk = ModelStreamInferResponse.FromString(message)
-            error = from_stream_response(chunk)
-            if error is not None:
-                raise error
-            yield chunk.infer_response
+        try:
+            async for message in self.channel.stream(payload, metadata, timeout):
+                chunk = ModelStreamInferResponse.FromString(message)
+                error = from_stream_response(chunk)
+                if error is not None:
+                    raise error
+                yield chunk.infer_response
+        except Unavailable:
+            self._forget()
+            raise
 
     async def aclose(self) -> None:
         await self.channel.aclose()

@@ -87,7 +87,12 @@ async def test_register_upsert_unregister_and_bad_bodies() -> None:
         assert (await http.post("/unregister", json={"replica_id": "r1"})).json()["removed"]
         assert (await http.get("/registry")).json()["replicas"] == []
         health = (await http.get("/health")).json()
-        assert health == {"status": "ok", "replicas": 0, "grpc_endpoint": api.grpc_endpoint}
+        assert health == {
+            "status": "ok",
+            "replicas": 0,
+            "grpc_endpoint": api.grpc_endpoint,
+            "registry": {"backend": "memory"},
+        }
 
 
 async def test_silent_replica_expires() -> None:

@@ -13,6 +13,9 @@ NO_MATCH_POLICIES: tuple[NoMatchPolicy, ...] = ("reject", "random")
 
 MIB = 1024 * 1024
 
+# URL schemes of the Redis registry backend (redis-py's).
+REGISTRY_SCHEMES = ("redis://", "rediss://", "unix://")
+
 
 def _env_token() -> str | None:
     return os.environ.get("ANYSERVE_TOKEN") or None
@@ -30,7 +33,11 @@ class ApiServerConfig:
     a non-loopback ``host`` needs ``insecure_register`` to start (see
     :mod:`anyserve.api_server.guard`). ``replica_networks`` (CIDRs) limits the
     endpoints replicas may register. ``ttl`` None means three heartbeat
-    intervals. Raises ValueError for an invalid setting.
+    intervals. ``registry`` is where registrations are shared: ``"memory"``
+    (this server only) or a Redis URL (``redis://host:6379/0``, ``rediss://``,
+    ``unix://``) several API servers share (see
+    :mod:`anyserve.api_server.registry_backend`). Raises ValueError for an
+    invalid setting.
     """
 
     host: str = "127.0.0.1"
@@ -56,6 +63,8 @@ class ApiServerConfig:
     insecure_register: bool = False
     # CIDRs registered replica endpoints must be in (empty: any host:port).
     replica_networks: tuple[str, ...] = ()
+    # "memory", or a Redis URL shared by several API servers.
+    registry: str = "memory"
     networks: tuple[guard.Network, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -72,6 +81,11 @@ class ApiServerConfig:
         if self.request_timeout <= 0 or self.connect_timeout <= 0:
             raise ValueError("request_timeout and connect_timeout must be positive")
         self.networks = guard.parse_networks(self.replica_networks)
+        if self.registry != "memory" and not self.registry.startswith(REGISTRY_SCHEMES):
+            raise ValueError(
+                f"registry must be 'memory' or a Redis URL ({', '.join(REGISTRY_SCHEMES)}...),"
+                f" not {self.registry!r}"
+            )
         if not self.token and not self.insecure_register and not guard.is_loopback(self.host):
             raise ValueError(
                 f"refusing to serve on {self.host} without a token: replicas on other hosts"

@@ -2,7 +2,10 @@
 
 A replica POSTs the same ``/register`` body as its heartbeat (an upsert that
 replaces its capabilities), so an API server that restarted learns every live
-replica again within one heartbeat interval.
+replica again within one heartbeat interval (and a Redis registry that was
+emptied, likewise). Each change goes to this server's view first, then to the
+registry backend, which shares it with other API servers without making the
+caller wait.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ async def register(state: ApiState, request: Request) -> Response:
     replica, created = state.registry.upsert(
         replica_id, endpoint, capabilities, loadable, workers, failed
     )
+    state.backend.stored(replica)
     state.pool.refresh(endpoint)
     if created or before != (replica.endpoint, replica.capabilities, replica.loadable):
         # Heartbeats repeat the same body: only news is logged.
@@ -126,6 +130,7 @@ async def unregister(state: ApiState, request: Request) -> Response:
     doc = await _json_object(request)
     replica_id = _text(doc, "replica_id")
     removed = state.registry.remove(replica_id)
+    state.backend.removed(replica_id)
     if removed is not None:
         logger.info("replica %s unregistered", replica_id)
         await state.pool.prune(state.registry.endpoints())
@@ -148,12 +153,15 @@ async def registry(state: ApiState, request: Request) -> Response:
 
 
 async def health(state: ApiState, request: Request) -> Response:
-    """200 while the process serves, with the replica count and the gRPC entry's
-    endpoint (how ``context.call`` clients find it)."""
+    """200 while the process serves, with the replica count, the gRPC entry's
+    endpoint (how ``context.call`` clients find it) and the registry backend's
+    state (``{"backend": "redis", "connected": false, "error": ...}`` while
+    Redis is out of reach: routing goes on with the last known replicas)."""
     return json_response(
         {
             "status": "ok",
             "replicas": len(state.registry),
             "grpc_endpoint": state.grpc_endpoint(request.url.hostname),
+            "registry": state.backend.status(),
         }
     )

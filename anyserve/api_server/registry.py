@@ -10,6 +10,11 @@ value, else their ``type`` value.
 Entries expire when their last heartbeat is older than the TTL: the server's
 sweeper calls :meth:`Registry.expire`, and lookups skip stale entries in the
 meantime so a dead replica is never chosen between sweeps.
+
+This is one API server's *view*, the only thing the router reads. Where the
+registrations are shared beyond it is a :class:`~anyserve.api_server.
+registry_backend.RegistryBackend` (in memory only, or Redis), which keeps
+this view in step.
 """
 
 from __future__ import annotations
@@ -86,12 +91,16 @@ class Registry:
         loadable: Sequence[Capability] = (),
         workers: Sequence[Any] = (),
         failed: Sequence[Capability] = (),
+        *,
+        age: float = 0.0,
     ) -> tuple[ReplicaEntry, bool]:
         """Register or refresh a replica; its capabilities are replaced.
 
-        Returns ``(replica, created)``. The in-flight count survives a refresh.
+        ``age`` is how many seconds ago its heartbeat happened (0: now; a
+        shared backend passes the age it read back). Returns ``(replica,
+        created)``. The in-flight count survives a refresh.
         """
-        now_wall, now = time.time(), self._clock()
+        now_wall, now = time.time() - age, self._clock() - age
         replica = self._replicas.get(replica_id)
         created = replica is None or not self._alive(replica, now)
         if replica is None:
@@ -107,6 +116,10 @@ class Registry:
         replica.last_heartbeat = now_wall
         replica.last_seen = now
         return replica, created
+
+    def now(self) -> float:
+        """The registry's clock (monotonic seconds), the one ``last_seen`` is on."""
+        return self._clock()
 
     def remove(self, replica_id: str) -> ReplicaEntry | None:
         """Drop a replica; returns it, or None when it was not registered."""

@@ -139,6 +139,8 @@ class ApiServer:
             self._http_done = anyio.Event()
             self._tg.start_soon(self._run_uvicorn, self._uvicorn, sock)
             self._tg.start_soon(self._sweep)
+            # The registry backend keeps the view in step with other API servers'.
+            await self._tg.start(self.state.backend.run)
             # uvicorn offers no event for "listening"; its start-up is a few ticks.
             while not self._uvicorn.started and not self._http_done.is_set():  # noqa: ASYNC110
                 await anyio.sleep(0.005)

@@ -12,6 +12,7 @@ from importlib import metadata
 from anyserve.api_server.channels import ChannelPool
 from anyserve.api_server.config import ApiServerConfig
 from anyserve.api_server.registry import Registry
+from anyserve.api_server.registry_backend import RegistryBackend, make_backend
 from anyserve.api_server.router import Router
 
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
@@ -30,10 +31,16 @@ def version() -> str:
 
 @dataclass
 class ApiState:
-    """Config, registry, channels and router of one server."""
+    """Config, registry, channels and router of one server.
+
+    ``registry`` is this server's view (what the router reads); ``backend``
+    keeps it in step with other API servers'. Raises StartupError when the
+    configured backend cannot be used (its package is missing).
+    """
 
     config: ApiServerConfig
     registry: Registry = field(init=False)
+    backend: RegistryBackend = field(init=False)
     pool: ChannelPool = field(init=False)
     router: Router = field(init=False)
     grpc_port: int = 0  # the bound port, set by the server once it listens
@@ -45,6 +52,7 @@ class ApiState:
     def __post_init__(self) -> None:
         cfg = self.config
         self.registry = Registry(cfg.effective_ttl)
+        self.backend = make_backend(cfg, self.registry)
         self.pool = ChannelPool()
         self.router = Router(
             self.registry,

@@ -66,6 +66,15 @@ ReplicaNetworks = Annotated[
         help="Networks (CIDR,...) replica endpoints must be in, e.g. 10.0.0.0/8.",
     ),
 ]
+RegistryUrl = Annotated[
+    str,
+    typer.Option(
+        "--registry",
+        help="Where registrations are shared: 'memory' (this API server only) or a Redis"
+        " URL such as redis://host:6379/0 that several API servers share (needs"
+        " anyserve[redis]).",
+    ),
+]
 StartTimeout = Annotated[
     float,
     typer.Option(

@@ -25,6 +25,7 @@ from anyserve.cli.options import (
     MaxInflight,
     MaxMemoryMib,
     NoMatch,
+    RegistryUrl,
     ReplicaNetworks,
     RequestTimeout,
     StartTimeout,
@@ -46,7 +47,10 @@ def start(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     api_server: Annotated[
         str | None,
-        typer.Option(help="API server URL to register with, e.g. http://localhost:8080."),
+        typer.Option(
+            help="API server URL to register with, e.g. http://localhost:8080; several"
+            " (URL1,URL2: API servers sharing a --registry) fail over in order."
+        ),
     ] = None,
     replica_id: Annotated[
         str | None, typer.Option(help="Name in the registry (default host-port).")
@@ -186,6 +190,8 @@ def _api_config(values: dict[str, Any]) -> Any:
     options["shutdown_grace"] = options.pop("grace")
     networks = options.pop("replica_networks") or ""
     options["replica_networks"] = tuple(n for n in networks.split(",") if n.strip())
+    if "registry" in values:  # `api-server` only: `run` is one API server
+        options["registry"] = values["registry"]
     try:
         return ApiServerConfig(**options)
     except ValueError as exc:
@@ -206,6 +212,7 @@ def api_server(
     insecure_register: InsecureRegister = False,
     replica_networks: ReplicaNetworks = None,
     grace: Grace = 10.0,
+    registry: RegistryUrl = "memory",
     log_level: LogLevel = "info",
 ) -> None:
     """Start the API server alone (`python -m anyserve.api_server` is the same command)."""

@@ -5,6 +5,12 @@ The heartbeat *is* the registration: every interval the replica POSTs its full
 restarted therefore knows every live replica again within one interval, and a
 replica whose workers changed is up to date after :meth:`Registration.notify`.
 Failures are logged once per outage and retried forever.
+
+Several API servers (``URL1,URL2``: they share a Redis registry) give
+failover: the replica heartbeats with the first that answers and, when it
+stops answering, with the next in turn (in the same heartbeat). The gRPC
+entry it delegates to is the one the answering server named, so delegation
+follows the failover too.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ _UNREGISTER_TIMEOUT = 1.0
 
 
 class Registration:
-    """Keeps one replica registered with one API server.
+    """Keeps one replica registered with one API server (the first of
+    ``api_server_url``'s comma-separated URLs that answers).
 
     ``body()`` returns the current registration JSON (``replica_id``,
     ``endpoint``, ``capabilities`` and optionally ``loadable``/``workers``); it is
     called for every POST. One httpx client per instance; close it with
     :meth:`aclose` (or use ``async with``). Use from one event loop.
+    Raises ValueError when no URL is given or ``interval`` is not positive.
     """
 
     def __init__(
@@ -43,17 +51,25 @@ class Registration:
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
+        self.urls = [u.strip().rstrip("/") for u in api_server_url.split(",") if u.strip()]
+        if not self.urls:
+            raise ValueError("no API server URL given")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = api_server_url.rstrip("/")
+        self._current = 0  # index into urls of the server heartbeated with
         self._body = body
         self._interval = interval
-        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        self._http = httpx.AsyncClient(headers=headers, timeout=timeout)
         # anyio events need a running loop: made on first use.
         self._wake: anyio.Event | None = None
         self._first: anyio.Event | None = None
         self._grpc_endpoint: str | None = None
         self._outage = False
         self._registered = False
+
+    @property
+    def url(self) -> str:
+        """The API server heartbeated with (or tried first next time)."""
+        return self.urls[self._current]
 
     @property
     def grpc_endpoint(self) -> str | None:
@@ -89,26 +105,42 @@ class Registration:
             self._wake.set()
 
     async def register_once(self) -> bool:
-        """POST ``/register`` once; True on success (failures are logged, not raised)."""
+        """POST ``/register`` once, to the current API server and, when it does
+        not answer, to the next ones in turn; True on success (failures are
+        logged, not raised)."""
         body = self._body()
-        try:
-            response = await self._http.post("/register", json=body)
-            if response.status_code != 200:
-                raise _Refused(_error_text(response))
-            answer = response.json()
-        except (httpx.HTTPError, _Refused, ValueError) as exc:
-            if not self._outage:
-                self._outage = True
-                logger.warning(
-                    "replica %s: registration with %s failed (%s); retrying every %.1fs",
-                    body.get("replica_id"),
-                    self.url,
-                    exc or type(exc).__name__,
-                    self._interval,
-                )
-            return False
+        failures: list[tuple[str, str]] = []  # (url, why)
+        for step in range(len(self.urls)):
+            index = (self._current + step) % len(self.urls)
+            try:
+                answer = await self._post(self.urls[index], body)
+            except (httpx.HTTPError, _Refused, ValueError) as exc:
+                failures.append((self.urls[index], str(exc) or type(exc).__name__))
+                continue
+            switched = index != self._current
+            self._current = index
+            self._registered_with(body, answer, switched)
+            return True
+        if not self._outage:
+            self._outage = True
+            logger.warning(
+                "replica %s: registration with %s failed (%s); retrying every %.1fs",
+                body.get("replica_id"),
+                self.url if len(self.urls) == 1 else "every API server",
+                "; ".join(why if len(failures) == 1 else f"{url}: {why}" for url, why in failures),
+                self._interval,
+            )
+        return False
+
+    async def _post(self, url: str, body: dict[str, Any]) -> Any:
+        response = await self._http.post(f"{url}/register", json=body)
+        if response.status_code != 200:
+            raise _Refused(_error_text(response))
+        return response.json()
+
+    def _registered_with(self, body: dict[str, Any], answer: Any, switched: bool) -> None:
         self._learn(answer)
-        if self._outage or not self._registered:
+        if self._outage or not self._registered or switched:
             logger.info(
                 "replica %s registered with %s (gRPC entry %s)",
                 body.get("replica_id"),
@@ -118,7 +150,6 @@ class Registration:
         self._outage = False
         self._registered = True
         self._first_event().set()
-        return True
 
     def _learn(self, answer: Any) -> None:
         if not isinstance(answer, dict):
@@ -144,7 +175,9 @@ class Registration:
         replica_id = self._body().get("replica_id")
         try:
             response = await self._http.post(
-                "/unregister", json={"replica_id": replica_id}, timeout=_UNREGISTER_TIMEOUT
+                f"{self.url}/unregister",
+                json={"replica_id": replica_id},
+                timeout=_UNREGISTER_TIMEOUT,
             )
             if response.status_code != 200:
                 logger.warning("unregister refused: %s", _error_text(response))
