@@ -24,10 +24,14 @@ from starlette.routing import Route
 from anyserve import codec, rpc
 from anyserve.api_server import control, model_meta
 from anyserve.api_server import openai as openai_api
+from anyserve.api_server.json_bodies import request_from_big_json
+from anyserve.api_server.limits import BigBodyGate
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import (
+    declared_length,
     error_response,
     json_response,
+    read_big_body,
     read_body,
     replica_message,
     request_meta,
@@ -51,26 +55,40 @@ def _is_protobuf(request: Request) -> bool:
     return ctype in _PROTOBUF_TYPES
 
 
+def _protobuf_payload(body: bytes, name: str, meta: RequestMeta) -> bytes:
+    try:
+        in_body = rpc.peek_string_field(body, 1)
+    except ValueError as exc:
+        raise InvalidArgument(f"body is not a ModelInferRequest: {exc}") from None
+    if name and in_body != name:
+        # The URL names the model: append field 1 (model_name); in protobuf
+        # the last value of a field wins, so nothing has to be re-encoded.
+        encoded = name.encode()
+        body = body + b"\x0a" + rpc.encode_varint(len(encoded)) + encoded
+    meta.model_name = name or in_body
+    return body
+
+
 async def _decode_infer(
     state: ApiState, request: Request, meta: RequestMeta
 ) -> tuple[bytes, ModelInferRequest | None]:
     """Read an inference body; return (serialized request, parsed request or
     None when the body was protobuf and is forwarded untouched). Sets
-    ``meta.model_name``."""
+    ``meta.model_name``.
+
+    A big body (over 1 MiB, or chunked) is read into one buffer and, when it
+    is JSON, parsed in pieces (:mod:`anyserve.api_server.json_bodies`) so the
+    loop keeps serving, once it holds a slot of the server's big-body gate
+    (429 when none frees up in time); small ones take the inline path, with
+    no scheduling.
+    """
     name = request.path_params.get("name", "")
+    gate: BigBodyGate = request.app.state.big_bodies
+    if gate.is_big(declared_length(request, state.config.max_body)):
+        return await _decode_big(state, request, meta, name, gate)
     body = await read_body(request, state.config.max_body)
     if _is_protobuf(request):
-        try:
-            in_body = rpc.peek_string_field(body, 1)
-        except ValueError as exc:
-            raise InvalidArgument(f"body is not a ModelInferRequest: {exc}") from None
-        if name and in_body != name:
-            # The URL names the model: append field 1 (model_name); in protobuf
-            # the last value of a field wins, so nothing has to be re-encoded.
-            encoded = name.encode()
-            body = body + b"\x0a" + rpc.encode_varint(len(encoded)) + encoded
-        meta.model_name = name or in_body
-        return body, None
+        return _protobuf_payload(body, name, meta), None
     header = request.headers.get(codec.HEADER_LENGTH)
     if header is not None:
         parsed = codec.request_from_binary(body, codec.parse_header_length(header), name)
@@ -78,6 +96,31 @@ async def _decode_infer(
         parsed = codec.request_from_json(body, name)
     meta.model_name = parsed.model_name
     return parsed.SerializeToString(), parsed
+
+
+async def _decode_big(
+    state: ApiState, request: Request, meta: RequestMeta, name: str, gate: BigBodyGate
+) -> tuple[bytes, ModelInferRequest | None]:
+    # Reading is not gated: a body costs its size once however slowly it
+    # arrives (the body timeout bounds a stalled one), and a client trickling
+    # its upload must not hold a slot that others' parsing needs.
+    holder = [await read_big_body(request, state.config.max_body)]
+    if _is_protobuf(request):
+        return _protobuf_payload(bytes(holder.pop()), name, meta), None
+    header = request.headers.get(codec.HEADER_LENGTH)
+    if header is not None:
+        # Raw tensor data: slicing it is a copy, not a parse; only the header is JSON.
+        body = bytes(holder.pop())
+        parsed = codec.request_from_binary(body, codec.parse_header_length(header), name)
+        del body
+        payload = parsed.SerializeToString()
+        parsed.ClearField("raw_input_contents")  # the answer is rendered without it
+    else:
+        # Parsing is what multiplies a body's memory: bounded by the gate.
+        async with gate.slot():
+            payload, parsed = await request_from_big_json(holder, name)
+    meta.model_name = parsed.model_name
+    return payload, parsed
 
 
 def _require_target(meta: RequestMeta) -> None:
@@ -208,7 +251,7 @@ def build_app(state: ApiState) -> Starlette:
         Route("/v2/repository/index", bind(model_meta.http_repository_index), methods=post),
         Route("/infer/metadata", bind(model_meta.http_model_metadata), methods=get),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={
             AnyServeError: _on_error,
@@ -216,3 +259,5 @@ def build_app(state: ApiState) -> Starlette:
             Exception: _on_crash,
         },
     )
+    app.state.big_bodies = BigBodyGate(state.config.edge)
+    return app

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from anyserve.api_server import guard
+from anyserve.api_server.limits import EdgeLimits
 
 NoMatchPolicy = Literal["reject", "random"]
 NO_MATCH_POLICIES: tuple[NoMatchPolicy, ...] = ("reject", "random")
@@ -65,6 +66,8 @@ class ApiServerConfig:
     replica_networks: tuple[str, ...] = ()
     # "memory", or a Redis URL shared by several API servers.
     registry: str = "memory"
+    # HTTP read timeouts, connection cap, big-body gate (api_server/limits.py).
+    edge: EdgeLimits = field(default_factory=EdgeLimits)
     networks: tuple[guard.Network, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:

@@ -24,7 +24,9 @@ from anyserve import rpc
 from anyserve.api_server import guard
 from anyserve.api_server.app import build_app
 from anyserve.api_server.config import ApiServerConfig
+from anyserve.api_server.connections import ConnectionTable, edge_protocol
 from anyserve.api_server.grpc_entry import start_grpc_server
+from anyserve.api_server.limits import connection_budget, raise_open_file_limit
 from anyserve.api_server.state import ApiState
 from anyserve.errors import StartupError
 
@@ -76,6 +78,8 @@ class ApiServer:
         self._grpc: grpc.aio.Server | None = None
         self._tg: TaskGroup | None = None
         self._http_done = anyio.Event()
+        #: The HTTP connections open now (and eviction/time-out counts), once started.
+        self.connections: ConnectionTable | None = None
 
     @property
     def url(self) -> str:
@@ -124,9 +128,16 @@ class ApiServer:
             stack.push_async_callback(self._close_grpc)
             stack.push_async_callback(self.state.pool.close)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
+            # Connections beyond the cap are evicted or refused by the protocol
+            # (connections.py), so the cap must fit the open-file limit.
+            raise_open_file_limit()
+            edge = cfg.edge
+            self.connections = ConnectionTable(edge, connection_budget(edge.max_connections))
             self._uvicorn = uvicorn.Server(
                 uvicorn.Config(
                     build_app(self.state),
+                    http=edge_protocol(edge, self.connections),
+                    timeout_keep_alive=edge.keepalive_timeout,  # type: ignore[arg-type]
                     lifespan="off",
                     log_config=None,
                     access_log=False,

@@ -75,6 +75,33 @@ RegistryUrl = Annotated[
         " anyserve[redis]).",
     ),
 ]
+HeaderTimeout = Annotated[
+    float,
+    typer.Option(
+        help="Seconds a client has to send a request line and headers (from connecting,"
+        " or from the previous response); then the connection is closed.",
+    ),
+]
+BodyTimeout = Annotated[
+    float,
+    typer.Option(help="Seconds a request body may go without a byte before 408 and close."),
+]
+KeepaliveTimeout = Annotated[
+    float, typer.Option(help="Seconds an idle keep-alive HTTP connection is kept open.")
+]
+MaxConnections = Annotated[
+    int,
+    typer.Option(
+        help="Open HTTP connections at most (kept below the open-file limit); a new one"
+        " evicts the oldest idle or half-open one, or gets 503 when all are busy.",
+    ),
+]
+BigBodySlots = Annotated[
+    int,
+    typer.Option(
+        help="JSON bodies over 1 MiB parsed at once; others wait up to 10 s, then 429.",
+    ),
+]
 StartTimeout = Annotated[
     float,
     typer.Option(

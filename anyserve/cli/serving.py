@@ -13,15 +13,20 @@ import anyio
 import typer
 
 from anyserve.cli.options import (
+    BigBodySlots,
+    BodyTimeout,
     Grace,
     GrpcPort,
+    HeaderTimeout,
     Heartbeat,
     HopLimit,
     Host,
     HttpPort,
     InsecureRegister,
+    KeepaliveTimeout,
     LogLevel,
     MaxBodyMib,
+    MaxConnections,
     MaxInflight,
     MaxMemoryMib,
     NoMatch,
@@ -213,13 +218,29 @@ def api_server(
     replica_networks: ReplicaNetworks = None,
     grace: Grace = 10.0,
     registry: RegistryUrl = "memory",
+    header_timeout: HeaderTimeout = 10.0,
+    body_timeout: BodyTimeout = 30.0,
+    keepalive_timeout: KeepaliveTimeout = 5.0,
+    max_connections: MaxConnections = 1000,
+    big_body_slots: BigBodySlots = 2,
     log_level: LogLevel = "info",
 ) -> None:
     """Start the API server alone (`python -m anyserve.api_server` is the same command)."""
+    from anyserve.api_server.limits import EdgeLimits
     from anyserve.api_server.server import ApiServer
 
     log_level = setup_logging(log_level)
     config = _api_config(locals())
+    try:
+        config.edge = EdgeLimits(
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            keepalive_timeout=keepalive_timeout,
+            max_connections=max_connections,
+            big_body_slots=big_body_slots,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
     stop = anyio.Event()
 

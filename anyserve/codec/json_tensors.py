@@ -37,9 +37,11 @@ __all__ = [
     "output_json",
     "output_values",
     "params_json",
+    "parse_shape",
     "parse_tensors",
     "set_params",
     "string_field",
+    "unicode_problem",
 ]
 
 Tensor: TypeAlias = ModelInferRequest.InferInputTensor | ModelInferResponse.InferOutputTensor
@@ -70,6 +72,14 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+def unicode_problem(exc: UnicodeEncodeError) -> InvalidArgument:
+    """What a client is told about a string no UTF-8 can carry (a lone surrogate)."""
+    return InvalidArgument(
+        f"the body holds a string that is not valid Unicode ({exc.reason}:"
+        f" {exc.object[exc.start : exc.end]!a})"
+    )
+
+
 def client_text(parse: Callable[_P, _R]) -> Callable[_P, _R]:
     """Decorate a parser of client bodies: a string no UTF-8 can carry (JSON
     may spell a lone surrogate, ``"\\ud800"``) is the client's mistake, an
@@ -80,10 +90,7 @@ def client_text(parse: Callable[_P, _R]) -> Callable[_P, _R]:
         try:
             return parse(*args, **kwargs)
         except UnicodeEncodeError as exc:
-            raise InvalidArgument(
-                f"the body holds a string that is not valid Unicode ({exc.reason}:"
-                f" {exc.object[exc.start : exc.end]!a})"
-            ) from None
+            raise unicode_problem(exc) from None
 
     return checked
 
@@ -161,7 +168,8 @@ def _flatten(data: Any, what: str) -> list[Any]:
     return flat
 
 
-def _parse_shape(shape: Any, what: str) -> list[int]:
+def parse_shape(shape: Any, what: str) -> list[int]:
+    """``shape`` when it is an array of non-negative integers; else InvalidArgument."""
     if not isinstance(shape, list):
         raise InvalidArgument(f"{what} needs a 'shape' array, got {jtype(shape)}")
     for dim in shape:
@@ -213,7 +221,7 @@ def _parse_tensor(item: Any, index: int, tensor: Tensor, kind: str) -> Pending:
     if not isinstance(datatype, str):
         raise InvalidArgument(f"{what} needs a 'datatype' string, got {jtype(datatype)}")
     _, _, size = spec(datatype, what)
-    shape = _parse_shape(item.get("shape"), what)
+    shape = parse_shape(item.get("shape"), what)
     tensor.name, tensor.datatype = name, datatype
     tensor.shape.extend(shape)
     params = item.get("parameters")
