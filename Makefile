@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto lint test unit demo bench clean
+.PHONY: install proto lint test unit demo bench soak clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# Five minutes of mixed load at 64 clients; checks answers and that memory and
+# descriptors stay flat (not part of `make bench` or the tests).
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
