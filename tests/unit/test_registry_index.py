@@ -1,0 +1,58 @@
+"""The registry's (key, value) index finds exactly the replicas a full scan finds,
+through registrations, refreshes that change capabilities, removals and expiry."""
+
+from __future__ import annotations
+
+import random
+
+from anyserve.api_server.registry import Registry
+from anyserve.capability import Capability
+
+KEYS = {"type": ["chat", "embed", "rank"], "model": ["a", "b", "c", "d"], "size": ["s", "l"]}
+
+
+def some_capability(rng: random.Random) -> Capability:
+    keys = rng.sample(sorted(KEYS), rng.randint(1, 3))
+    return Capability({k: rng.choice(KEYS[k]) for k in keys})
+
+
+def scanned(registry: Registry, query: dict[str, str], name: str) -> set[str]:
+    """What a full scan of every live replica's capabilities finds."""
+    return {r.replica_id for r in registry if r.rank(query, name) is not None}
+
+
+def test_index_agrees_with_a_full_scan() -> None:
+    rng = random.Random(7)
+    now = [0.0]
+    registry = Registry(ttl=10, clock=lambda: now[0])
+    for step in range(2000):
+        replica_id = f"r{rng.randint(0, 40)}"
+        action = rng.random()
+        if action < 0.6:
+            caps = [some_capability(rng) for _ in range(rng.randint(0, 4))]
+            loadable = [some_capability(rng) for _ in range(rng.randint(0, 1))]
+            registry.upsert(replica_id, f"{replica_id}:1", caps, loadable)
+        elif action < 0.8:
+            registry.remove(replica_id)
+        elif action < 0.85:
+            now[0] += rng.choice([1.0, 6.0])
+            registry.expire()
+        query = (
+            {}
+            if step % 3 == 0
+            else {k: rng.choice(KEYS[k]) for k in rng.sample(sorted(KEYS), rng.randint(1, 2))}
+        )
+        name = rng.choice(["chat", "a", "b", "nothing"]) if not query else ""
+        found = {r.replica_id for r in registry.candidates(query, name)}
+        assert found == scanned(registry, query, name), (step, query, name)
+
+
+def test_a_refresh_that_drops_a_capability_drops_it_from_routing() -> None:
+    registry = Registry(ttl=10)
+    registry.upsert("r", "r:1", [Capability(type="chat")])
+    assert [r.replica_id for r in registry.candidates({"type": "chat"}, "")] == ["r"]
+    registry.upsert("r", "r:1", [Capability(type="embed")])
+    assert registry.candidates({"type": "chat"}, "") == []
+    assert [r.replica_id for r in registry.candidates({}, "embed")] == ["r"]
+    registry.remove("r")
+    assert registry.candidates({}, "embed") == []
