@@ -1,11 +1,12 @@
-"""HTTP connections with read timeouts and a cap, on top of uvicorn's h11 protocol.
+"""HTTP connections with read timeouts and a cap, on top of uvicorn's HTTP protocol.
 
 uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but has
 no header or body read timeout and no connection cap: a client that opens
 connections and sends half a request line holds descriptors forever, until
 ``/health`` and ``/register`` cannot be accepted any more. :func:`edge_protocol`
-builds a subclass of uvicorn's ``H11Protocol`` (passed as ``Config(http=...)``,
-so uvicorn itself is not patched) that adds:
+builds a subclass of uvicorn's ``HttpToolsProtocol`` (httptools' C parser, a
+core dependency; ``H11Protocol`` where httptools cannot be imported), passed
+as ``Config(http=...)`` so uvicorn itself is not patched, that adds:
 
 * a header timeout: the request line and headers must be complete within
   ``header_timeout`` seconds of the connection or of the previous response,
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -89,8 +90,26 @@ class ConnectionTable:
         self.evictable.pop(conn, None)
 
 
-class EdgeProtocolBase(H11Protocol):
-    """uvicorn's h11 protocol with the edge's timeouts and cap (see the module)."""
+if TYPE_CHECKING:
+    # Both of uvicorn's protocols have what the mixin uses (cycle, flow,
+    # transport, loop and the asyncio.Protocol callbacks); h11's stands for both.
+    _Protocol = H11Protocol
+else:
+    _Protocol = object
+
+
+def _http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's fastest HTTP/1.1 protocol available here."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools missing (a platform without a wheel)
+        return H11Protocol
+    return HttpToolsProtocol
+
+
+class EdgeProtocolBase(_Protocol):
+    """uvicorn's HTTP protocol with the edge's timeouts and cap (see the
+    module); mixed into the protocol class :func:`edge_protocol` picks."""
 
     table: ConnectionTable
 
@@ -136,7 +155,7 @@ class EdgeProtocolBase(H11Protocol):
         super().on_response_complete()
         if self.transport.is_closing():
             return
-        if self.cycle is self._seen:  # no pipelined request began: wait for one
+        if self.cycle is None or self.cycle.response_complete:  # no request is in progress
             self.table.evictable[self] = None
             self._expect_headers()
         else:
@@ -213,7 +232,7 @@ class EdgeProtocolBase(H11Protocol):
         self.transport.close()
 
 
-def edge_protocol(limits: EdgeLimits, table: ConnectionTable) -> type[H11Protocol]:
+def edge_protocol(limits: EdgeLimits, table: ConnectionTable) -> type[asyncio.Protocol]:
     """The protocol class of one listener (uvicorn's ``Config(http=...)``):
     connections tracked in ``table``, with ``limits``' timeouts."""
-    return type("EdgeProtocol", (EdgeProtocolBase,), {"table": table})
+    return type("EdgeProtocol", (EdgeProtocolBase, _http_protocol()), {"table": table})
