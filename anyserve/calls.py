@@ -26,6 +26,8 @@ from anyserve.errors import (
     from_rpc_error,
     from_stream_response,
 )
+from anyserve.objects.peers import OBJECT_SOURCE, PeerFetcher
+from anyserve.objects.store import ObjectStore
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
 
 log = logging.getLogger("anyserve.calls")
@@ -108,14 +110,33 @@ class ApiChannel:
 
 class ApiCaller:
     """``context.call`` for handlers: builds the request, carries the request id,
-    deadline and call chain, and detects call cycles before sending."""
+    deadline and call chain, and detects call cycles before sending.
 
-    def __init__(self, api_server: str, token: str | None = None) -> None:
+    ``store``: the worker's object store, if it has one. Its ``peers`` become a
+    ``PeerFetcher`` of the same API servers and token (objects missing from it are
+    fetched from the replica that has them; closed with the caller), and every call
+    names ``object_source`` (this replica's advertised endpoint) in
+    ``x-anyserve-object-source`` so that a callee without a shared object directory
+    knows whom to ask for the objects it references."""
+
+    def __init__(
+        self,
+        api_server: str,
+        token: str | None = None,
+        object_source: str | None = None,
+        store: ObjectStore | None = None,
+    ) -> None:
         # Comma-separated URLs (API servers sharing a registry) fail over in order.
         self.api_servers = [u.strip().rstrip("/") for u in api_server.split(",") if u.strip()]
         self.api_server = self.api_servers[0] if self.api_servers else api_server
         self._grpc_endpoint: str | None = None
         self.channel = ApiChannel(lambda: self._grpc_endpoint, token)
+        self.object_source = object_source if store is not None else None
+        self.peers: PeerFetcher | None = None
+        if store is not None:
+            self.peers = store.peers = PeerFetcher(
+                api_server, token=token, own_endpoint=object_source
+            )
 
     async def _discover(self) -> None:
         """Ask the first API server that answers (once) where its gRPC entry listens."""
@@ -164,6 +185,8 @@ class ApiCaller:
         metadata = dict(query_to_metadata(target))
         metadata[rpc.REQUEST_ID] = parent.request_id
         metadata[rpc.CALL_CHAIN] = CHAIN_SEP.join(chain)
+        if self.object_source:
+            metadata[OBJECT_SOURCE] = self.object_source
         timeout = parent.time_remaining()
         if timeout is not None and timeout <= 0:
             # An expired deadline stays expired: the child must not run unbounded.
@@ -205,6 +228,8 @@ class ApiCaller:
 
     async def aclose(self) -> None:
         await self.channel.aclose()
+        if self.peers is not None:
+            await self.peers.aclose()
 
 
 class ApiDelegator:

@@ -20,6 +20,7 @@ import anyio.from_thread
 
 from anyserve import objects as _objects
 from anyserve.capability import Capability
+from anyserve.objects.peers import source_of
 from anyserve.proto import ModelInferResponse, ModelStreamInferResponse
 
 
@@ -94,7 +95,9 @@ class Context:
         self._caller = caller
         self.objects: Any = None
         if store is not None:
-            self.objects = _objects.BlockingObjects(store) if is_sync else store
+            # With peers, ``get`` of a missing object asks where this request came from.
+            facade = source_of(store, metadata)
+            self.objects = _objects.BlockingObjects(facade) if is_sync else facade
 
     def time_remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None without one.

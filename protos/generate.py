@@ -15,7 +15,13 @@ from pathlib import Path
 from grpc_tools import protoc  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("model_config.proto", "grpc_predict_v2.proto", "worker.proto", "admin.proto")
+PROTOS = (
+    "model_config.proto",
+    "grpc_predict_v2.proto",
+    "worker.proto",
+    "admin.proto",
+    "objects.proto",
+)
 
 
 def generate(out_root: Path) -> list[Path]:

@@ -9,6 +9,8 @@ A handler stores a value and passes the reference along instead of the bytes::
 
 The store is one directory (``/tmp/anyserve-objects`` by default; a shared NFS/NAS mount
 when replicas run on several machines), written atomically and expired after a TTL.
+Replicas on several machines without a shared mount each have their own directory and
+fetch an object they do not have from the replica that created it (``peers``).
 
 The package is split by what each part holds:
 
@@ -17,6 +19,9 @@ The package is split by what each part holds:
 ``anyserve.objects.store``     ``ObjectStore``: atomic writes, expiry, safety, sweeping
 ``anyserve.objects.blocking``  ``BlockingObjects`` and the per-request ``create``/``get``/
                                ``delete``/``exists``/``bind``/``reset`` used by handlers
+``anyserve.objects.transfer``  one object's file sent and received in checked chunks
+``anyserve.objects.service``   the replica's ``Objects.Fetch`` gRPC service
+``anyserve.objects.peers``     ``PeerFetcher``: finding and fetching a missing object
 
 Everything public is importable from ``anyserve.objects`` itself.
 """

@@ -27,6 +27,11 @@ Safety
     the root (to anywhere) is ``InvalidArgument`` and is never followed, removed through or
     read. Nothing outside the root is read, written or deleted. The root is created with
     mode 0o700 when the store creates it; give it to one user.
+
+Peers
+    A store given ``peers`` (an ``anyserve.objects.peers.PeerFetcher``) fetches an object
+    that ``get`` does not find from the replica that has it, into this directory, then
+    reads it as usual. Only a missing object is fetched: an expired one stays expired.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import secrets
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiofiles
 import aiofiles.os
@@ -57,6 +62,9 @@ from anyserve.objects.ref import (
     _parse_ref,
     _ref_under,
 )
+
+if TYPE_CHECKING:
+    from anyserve.objects.peers import PeerFetch
 
 __all__ = ["DEFAULT_ROOT", "ObjectStore"]
 
@@ -111,7 +119,8 @@ class ObjectStore:
     ``max_object_size`` (bytes): ``create`` raises ``PayloadTooLarge`` when the encoded
     payload (excluding the 32-byte header) is larger. ``tmp_grace`` (seconds): how old a
     temporary file must be before ``sweep`` treats it as orphaned. ``fsync``: see the
-    module docstring.
+    module docstring. ``peers``: where ``get`` fetches a missing object from (None, the
+    default: nowhere, the directory is all there is); settable after construction.
 
     All methods are safe to call concurrently from many tasks of one event loop (and from
     several processes or machines sharing the directory).
@@ -125,6 +134,7 @@ class ObjectStore:
         max_object_size: int | None = None,
         tmp_grace: float = 60.0,
         fsync: bool = False,
+        peers: PeerFetch | None = None,
     ) -> None:
         if not ttl > 0:
             raise ValueError(f"ttl must be positive, got {ttl!r}")
@@ -140,6 +150,7 @@ class ObjectStore:
         self.max_object_size = max_object_size
         self.tmp_grace = float(tmp_grace)
         self.fsync = fsync
+        self.peers = peers
         self._root_ready = False
 
     @property
@@ -233,26 +244,26 @@ class ObjectStore:
             _unlink_quietly(tmp)
             raise
 
-    async def get(self, ref: RefLike) -> Any:
+    async def get(self, ref: RefLike, *, source: str | None = None) -> Any:
         """Return the stored value, of the type it was stored as.
 
         The kinds and what each comes back as are listed in ``anyserve.objects.format``.
+        With ``peers``, an object missing here is first fetched from the replica that has
+        it (``source``: the endpoint of the replica the request came from, a hint).
 
         Raises ``InvalidArgument`` for a malformed reference or when the object file is a
         symlink or not a regular file, ``NotFound`` (naming the reference) when it does not
-        exist or has expired, ``AnyServeError`` when the file is not a valid object.
+        exist (here nor at any peer) or has expired, ``AnyServeError`` when the file is not
+        a valid object, and what the fetch raises (``PayloadTooLarge``, ``AnyServeError``
+        for a failed checksum) when a peer's copy is refused.
         """
         r = self.parse_ref(ref)
-        try:
-            f = await aiofiles.open(r.path, "rb", buffering=0, opener=_open_existing)
-        except FileNotFoundError:
-            raise NotFound(f"object {r.id} not found") from None
-        except OSError:
-            # O_NOFOLLOW refuses a symlink (ELOOP), FileIO a directory (EISDIR): _lstat
-            # turns those into InvalidArgument; anything else (EACCES, ...) propagates.
-            if await self._lstat(r) is None:
-                raise NotFound(f"object {r.id} not found") from None
-            raise
+        f = await self._open(r)
+        # The request path stays lean: a peer is asked only when the object is missing.
+        if f is None and self.peers is not None and await self.peers.fetch(self, r, source):
+            f = await self._open(r)
+        if f is None:
+            raise NotFound(f"object {r.id} not found")
         try:
             st = os.fstat(f.fileno())
             self._check_stat(r, st)
@@ -272,8 +283,21 @@ class ObjectStore:
                 await f.close()
         return await _decode(r, kind, payload)
 
+    async def _open(self, r: ObjRef) -> Any:
+        """The object's file opened for reading, or None when it does not exist."""
+        try:
+            return await aiofiles.open(r.path, "rb", buffering=0, opener=_open_existing)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            # O_NOFOLLOW refuses a symlink (ELOOP), FileIO a directory (EISDIR): _lstat
+            # turns those into InvalidArgument; anything else (EACCES, ...) propagates.
+            if await self._lstat(r) is None:
+                return None
+            raise
+
     async def exists(self, ref: RefLike) -> bool:
-        """True if the object exists and has not expired.
+        """True if the object exists here and has not expired (peers are not asked).
 
         Raises ``InvalidArgument`` for a malformed reference or a symlink/non-regular file.
         """

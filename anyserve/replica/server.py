@@ -32,6 +32,8 @@ from anyserve.calls import ApiChannel, ApiDelegator
 from anyserve.errors import StartupError
 from anyserve.objects import ObjectStore
 from anyserve.objects.directory import prepare_root
+from anyserve.objects.peers import OBJECT_SOURCE_ENV
+from anyserve.objects.service import ObjectsServicer
 from anyserve.replica import status
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
@@ -209,7 +211,7 @@ class Replica:
             delegator = ApiDelegator(replica_id, api_channel)
         manager = Manager(
             handlers,
-            self._worker_config(replica_id),
+            self._worker_config(replica_id, cfg.advertise or f"{cfg.host}:{port}"),
             resources=cfg.resources,
             on_change=registration.notify if registration is not None else None,
         )
@@ -217,6 +219,8 @@ class Replica:
         servicer = InferenceServicer(handlers, manager, dispatcher)
         admin = AdminServicer(manager, replica_id, cfg.token)
         server.add_generic_rpc_handlers((servicer.generic_handler(), admin.generic_handler()))
+        if store is not None:  # peers without a shared directory fetch objects here
+            server.add_generic_rpc_handlers((ObjectsServicer(store, cfg.token).generic_handler(),))
         self._running = Running(
             app_name=app_name,
             handlers=handlers,
@@ -230,7 +234,7 @@ class Replica:
             store=store,
         )
 
-    def _worker_config(self, replica_id: str) -> WorkerConfig:
+    def _worker_config(self, replica_id: str, endpoint: str) -> WorkerConfig:
         cfg = self.config
         return WorkerConfig(
             app=cfg.app,
@@ -247,7 +251,10 @@ class Replica:
             stuck_call_grace=cfg.stuck_call_grace,
             max_memory_mib=cfg.max_memory_mib,
             watch_interval=cfg.watch_interval,
-            env={"ANYSERVE_TOKEN": cfg.token} if cfg.token else {},
+            env={
+                OBJECT_SOURCE_ENV: endpoint,
+                **({"ANYSERVE_TOKEN": cfg.token} if cfg.token else {}),
+            },
         )
 
     async def serve(

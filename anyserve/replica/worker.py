@@ -35,6 +35,7 @@ from anyserve.calls import ApiCaller
 from anyserve.context import Caller, Context, StreamClosed
 from anyserve.errors import AnyServeError, InvalidArgument, to_frame
 from anyserve.objects import ObjectStore
+from anyserve.objects.peers import OBJECT_SOURCE_ENV
 from anyserve.proto import InferParameter, ModelInferRequest
 from anyserve.replica.batching import Batcher, handler_batcher, handler_error
 from anyserve.signature import check_request, check_response, select_outputs
@@ -295,7 +296,8 @@ async def _serve(args: argparse.Namespace, handler: Handler) -> None:
         )
     caller: ApiCaller | None = None
     if args.api_server:
-        caller = ApiCaller(args.api_server, token=os.environ.get("ANYSERVE_TOKEN"))
+        token, own = os.environ.get("ANYSERVE_TOKEN"), os.environ.get(OBJECT_SOURCE_ENV)
+        caller = ApiCaller(args.api_server, token=token, object_source=own, store=store)
     sock = socket.socket(fileno=args.fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
     hello = wpb.Hello(worker_id=args.worker_id, pid=os.getpid(), handler=handler.info.name)
