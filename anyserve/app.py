@@ -24,6 +24,11 @@ DEFAULT_SYNC_CONCURRENCY = 8
 DEFAULT_ASYNC_CONCURRENCY = 1024
 # Seconds the oldest request of a batch waits for more before the batch goes.
 DEFAULT_BATCH_TIMEOUT = 0.005
+#: A handler's model version when its capability has no ``version`` key
+#: (Triton's first version).
+DEFAULT_VERSION = "1"
+#: The capability key that is also the handler's model version.
+VERSION_KEY = "version"
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class HandlerInfo:
     max_queue: int = DEFAULT_MAX_QUEUE
     # MiB one worker may hold resident before it is recycled; None: the replica's default.
     max_memory_mib: float | None = None
+    # The model version (Triton's) this handler serves of its capability's name.
+    version: str = DEFAULT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +77,7 @@ class HandlerInfo:
             "start_timeout": self.start_timeout,
             "max_queue": self.max_queue,
             "max_memory_mib": self.max_memory_mib,
+            "version": self.version,
         }
 
     @classmethod
@@ -93,6 +101,7 @@ class HandlerInfo:
             max_memory_mib=(
                 None if data.get("max_memory_mib") is None else float(data["max_memory_mib"])
             ),
+            version=str(data.get("version", DEFAULT_VERSION)),
         )
 
 
@@ -176,6 +185,13 @@ class AnyServe:
         it takes no new calls and is replaced once its calls end (None: the
         replica's ``--max-memory-mib``, by default no limit).
 
+        ``version`` (a capability key with a meaning): the model version
+        (Triton's) this handler serves of its capability's name, default
+        ``"1"``. Handlers of one name with different versions are addressed
+        by ``model_version`` / ``/v2/models/{name}/versions/{v}/...`` (or the
+        ``X-Capability-Version`` header, as any key); a request naming no
+        version gets the latest (highest) one.
+
         ``max_batch_size`` > 0 turns on dynamic batching: the handler receives a
         list of requests (up to that many, gathered for at most
         ``batch_timeout`` seconds) and returns a list of responses in the same
@@ -237,6 +253,7 @@ class AnyServe:
                 start_timeout=options.start_timeout,
                 max_queue=options.max_queue,
                 max_memory_mib=options.max_memory_mib,
+                version=cap.get(VERSION_KEY, DEFAULT_VERSION),
             )
             self._handlers[handler_name] = Handler(
                 info=info, func=func, run=run, is_sync=is_sync, run_batch=run_batch

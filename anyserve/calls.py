@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 import httpx
 
-from anyserve import codec, rpc
+from anyserve import codec, rpc, tracing
 from anyserve.capability import Capability, query_to_metadata
 from anyserve.context import Context
 from anyserve.errors import (
@@ -201,11 +201,12 @@ class ApiCaller:
         """Send one request; returns its response or raises the callee's error."""
         payload, metadata, timeout = self._prepare(parent, capability, inputs)
         await self._discover()
-        try:
-            answer = await self.channel.unary(payload, metadata, timeout)
-        except Unavailable:
-            self._forget()
-            raise
+        with tracing.outgoing("call", metadata, parent.trace_context):
+            try:
+                answer = await self.channel.unary(payload, metadata, timeout)
+            except Unavailable:
+                self._forget()
+                raise
         return ModelInferResponse.FromString(answer)
 
     async def stream(
@@ -215,16 +216,17 @@ class ApiCaller:
         raises the error that ended the stream."""
         payload, metadata, timeout = self._prepare(parent, capability, inputs)
         await self._discover()
-        try:
-            async for message in self.channel.stream(payload, metadata, timeout):
-                chunk = ModelStreamInferResponse.FromString(message)
-                error = from_stream_response(chunk)
-                if error is not None:
-                    raise error
-                yield chunk.infer_response
-        except Unavailable:
-            self._forget()
-            raise
+        with tracing.outgoing("call", metadata, parent.trace_context):
+            try:
+                async for message in self.channel.stream(payload, metadata, timeout):
+                    chunk = ModelStreamInferResponse.FromString(message)
+                    error = from_stream_response(chunk)
+                    if error is not None:
+                        raise error
+                    yield chunk.infer_response
+            except Unavailable:
+                self._forget()
+                raise
 
     async def aclose(self) -> None:
         await self.channel.aclose()
@@ -266,10 +268,15 @@ class ApiDelegator:
     async def unary(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
     ) -> bytes:
-        return await self.channel.unary(payload, self._hop(metadata), timeout)
+        hop = self._hop(metadata)
+        # The hop's span is a child of the replica's (current) dispatch span.
+        with tracing.outgoing("delegate", hop):
+            return await self.channel.unary(payload, hop, timeout)
 
     async def stream(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
     ) -> AsyncGenerator[bytes, None]:
-        async for message in self.channel.stream(payload, self._hop(metadata), timeout):
-            yield message
+        hop = self._hop(metadata)
+        with tracing.outgoing("delegate", hop):
+            async for message in self.channel.stream(payload, hop, timeout):
+                yield message

@@ -51,7 +51,8 @@ class Cluster:
                 f"{'' if h.preload else ' (on demand)'}"
                 for h in replica.handlers
             )
-            lines.append(f"replica {replica.replica_id}  {replica.endpoint}  {caps}")
+            metrics = f"  metrics :{replica.metrics_port}" if replica.metrics_port else ""
+            lines.append(f"replica {replica.replica_id}  {replica.endpoint}{metrics}  {caps}")
         lines.append(f"object store {self.object_store}")
         return "\n".join(lines)
 

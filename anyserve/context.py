@@ -20,8 +20,10 @@ import anyio.from_thread
 
 from anyserve import objects as _objects
 from anyserve.capability import Capability
+from anyserve.metrics.worker import HANDLER_METRICS, HandlerMetrics
 from anyserve.objects.peers import source_of
 from anyserve.proto import ModelInferResponse, ModelStreamInferResponse
+from anyserve.sequence import SequenceContext
 
 
 class StreamClosed(Exception):
@@ -53,7 +55,11 @@ class Context:
     travel with the request, e.g. ``x-capability-*``); ``capability`` (the
     handler's); ``objects`` (the object store: async in async handlers, blocking
     in sync ones); ``cancelled`` (True once the caller went away; a CPU loop in
-    a sync handler may poll it).
+    a sync handler may poll it); ``sequence`` (a
+    :class:`~anyserve.sequence.SequenceContext`: id, start, end and the
+    per-sequence ``state`` dict, when the request belongs to a Triton
+    sequence; else None); ``trace_id`` (the OpenTelemetry trace id of this
+    request, 32 hex digits, for the handler's own logs; "" when not tracing).
     """
 
     __slots__ = (
@@ -67,6 +73,9 @@ class Context:
         "objects",
         "replica_id",
         "request_id",
+        "sequence",
+        "trace_context",
+        "trace_id",
     )
 
     def __init__(
@@ -81,14 +90,20 @@ class Context:
         store: _objects.ObjectStore | None = None,
         caller: Caller | None = None,
         replica_id: str = "",
+        sequence: SequenceContext | None = None,
     ) -> None:
         self.request_id = request_id
+        self.sequence = sequence
         self.metadata = metadata
         self.capability = capability
         self.limiter = limiter
         self.is_sync = is_sync
         self.replica_id = replica_id
         self.cancelled = False
+        # Set by the worker when tracing (anyserve.tracing.handler_span):
+        # trace_context is the parent of this request's context.call spans.
+        self.trace_id = ""
+        self.trace_context: Any = None
         # time.monotonic, not the event loop's clock: sync handlers ask from
         # their worker thread, where there is no running loop.
         self._deadline = time.monotonic() + timeout if timeout > 0 else math.inf
@@ -98,6 +113,13 @@ class Context:
             # With peers, ``get`` of a missing object asks where this request came from.
             facade = source_of(store, metadata)
             self.objects = _objects.BlockingObjects(facade) if is_sync else facade
+
+    @property
+    def metrics(self) -> HandlerMetrics:
+        """Handler-defined Prometheus metrics (``counter``, ``gauge``,
+        ``histogram``), exported on the replica's ``/metrics``; see
+        :mod:`anyserve.metrics.worker`."""
+        return HANDLER_METRICS
 
     def time_remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None without one.

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61nyserve/_proto/worker.proto\x12\x0f\x61nyserve.worker\"\xbe\x02\n\x06Header\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\'\n\x05hello\x18\x02 \x01(\x0b\x32\x16.anyserve.worker.HelloH\x00\x12%\n\x04\x63\x61ll\x18\x03 \x01(\x0b\x32\x15.anyserve.worker.CallH\x00\x12)\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x17.anyserve.worker.CancelH\x00\x12\'\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x16.anyserve.worker.ChunkH\x00\x12#\n\x03\x65nd\x18\x06 \x01(\x0b\x32\x14.anyserve.worker.EndH\x00\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x16.anyserve.worker.ErrorH\x00\x12)\n\x06\x63redit\x18\x08 \x01(\x0b\x32\x17.anyserve.worker.CreditH\x00\x42\x06\n\x04kind\"8\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x0f\n\x07handler\x18\x03 \x01(\t\"\x8f\x01\n\x04\x43\x61ll\x12\x0e\n\x06stream\x18\x01 \x01(\x08\x12\x0f\n\x07timeout\x18\x02 \x01(\x01\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.anyserve.worker.Call.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x08\n\x06\x43\x61ncel\"\x18\n\x06\x43redit\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\r\"\x07\n\x05\x43hunk\"\x05\n\x03\x45nd\";\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bretry_after\x18\x03 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61nyserve/_proto/worker.proto\x12\x0f\x61nyserve.worker\"\xe9\x02\n\x06Header\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\'\n\x05hello\x18\x02 \x01(\x0b\x32\x16.anyserve.worker.HelloH\x00\x12%\n\x04\x63\x61ll\x18\x03 \x01(\x0b\x32\x15.anyserve.worker.CallH\x00\x12)\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x17.anyserve.worker.CancelH\x00\x12\'\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x16.anyserve.worker.ChunkH\x00\x12#\n\x03\x65nd\x18\x06 \x01(\x0b\x32\x14.anyserve.worker.EndH\x00\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x16.anyserve.worker.ErrorH\x00\x12)\n\x06\x63redit\x18\x08 \x01(\x0b\x32\x17.anyserve.worker.CreditH\x00\x12)\n\x05stats\x18\t \x01(\x0b\x32\x1a.anyserve.worker.CallStatsB\x06\n\x04kind\"k\n\tCallStats\x12\x17\n\x0fhandler_seconds\x18\x01 \x01(\x01\x12\x15\n\rcredit_stalls\x18\x02 \x01(\r\x12.\n\x07metrics\x18\x03 \x03(\x0b\x32\x1d.anyserve.worker.MetricUpdate\"\xf5\x01\n\x0cMetricUpdate\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".anyserve.worker.MetricUpdate.Kind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rdocumentation\x18\x03 \x01(\t\x12\x13\n\x0blabel_names\x18\x04 \x03(\t\x12\x14\n\x0clabel_values\x18\x05 \x03(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x14\n\x0cobservations\x18\x07 \x03(\x01\x12\x0f\n\x07\x62uckets\x18\x08 \x03(\x01\"-\n\x04Kind\x12\x0b\n\x07\x43OUNTER\x10\x00\x12\t\n\x05GAUGE\x10\x01\x12\r\n\tHISTOGRAM\x10\x02\"8\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x0f\n\x07handler\x18\x03 \x01(\t\"\x8f\x01\n\x04\x43\x61ll\x12\x0e\n\x06stream\x18\x01 \x01(\x08\x12\x0f\n\x07timeout\x18\x02 \x01(\x01\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.anyserve.worker.Call.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x08\n\x06\x43\x61ncel\"\x18\n\x06\x43redit\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\r\"\x07\n\x05\x43hunk\"\x05\n\x03\x45nd\";\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bretry_after\x18\x03 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALL_METADATAENTRY']._loaded_options = None
   _globals['_CALL_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_HEADER']._serialized_start=50
-  _globals['_HEADER']._serialized_end=368
-  _globals['_HELLO']._serialized_start=370
-  _globals['_HELLO']._serialized_end=426
-  _globals['_CALL']._serialized_start=429
-  _globals['_CALL']._serialized_end=572
-  _globals['_CALL_METADATAENTRY']._serialized_start=525
-  _globals['_CALL_METADATAENTRY']._serialized_end=572
-  _globals['_CANCEL']._serialized_start=574
-  _globals['_CANCEL']._serialized_end=582
-  _globals['_CREDIT']._serialized_start=584
-  _globals['_CREDIT']._serialized_end=608
-  _globals['_CHUNK']._serialized_start=610
-  _globals['_CHUNK']._serialized_end=617
-  _globals['_END']._serialized_start=619
-  _globals['_END']._serialized_end=624
-  _globals['_ERROR']._serialized_start=626
-  _globals['_ERROR']._serialized_end=685
+  _globals['_HEADER']._serialized_end=411
+  _globals['_CALLSTATS']._serialized_start=413
+  _globals['_CALLSTATS']._serialized_end=520
+  _globals['_METRICUPDATE']._serialized_start=523
+  _globals['_METRICUPDATE']._serialized_end=768
+  _globals['_METRICUPDATE_KIND']._serialized_start=723
+  _globals['_METRICUPDATE_KIND']._serialized_end=768
+  _globals['_HELLO']._serialized_start=770
+  _globals['_HELLO']._serialized_end=826
+  _globals['_CALL']._serialized_start=829
+  _globals['_CALL']._serialized_end=972
+  _globals['_CALL_METADATAENTRY']._serialized_start=925
+  _globals['_CALL_METADATAENTRY']._serialized_end=972
+  _globals['_CANCEL']._serialized_start=974
+  _globals['_CANCEL']._serialized_end=982
+  _globals['_CREDIT']._serialized_start=984
+  _globals['_CREDIT']._serialized_end=1008
+  _globals['_CHUNK']._serialized_start=1010
+  _globals['_CHUNK']._serialized_end=1017
+  _globals['_END']._serialized_start=1019
+  _globals['_END']._serialized_end=1024
+  _globals['_ERROR']._serialized_start=1026
+  _globals['_ERROR']._serialized_end=1085
 # @@protoc_insertion_point(module_scope)

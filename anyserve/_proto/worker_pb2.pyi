@@ -1,13 +1,14 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Header(_message.Message):
-    __slots__ = ("call_id", "hello", "call", "cancel", "chunk", "end", "error", "credit")
+    __slots__ = ("call_id", "hello", "call", "cancel", "chunk", "end", "error", "credit", "stats")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +17,7 @@ class Header(_message.Message):
     END_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     hello: Hello
     call: Call
@@ -24,7 +26,46 @@ class Header(_message.Message):
     end: End
     error: Error
     credit: Credit
-    def __init__(self, call_id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ...) -> None: ...
+    stats: CallStats
+    def __init__(self, call_id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., stats: _Optional[_Union[CallStats, _Mapping]] = ...) -> None: ...
+
+class CallStats(_message.Message):
+    __slots__ = ("handler_seconds", "credit_stalls", "metrics")
+    HANDLER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_STALLS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    handler_seconds: float
+    credit_stalls: int
+    metrics: _containers.RepeatedCompositeFieldContainer[MetricUpdate]
+    def __init__(self, handler_seconds: _Optional[float] = ..., credit_stalls: _Optional[int] = ..., metrics: _Optional[_Iterable[_Union[MetricUpdate, _Mapping]]] = ...) -> None: ...
+
+class MetricUpdate(_message.Message):
+    __slots__ = ("kind", "name", "documentation", "label_names", "label_values", "value", "observations", "buckets")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        COUNTER: _ClassVar[MetricUpdate.Kind]
+        GAUGE: _ClassVar[MetricUpdate.Kind]
+        HISTOGRAM: _ClassVar[MetricUpdate.Kind]
+    COUNTER: MetricUpdate.Kind
+    GAUGE: MetricUpdate.Kind
+    HISTOGRAM: MetricUpdate.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTATION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_VALUES_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    kind: MetricUpdate.Kind
+    name: str
+    documentation: str
+    label_names: _containers.RepeatedScalarFieldContainer[str]
+    label_values: _containers.RepeatedScalarFieldContainer[str]
+    value: float
+    observations: _containers.RepeatedScalarFieldContainer[float]
+    buckets: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, kind: _Optional[_Union[MetricUpdate.Kind, str]] = ..., name: _Optional[str] = ..., documentation: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ..., label_values: _Optional[_Iterable[str]] = ..., value: _Optional[float] = ..., observations: _Optional[_Iterable[float]] = ..., buckets: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("worker_id", "pid", "handler")

@@ -17,12 +17,13 @@ from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from anyserve import codec, rpc
-from anyserve.api_server import control, model_meta
+from anyserve.api_server import control, model_control, model_meta
 from anyserve.api_server import openai as openai_api
 from anyserve.api_server.json_bodies import request_from_big_json
 from anyserve.api_server.limits import BigBodyGate
@@ -37,9 +38,12 @@ from anyserve.api_server.responses import (
     request_meta,
     unless_disconnected,
 )
+from anyserve.api_server.sequences import SESSION_HEADER
 from anyserve.api_server.sse import StreamRelay, protobuf_data
 from anyserve.api_server.state import ApiState
 from anyserve.errors import AnyServeError, InvalidArgument
+from anyserve.metrics.http import CONTENT_TYPE, MetricsMiddleware, exposition
+from anyserve.metrics.stats import model_statistics, statistics_json
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 
 logger = logging.getLogger(__name__)
@@ -131,14 +135,32 @@ def _require_target(meta: RequestMeta) -> None:
         )
 
 
+def _with_version(payload: bytes, request: Request) -> bytes:
+    """The payload with the URL's ``/versions/{v}`` as its ``model_version``
+    (field 2, appended: in protobuf the last value of a field wins)."""
+    version = str(request.path_params.get("version", ""))
+    if not version:
+        return payload
+    encoded = version.encode()
+    return payload + b"\x12" + rpc.encode_varint(len(encoded)) + encoded
+
+
+async def _unary(state: ApiState, request: Request, payload: bytes, meta: RequestMeta) -> bytes:
+    """Route one unary request, on its sequence's or session's replica if any."""
+    session = request.headers.get(SESSION_HEADER)
+    async with state.sequences.route(payload, meta, session):
+        call = state.router.unary(rpc.MODEL_INFER, payload, meta)
+        raw: bytes = await unless_disconnected(request, call, state.expired)
+        return raw
+
+
 async def infer(state: ApiState, request: Request) -> Response:
-    """``POST /infer`` and ``/v2/models/{name}/infer`` (JSON, binary or protobuf)."""
+    """``POST /infer``, ``/v2/models/{name}[/versions/{v}]/infer`` (JSON,
+    binary or protobuf)."""
     meta = request_meta(request, state.config.request_timeout)
     payload, parsed = await _decode_infer(state, request, meta)
     _require_target(meta)
-    raw = await unless_disconnected(
-        request, state.router.unary(rpc.MODEL_INFER, payload, meta), state.expired
-    )
+    raw = await _unary(state, request, _with_version(payload, request), meta)
     headers = {"X-Request-Id": meta.request_id}
     if parsed is None:
         return Response(raw, headers=headers, media_type=PROTOBUF)
@@ -158,7 +180,14 @@ async def infer_stream(state: ApiState, request: Request) -> Response:
     _require_target(meta)
     render = protobuf_data if parsed is None else codec.response_to_json
     return StreamRelay(
-        state.router, payload, meta, render, state.config.sse_ping, expired=state.expired
+        state.router,
+        payload,
+        meta,
+        render,
+        state.config.sse_ping,
+        expired=state.expired,
+        sequences=state.sequences,
+        session=request.headers.get(SESSION_HEADER),
     )
 
 
@@ -172,9 +201,7 @@ async def _generate_payload(state: ApiState, request: Request) -> tuple[bytes, R
 async def generate(state: ApiState, request: Request) -> Response:
     """``POST /v2/models/{name}/generate``: Triton's flat JSON in and out."""
     payload, meta = await _generate_payload(state, request)
-    raw = await unless_disconnected(
-        request, state.router.unary(rpc.MODEL_INFER, payload, meta), state.expired
-    )
+    raw = await _unary(state, request, payload, meta)
     body = codec.generate_response_json(replica_message(ModelInferResponse, raw))
     return Response(body, headers={"X-Request-Id": meta.request_id}, media_type="application/json")
 
@@ -189,7 +216,23 @@ async def generate_stream(state: ApiState, request: Request) -> Response:
         codec.generate_response_json,
         state.config.sse_ping,
         expired=state.expired,
+        sequences=state.sequences,
+        session=request.headers.get(SESSION_HEADER),
     )
+
+
+async def metrics(state: ApiState, request: Request) -> Response:
+    """``GET /metrics``: this server's metrics, Prometheus text format."""
+    return Response(exposition(state.metrics.registry), media_type=CONTENT_TYPE)
+
+
+async def model_stats(state: ApiState, request: Request) -> Response:
+    """``GET /v2/models[/{name}[/versions/{version}]]/stats``: Triton's statistics
+    (:mod:`anyserve.metrics.stats`); 404 for a model no replica serves."""
+    name = request.path_params.get("name", "")
+    version = request.path_params.get("version", "")
+    stats = model_statistics(state.metrics, name, version, state.served_names())
+    return json_response(statistics_json(stats))
 
 
 # --------------------------------------------------------------------------- app
@@ -224,6 +267,10 @@ def build_app(state: ApiState) -> Starlette:
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     routes = [
+        Route("/metrics", bind(metrics), methods=get),
+        Route("/v2/models/stats", bind(model_stats), methods=get),
+        Route(f"{model}/stats", bind(model_stats), methods=get),
+        Route(f"{versioned}/stats", bind(model_stats), methods=get),
         Route("/register", bind(control.register), methods=post),
         Route("/unregister", bind(control.unregister), methods=post),
         Route("/registry", bind(control.registry), methods=get),
@@ -249,10 +296,13 @@ def build_app(state: ApiState) -> Starlette:
         Route(f"{model}/config", bind(model_meta.http_model_config), methods=get),
         Route(f"{versioned}/config", bind(model_meta.http_model_config), methods=get),
         Route("/v2/repository/index", bind(model_meta.http_repository_index), methods=post),
+        Route("/v2/repository/models/{name}/load", bind(model_control.http_load), methods=post),
+        Route("/v2/repository/models/{name}/unload", bind(model_control.http_unload), methods=post),
         Route("/infer/metadata", bind(model_meta.http_model_metadata), methods=get),
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(MetricsMiddleware, metrics=state.metrics)],
         exception_handlers={
             AnyServeError: _on_error,
             HTTPException: _on_http,

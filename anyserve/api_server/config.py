@@ -60,6 +60,9 @@ class ApiServerConfig:
     shutdown_grace: float = 10.0
     # Seconds between SSE keep-alive comments (0 disables them).
     sse_ping: float = 15.0
+    # Seconds a Triton sequence (or X-Session-Id session) may go without a
+    # request before its replica affinity is forgotten.
+    sequence_idle_timeout: float = 60.0
     # Serve on a non-loopback address without a token (registration stays local).
     insecure_register: bool = False
     # CIDRs registered replica endpoints must be in (empty: any host:port).
@@ -83,6 +86,8 @@ class ApiServerConfig:
             raise ValueError("max_body and max_inflight_per_replica must be positive")
         if self.request_timeout <= 0 or self.connect_timeout <= 0:
             raise ValueError("request_timeout and connect_timeout must be positive")
+        if self.sequence_idle_timeout <= 0:
+            raise ValueError("sequence_idle_timeout must be positive")
         self.networks = guard.parse_networks(self.replica_networks)
         if self.registry != "memory" and not self.registry.startswith(REGISTRY_SCHEMES):
             raise ValueError(

@@ -5,13 +5,17 @@
 from the serialized request) and forwarded as the client's bytes; responses
 come back the same way. On the bidirectional stream every request is routed on
 its own (requests of one stream may reach different replicas) and responses
-are relayed as they arrive; a failure of one request, routing errors included,
-is reported in-band (Triton's convention: ``error_message`` set; the error's
-type in the ``anyserve_error`` parameter, see :func:`anyserve.errors.to_stream_error`)
-and the stream goes on.
+are relayed as they arrive, except that requests of one Triton sequence go to
+its replica one after the other, in order (:mod:`anyserve.api_server.sequences`);
+a failure of one request, routing errors included, is reported in-band
+(Triton's convention: ``error_message`` set; the error's type in the
+``anyserve_error`` parameter, see :func:`anyserve.errors.to_stream_error`) and
+the stream goes on.
 Server liveness, readiness, metadata and the repository index are answered
-here; model readiness, metadata and config are forwarded to a replica serving
-the name (or the capability of ``x-capability-*`` metadata). The client's
+here, model control goes to the replicas' admin service
+(:mod:`anyserve.api_server.model_control`); model readiness, metadata and
+config are forwarded to a replica serving the name (or the capability of
+``x-capability-*`` metadata). The client's
 deadline travels to the replica.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,12 +33,15 @@ import grpc.aio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
-from anyserve import rpc
+from anyserve import rpc, tracing_servers
 from anyserve._proto import grpc_predict_v2_pb2 as pb
-from anyserve.api_server import model_meta
+from anyserve.api_server import model_control, model_meta
 from anyserve.api_server.meta import RequestMeta, parse_meta
 from anyserve.api_server.state import ApiState
 from anyserve.errors import AnyServeError, InvalidArgument, NotFound, grpc_method, to_stream_error
+from anyserve.logs import access
+from anyserve.metrics.http import log_access
+from anyserve.metrics.stats import model_statistics
 from anyserve.proto import (
     ModelMetadataRequest,
     ModelReadyRequest,
@@ -47,6 +55,9 @@ logger = logging.getLogger(__name__)
 # grpc is untyped here (see pyproject): a grpc.aio.ServicerContext.
 Context = Any
 _OUT_BUFFER = 64  # responses of one client stream waiting for the client
+# The status a request is counted under when it ended without an answer (the
+# client cancelled it): nginx's "client closed request".
+_CANCELLED = 499
 
 
 class GrpcEntry:
@@ -58,8 +69,14 @@ class GrpcEntry:
     def handler(self) -> grpc.GenericRpcHandler:
         """Generic handler with identity (de)serializers: bytes in, bytes out."""
         methods: dict[str, Any] = {
-            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
-            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                tracing_servers.grpc_method(self.model_infer, rpc.MODEL_INFER[1:], respond=True)
+            ),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                tracing_servers.grpc_method(
+                    self.model_stream_infer, rpc.MODEL_STREAM_INFER[1:], respond=True
+                )
+            ),
             "ServerLive": grpc.unary_unary_rpc_method_handler(self.server_live),
             "ServerReady": grpc.unary_unary_rpc_method_handler(self.server_ready),
             "ServerMetadata": grpc.unary_unary_rpc_method_handler(self.server_metadata),
@@ -67,6 +84,9 @@ class GrpcEntry:
             "ModelMetadata": grpc.unary_unary_rpc_method_handler(self.model_metadata),
             "ModelConfig": grpc.unary_unary_rpc_method_handler(self.model_config),
             "RepositoryIndex": grpc.unary_unary_rpc_method_handler(self.repository_index),
+            "RepositoryModelLoad": grpc.unary_unary_rpc_method_handler(self.model_load),
+            "RepositoryModelUnload": grpc.unary_unary_rpc_method_handler(self.model_unload),
+            "ModelStatistics": grpc.unary_unary_rpc_method_handler(self.model_statistics),
         }
         return grpc.method_handlers_generic_handler(rpc.SERVICE, methods)
 
@@ -98,7 +118,43 @@ class GrpcEntry:
         meta = self._meta(context, self._peek(request, 1))
         if not meta.query and not meta.model_name:
             raise InvalidArgument("set x-capability-* metadata or the request's model_name")
-        return await self._state.router.unary(rpc.MODEL_INFER, request, meta)
+        start, status, answer = time.perf_counter(), _CANCELLED, b""
+        try:
+            async with self._state.sequences.route(request, meta):
+                answer = await self._state.router.unary(rpc.MODEL_INFER, request, meta)
+            status = 200
+            return answer
+        except AnyServeError as exc:
+            status = exc.http_status
+            raise
+        finally:
+            self._observe("ModelInfer", meta, status, start, len(request), len(answer))
+
+    def _observe(
+        self,
+        method: str,
+        meta: RequestMeta,
+        status: int,
+        start: float,
+        sent: int,
+        received: int,
+        first: float | None = None,
+    ) -> None:
+        # One gRPC request measured (anyserve.metrics): status is the HTTP
+        # status of its error (200 when it succeeded).
+        seconds = time.perf_counter() - start
+        self._state.metrics.observe(
+            meta.capability,
+            "grpc",
+            status,
+            seconds,
+            request_bytes=sent,
+            response_bytes=received,
+            first_chunk=first,
+            chunks=None if first is None else meta.chunks,
+        )
+        if access.isEnabledFor(logging.INFO):
+            log_access("GRPC", method, status, seconds, meta)
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Context) -> None:
         """Relay every request of the client's stream; see the module docstring."""
@@ -131,11 +187,32 @@ class GrpcEntry:
                 meta = self._meta(context, model_name)
                 if not meta.query and not meta.model_name:
                     raise InvalidArgument("set x-capability-* metadata or the request's model_name")
-                async with self._state.router.stream(request, meta) as stream:
-                    while (message := await stream.read()) is not None:
-                        await out.send(message)
             except AnyServeError as exc:
                 await out.send(to_stream_error(exc, request_id, model_name))
+                return
+            start, status, size, first = time.perf_counter(), _CANCELLED, 0, None
+            try:
+                # Taking a sequence's turn is the first await here: requests of
+                # one sequence are relayed, and answered, in arrival order.
+                async with self._state.sequences.route(request, meta):
+                    try:
+                        async with self._state.router.stream(request, meta) as stream:
+                            while (message := await stream.read()) is not None:
+                                if first is None:
+                                    first = time.perf_counter() - start
+                                meta.chunks += 1
+                                size += len(message)
+                                await out.send(message)
+                        status = 200
+                    except AnyServeError as exc:
+                        # Answered before the sequence's next request is sent.
+                        status = exc.http_status
+                        await out.send(to_stream_error(exc, request_id, model_name))
+            except AnyServeError as exc:
+                status = exc.http_status
+                await out.send(to_stream_error(exc, request_id, model_name))
+            finally:
+                self._observe("ModelStreamInfer", meta, status, start, len(request), size, first)
 
     # ----------------------------------------------------------------- metadata
 
@@ -191,6 +268,21 @@ class GrpcEntry:
         return await model_meta.model_config(self._state, meta, parsed.version)
 
     @grpc_method
+    async def model_load(self, request: bytes, context: Context) -> bytes:
+        """Triton's model load: start the model's workers (model_control)."""
+        name, keys = model_control.grpc_request(request)
+        model_control.check_load_parameters(dict.fromkeys(keys, True), name)
+        await model_control.load(self._state, name)
+        return b""  # RepositoryModelLoadResponse has no fields
+
+    @grpc_method
+    async def model_unload(self, request: bytes, context: Context) -> bytes:
+        """Triton's model unload: drain and stop the model's workers."""
+        name, _ = model_control.grpc_request(request)
+        await model_control.unload(self._state, name)
+        return b""
+
+    @grpc_method
     async def repository_index(self, request: bytes, context: Context) -> bytes:
         """Every capability in the registry with its state (model_meta says how)."""
         try:
@@ -199,6 +291,18 @@ class GrpcEntry:
             raise InvalidArgument("malformed RepositoryIndexRequest") from None
         index = model_meta.repository_index(self._state, ready_only=parsed.ready)
         return index.SerializeToString()
+
+    @grpc_method
+    async def model_statistics(self, request: bytes, context: Context) -> bytes:
+        """Triton's inference statistics from this server's counters
+        (:mod:`anyserve.metrics.stats`); NOT_FOUND for a model nobody serves."""
+        try:
+            parsed = pb.ModelStatisticsRequest.FromString(request)
+        except Exception:
+            raise InvalidArgument("malformed ModelStatisticsRequest") from None
+        state = self._state
+        stats = model_statistics(state.metrics, parsed.name, parsed.version, state.served_names())
+        return stats.SerializeToString()
 
 
 async def start_grpc_server(state: ApiState, host: str, port: int) -> tuple[grpc.aio.Server, int]:

@@ -12,10 +12,14 @@ import math
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from anyserve import rpc
-from anyserve.capability import query_from_headers, query_to_metadata
+from anyserve.capability import Capability, query_from_headers, query_to_metadata
 from anyserve.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from anyserve.api_server.sequences import Pin
 
 _MAX_ID = 128
 # Longest deadline a client may ask for (a day): beyond that it is a mistake.
@@ -42,6 +46,14 @@ class RequestMeta:
     delegated_from: str = ""
     visited: tuple[str, ...] = ()
     call_chain: str = ""
+    # What routing learnt, for metrics and the access log (anyserve.metrics):
+    # the chosen replica's capability that serves the request (None: no replica
+    # chosen, or a random pick), its id, and the responses a stream relayed.
+    capability: Capability | None = None
+    replica_id: str = ""
+    chunks: int = 0
+    # The replica a Triton sequence or session is on (api_server/sequences.py).
+    pin: Pin | None = None
 
     def describe(self) -> str:
         """How the request addressed its target, for error messages and logs."""

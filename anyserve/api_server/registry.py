@@ -59,6 +59,17 @@ class ReplicaEntry:
                     best = (*found, loadable)
         return best
 
+    def best(self, query: Mapping[str, str], name: str) -> Capability | None:
+        """The capability of this replica that answers a request best (the one
+        :meth:`rank` ranks by), or None."""
+        best: tuple[Rank, Capability] | None = None
+        for loadable, caps in ((0, self.capabilities), (1, self.loadable)):
+            for cap in caps:
+                found = rank(cap, query, name)
+                if found is not None and (best is None or (*found, loadable) < best[0]):
+                    best = ((*found, loadable), cap)
+        return None if best is None else best[1]
+
     def to_json(self, now: float) -> dict[str, Any]:
         """The ``GET /registry`` view of this replica (``now`` is wall-clock time)."""
         return {

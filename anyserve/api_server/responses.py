@@ -105,6 +105,7 @@ def request_meta(request: Request, default_timeout: float) -> RequestMeta:
     timeout = http_timeout(request.headers.get("x-request-timeout"), default_timeout)
     meta = parse_meta(request.headers.items(), model_name="", timeout=timeout)
     request.state.request_id = meta.request_id
+    request.state.meta = meta  # read back by anyserve.metrics.http
     return meta
 
 

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
 import grpc.aio
 
-from anyserve import rpc
+from anyserve import rpc, tracing, versions
 from anyserve.api_server.channels import Connections, ReplicaConnection
 from anyserve.api_server.config import NoMatchPolicy
 from anyserve.api_server.meta import RequestMeta
@@ -151,6 +151,9 @@ class Router:
         self.hop_limit = hop_limit
         self.max_inflight = max_inflight
         self.connect_timeout = connect_timeout
+        #: Told each routing decision ("chosen", "no_match", "delegated",
+        #: "retried"): the server's metrics (anyserve.metrics.api) hook in here.
+        self.on_decision: Callable[[str], None] = lambda decision: None
 
     async def unary(
         self, path: str, body: bytes, meta: RequestMeta, *, allow_random: bool = True
@@ -233,6 +236,8 @@ class Router:
 
     def _attempts(self, meta: RequestMeta) -> _Attempts:
         self._check_hops(meta)
+        if meta.delegated_from:
+            self.on_decision("delegated")
         return _Attempts(anyio.current_time() + meta.timeout)
 
     @asynccontextmanager
@@ -248,7 +253,7 @@ class Router:
         Tries further candidates only when a connection could not be made
         (see the module docstring); raises when none is left. A block that
         raises ``_NotSent`` marks its replica unreachable in ``attempts`` (the
-        caller then leases again with the same ``attempts``).
+        caller then leases again with the same ``attempts``). ``meta.pin``: see sequences.py.
         """
         if attempts is None:
             attempts = self._attempts(meta)
@@ -258,6 +263,9 @@ class Router:
             replica, attempts.random_mode, others = self._choose(
                 meta, unreachable, attempts.random_mode, allow_random
             )
+            meta.replica_id = replica.replica_id
+            meta.capability = replica.best(meta.query, meta.model_name)
+            self.on_decision("chosen")
             conn = self.pool.get(replica.endpoint)
             replica.in_flight += 1
             conn.calls += 1
@@ -268,6 +276,12 @@ class Router:
                         metadata = meta.metadata()
                         if not others:
                             metadata.append((rpc.SOLE_CANDIDATE, "1"))
+                        if tracing.ENABLED:  # names the replica on the span, passes it on
+                            tracing.routed(
+                                metadata, replica.replica_id, meta.query, meta.model_name
+                            )
+                        if meta.pin is not None:
+                            meta.pin.chose(replica)
                         yield Lease(replica, conn, metadata, deadline)
                     except _NotSent:
                         logger.warning(
@@ -278,6 +292,7 @@ class Router:
                             replica.endpoint,
                         )
                         unreachable.append(replica)
+                        self.on_decision("retried")
                         raise
                     return
             finally:
@@ -294,6 +309,7 @@ class Router:
                 replica.endpoint,
             )
             unreachable.append(replica)
+            self.on_decision("retried")
 
     def _check_hops(self, meta: RequestMeta) -> None:
         # The count is the visited list itself: a forged header can only make
@@ -312,6 +328,8 @@ class Router:
         allow_random: bool,
     ) -> tuple[ReplicaEntry, bool, int]:
         """``(replica, random mode?, how many other candidates there were)``."""
+        if meta.pin is not None and (pinned := meta.pin.replica(self.registry, unreachable)):
+            return pinned, random_mode, 0  # the only candidate: not to be delegated away
         exclude = set(meta.visited)
         exclude.update(r.replica_id for r in unreachable)
         if not random_mode:
@@ -340,7 +358,10 @@ class Router:
                 retry_after=DOWN_RETRY_AFTER,
             )
         tried = f"; replicas tried: {', '.join(meta.visited)}" if meta.visited else ""
-        raise NotFound(f"no replica serves {meta.describe()}{tried}")
+        self.on_decision("no_match")
+        detail = f"no replica serves {meta.describe()}{tried}"
+        name = meta.model_name  # Triton's words for an unknown model name
+        raise NotFound(detail if meta.query else versions.unknown_model(name, "", detail))
 
     def _went_round(self, meta: RequestMeta, allow_random: bool) -> bool:
         """True when a delegated request found nothing left only because every

@@ -20,7 +20,7 @@ import grpc.aio
 import uvicorn
 from anyio.abc import TaskGroup
 
-from anyserve import rpc
+from anyserve import rpc, tracing, tracing_servers
 from anyserve.api_server import guard
 from anyserve.api_server.app import build_app
 from anyserve.api_server.config import ApiServerConfig
@@ -103,6 +103,8 @@ class ApiServer:
         port is taken or the address is not this machine's."""
         if self._stack is not None:
             raise RuntimeError("ApiServer already started")
+        # Once per process, before the entries are built: they are traced or not.
+        tracing.setup(tracing.API_SERVER_SERVICE)
         cfg = self.config
         try:
             sock = _listen(cfg.host, cfg.port)
@@ -135,7 +137,7 @@ class ApiServer:
             self.connections = ConnectionTable(edge, connection_budget(edge.max_connections))
             self._uvicorn = uvicorn.Server(
                 uvicorn.Config(
-                    build_app(self.state),
+                    tracing_servers.asgi(build_app(self.state)),
                     http=edge_protocol(edge, self.connections),
                     timeout_keep_alive=edge.keepalive_timeout,  # type: ignore[arg-type]
                     lifespan="off",
@@ -189,7 +191,9 @@ class ApiServer:
         period = min(self.config.heartbeat_interval, registry.ttl) / 2
         while True:
             await anyio.sleep(period)
-            for replica in registry.expire():
+            expired = registry.expire()
+            self.state.metrics.heartbeats_expired(len(expired))
+            for replica in expired:
                 logger.warning(
                     "replica %s (%s) missed its heartbeats for %.1fs; dropped",
                     replica.replica_id,
@@ -231,6 +235,7 @@ class ApiServer:
                     self._tg.cancel_scope.cancel()
         finally:
             await stack.aclose()
+        await tracing.aflush()
         logger.info("anyserve API server stopped")
 
     async def __aenter__(self) -> ApiServer:

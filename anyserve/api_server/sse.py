@@ -28,6 +28,7 @@ import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -38,6 +39,7 @@ from starlette.types import Receive, Scope, Send
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import error_response, replica_message, shutting_down
 from anyserve.api_server.router import ReplicaStream, Router
+from anyserve.api_server.sequences import Sequences
 from anyserve.errors import (
     AnyServeError,
     error_body,
@@ -119,9 +121,14 @@ class StreamRelay(Response):
         ping: float,
         *,
         expired: asyncio.Event | None = None,
+        sequences: Sequences | None = None,
+        session: str | None = None,
     ) -> None:
         # Response.__init__ is not called: nothing is rendered up front.
         self._router = router
+        # Replica affinity of a Triton sequence or X-Session-Id (held while relaying).
+        self._sequences = sequences
+        self._session = session
         self._body = body
         self._meta = meta
         self._framing = render if isinstance(render, Framing) else Framing(render)
@@ -132,7 +139,13 @@ class StreamRelay(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
         try:
-            async with self._router.stream(self._body, self._meta, batched=True) as stream:
+            async with AsyncExitStack() as stack:
+                if self._sequences is not None:
+                    route = self._sequences.route(self._body, self._meta, self._session)
+                    await stack.enter_async_context(route)
+                stream = await stack.enter_async_context(
+                    self._router.stream(self._body, self._meta, batched=True)
+                )
                 gone, first = await _first_or_disconnect(stream, receive, self._expired)
                 if gone:
                     return  # leaving the block cancels the replica's call
@@ -212,6 +225,7 @@ class StreamRelay(Response):
                         await events.send(b"".join(rendered))
                         return
                     rendered.append(framing.events(message.infer_response))
+                self._meta.chunks += len(batch)  # for anyserve_api_stream_chunks
                 chunk = b"".join(rendered)
                 if chunk:
                     await events.send(chunk)

@@ -14,11 +14,20 @@ from anyserve.api_server.config import ApiServerConfig
 from anyserve.api_server.registry import Registry
 from anyserve.api_server.registry_backend import RegistryBackend, make_backend
 from anyserve.api_server.router import Router
+from anyserve.api_server.sequences import Sequences
+from anyserve.metrics.api import ApiMetrics
 
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 
 # Triton extensions the API server speaks at its HTTP edge.
-EXTENSIONS = ["binary_tensor_data", "generate", "parameters"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "generate",
+    "model_configuration",
+    "model_repository",
+    "parameters",
+    "sequence",
+]
 
 
 def version() -> str:
@@ -43,6 +52,8 @@ class ApiState:
     backend: RegistryBackend = field(init=False)
     pool: ChannelPool = field(init=False)
     router: Router = field(init=False)
+    sequences: Sequences = field(init=False)
+    metrics: ApiMetrics = field(init=False)
     grpc_port: int = 0  # the bound port, set by the server once it listens
     draining: bool = False  # set by stop(): not ready any more
     # Set by stop() when the shutdown grace ran out: requests still running end
@@ -62,6 +73,19 @@ class ApiState:
             max_inflight=cfg.max_inflight_per_replica,
             connect_timeout=cfg.connect_timeout,
         )
+        self.sequences = Sequences(self.registry, cfg.sequence_idle_timeout)
+        self.metrics = ApiMetrics(self._census)
+        self.router.on_decision = self.metrics.decision
+
+    def served_names(self) -> set[str]:
+        """The KServe model names the live replicas answer to."""
+        return {c.name for r in self.registry for c in (*r.capabilities, *r.loadable)}
+
+    def _census(self) -> tuple[int, int]:
+        # Asked at scrape time only: (live replicas, distinct capabilities served).
+        replicas = list(self.registry)
+        caps = {c for r in replicas for c in (*r.capabilities, *r.loadable)}
+        return len(replicas), len(caps)
 
     def grpc_endpoint(self, reached_host: str | None) -> str:
         """host:port replicas should dial for the gRPC entry.

@@ -36,6 +36,13 @@ LogLevel = Annotated[
         " trace adds the debug lines of the libraries underneath (httpx, gRPC, asyncio).",
     ),
 ]
+LogFormat = Annotated[
+    str,
+    typer.Option(
+        help="text, or json: one JSON object per line (access-log fields as keys),"
+        " workers' lines too.",
+    ),
+]
 Host = Annotated[str, typer.Option(help="Address to bind.")]
 HttpPort = Annotated[int, typer.Option("--port", help="API server HTTP port.")]
 GrpcPort = Annotated[int, typer.Option(help="API server gRPC port (KServe v2 proxy; 0: any).")]
@@ -46,6 +53,13 @@ Heartbeat = Annotated[
 MaxBodyMib = Annotated[int, typer.Option(help="HTTP body limit in MiB (413 beyond).")]
 MaxInflight = Annotated[int, typer.Option(help="Requests in flight per replica before 429.")]
 RequestTimeout = Annotated[float, typer.Option(help="Deadline (s) for requests that set none.")]
+SequenceIdleTimeout = Annotated[
+    float,
+    typer.Option(
+        help="Seconds a Triton sequence (or X-Session-Id session) may go without a request"
+        " before its replica affinity is forgotten.",
+    ),
+]
 Grace = Annotated[
     float,
     typer.Option(
@@ -137,20 +151,24 @@ LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
 _LIBRARIES = ("httpx", "httpcore", "grpc", "hpack", "asyncio", "multipart", "sse_starlette")
 
 
-def setup_logging(level: str) -> str:
-    """Configure logging for ``--log-level``; returns the level to hand to child
-    processes (``trace`` is ``debug`` with the libraries' lines). Raises
-    typer.BadParameter for an unknown level."""
+def setup_logging(level: str, log_format: str = "text") -> str:
+    """Configure logging for ``--log-level`` and ``--log-format`` (text or
+    json, handed to worker processes through the environment); returns the
+    level to hand to child processes (``trace`` is ``debug`` with the
+    libraries' lines). Raises typer.BadParameter for an unknown level or format."""
+    from anyserve import logs
+
     level = level.lower()
     if level not in LOG_LEVELS:
         raise typer.BadParameter(
             f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {level!r}"
         )
+    if log_format not in logs.FORMATS:
+        raise typer.BadParameter(
+            f"--log-format must be one of {', '.join(logs.FORMATS)}, not {log_format!r}"
+        )
     effective = "debug" if level == "trace" else level
-    logging.basicConfig(
-        level=effective.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(effective.upper(), log_format)
     for name in _LIBRARIES:
         logging.getLogger(name).setLevel(logging.NOTSET if level == "trace" else logging.WARNING)
     return effective

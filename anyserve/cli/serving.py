@@ -24,6 +24,7 @@ from anyserve.cli.options import (
     HttpPort,
     InsecureRegister,
     KeepaliveTimeout,
+    LogFormat,
     LogLevel,
     MaxBodyMib,
     MaxConnections,
@@ -33,6 +34,7 @@ from anyserve.cli.options import (
     RegistryUrl,
     ReplicaNetworks,
     RequestTimeout,
+    SequenceIdleTimeout,
     StartTimeout,
     StuckCallGrace,
     Token,
@@ -81,12 +83,17 @@ def start(
     start_timeout: StartTimeout = DEFAULT_START_TIMEOUT,
     stuck_call_grace: StuckCallGrace = STUCK_CALL_GRACE,
     max_memory_mib: MaxMemoryMib = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve GET /metrics (Prometheus) on this port of --host; 0: any."),
+    ] = None,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
 ) -> None:
     """Start one replica: a KServe v2 gRPC server and its worker processes."""
     from anyserve.replica.server import Replica, ReplicaConfig
 
-    log_level = setup_logging(log_level)
+    log_level = setup_logging(log_level, log_format)
     config = ReplicaConfig(
         app=app_spec,
         port=port,
@@ -105,6 +112,7 @@ def start(
         stuck_call_grace=stuck_call_grace,
         max_memory_mib=max_memory_mib,
         log_level=log_level,
+        metrics_port=metrics_port,
     )
     _run_until_signal(Replica(config).run)
 
@@ -178,6 +186,7 @@ _API_OPTIONS = (
     "max_body_mib",
     "max_inflight",
     "request_timeout",
+    "sequence_idle_timeout",
     "insecure_register",
     "replica_networks",
     "grace",
@@ -214,6 +223,7 @@ def api_server(
     max_body_mib: MaxBodyMib = 64,
     max_inflight: MaxInflight = 256,
     request_timeout: RequestTimeout = 300.0,
+    sequence_idle_timeout: SequenceIdleTimeout = 60.0,
     insecure_register: InsecureRegister = False,
     replica_networks: ReplicaNetworks = None,
     grace: Grace = 10.0,
@@ -224,12 +234,13 @@ def api_server(
     max_connections: MaxConnections = 1000,
     big_body_slots: BigBodySlots = 2,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
 ) -> None:
     """Start the API server alone (`python -m anyserve.api_server` is the same command)."""
     from anyserve.api_server.limits import EdgeLimits
     from anyserve.api_server.server import ApiServer
 
-    log_level = setup_logging(log_level)
+    log_level = setup_logging(log_level, log_format)
     config = _api_config(locals())
     try:
         config.edge = EdgeLimits(
@@ -266,6 +277,7 @@ def run(
     max_body_mib: MaxBodyMib = 64,
     max_inflight: MaxInflight = 256,
     request_timeout: RequestTimeout = 300.0,
+    sequence_idle_timeout: SequenceIdleTimeout = 60.0,
     insecure_register: InsecureRegister = False,
     replica_networks: ReplicaNetworks = None,
     grace: Grace = 10.0,
@@ -277,11 +289,12 @@ def run(
     ] = None,
     start_timeout: StartTimeout = DEFAULT_START_TIMEOUT,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run a whole local system: an API server plus one replica per app."""
     from anyserve.cluster import start_cluster
 
-    log_level = setup_logging(log_level)
+    log_level = setup_logging(log_level, log_format)
     config = _api_config(locals())
     options: dict[str, Any] = {
         "host": host,
@@ -289,6 +302,7 @@ def run(
         "log_level": log_level,
         "start_timeout": start_timeout,
         "grace": grace,
+        "metrics_port": 0,  # each replica's /metrics on a free port (printed)
     }
     if resources:
         options["resources"] = parse_resources(resources)

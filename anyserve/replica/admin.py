@@ -76,13 +76,18 @@ class AdminServicer:
             raise Unauthenticated("admin calls need 'authorization: Bearer <token>'")
 
     def handler_for(self, text: str) -> str:
-        """A handler name from a handler name or a capability (``type=heavy``).
+        """A handler name from a handler name, a capability (``type=heavy``) or
+        a KServe model name (``model``, else ``type``: Triton's model control).
 
         Raises NotFound when nothing matches, InvalidArgument when a capability
         matches several handlers equally well.
         """
         if text in self.manager.handlers:
             return text
+        if "=" not in text:
+            named = [h.name for h in self.manager.handlers.values() if h.capability.name == text]
+            if len(named) == 1:
+                return named[0]
         query = Capability.parse(text)
         ranked = [
             (found, h)
@@ -157,14 +162,16 @@ class AdminServicer:
         self, request: apb.StopWorkerRequest, context: grpc.aio.ServicerContext
     ) -> apb.WorkersReply:
         self._authorize(context)
-        if request.worker_id in self.manager.handlers or "=" in request.worker_id:
-            name = self.handler_for(request.worker_id)
+        text = request.worker_id
+        models = {h.capability.name for h in self.manager.handlers.values()}
+        if text in self.manager.handlers or "=" in text or text in models:
+            name = self.handler_for(text)
             slots = [s for s in self.manager.slots[name] if s.wanted]
             if not slots:
                 # Nothing running: still keep it from starting on demand.
                 self.manager.disable(name)
         else:
-            slots = [self.manager.slot(request.worker_id)]
+            slots = [self.manager.slot(text)]
         # Every worker leaves the registration at once, then they drain together.
         for slot in slots:
             self.manager.begin_stop(slot, drain=request.drain)

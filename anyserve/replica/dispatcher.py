@@ -1,9 +1,13 @@
 """The dispatcher: from an incoming request to the worker that runs it.
 
 It decides which handler serves a request (capability query from metadata, else
-the model name; the endpoint decides the kind: docs/protocol.md), picks the
-least busy worker of that handler, and relays frames. Payloads stay serialized:
-the dispatcher never parses a request or a response.
+the model name and its ``model_version``; the endpoint decides the kind:
+docs/protocol.md), picks the least busy worker of that handler, and relays
+frames. Payloads stay serialized: the dispatcher never parses a request or a
+response (it peeks at a few top-level fields). A request of a stateful
+sequence (Triton's ``sequence_id``) goes to the worker holding the sequence,
+after the sequence's previous request has ended (:mod:`anyserve.replica.sequences`),
+and is never delegated: its state is here.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from typing import Any, Protocol
 
-from anyserve import rpc, wire
+from anyserve import rpc, tracing, versions, wire
 from anyserve.app import HandlerInfo
 from anyserve.capability import Capability, query_from_headers, rank
 from anyserve.errors import (
@@ -25,9 +29,13 @@ from anyserve.errors import (
     from_frame,
     from_stream_response,
 )
+from anyserve.metrics.replica import SlotObserver
 from anyserve.proto import ModelStreamInferResponse
 from anyserve.replica.admission import Admission
 from anyserve.replica.manager import Manager
+from anyserve.replica.sequences import DEFAULT_IDLE_TIMEOUT, SequenceSlots
+from anyserve.replica.slot import Slot
+from anyserve.sequence import SequenceFlags, peek_request
 
 log = logging.getLogger("anyserve.dispatcher")
 
@@ -57,6 +65,16 @@ class _StreamOnly(NotFound):
     the endpoint: :func:`_for_caller` makes it an InvalidArgument."""
 
 
+class _UnknownVersion(NotFound):
+    """A model served here, but not in the version asked for. Another replica
+    may serve that version; when none does, this answer (in Triton's words)
+    tells the client more than the delegation's "not found"."""
+
+
+# Local answers that stand when a delegation finds nobody else either.
+_BETTER_THAN_NOT_FOUND = (Overloaded, _StreamOnly, _UnknownVersion)
+
+
 def _for_caller(local: AnyServeError) -> AnyServeError:
     return InvalidArgument(local.message) if isinstance(local, _StreamOnly) else local
 
@@ -71,6 +89,7 @@ class Dispatcher:
         delegator: Delegator | None = None,
         *,
         max_message: int = rpc.DEFAULT_MAX_MESSAGE,
+        sequence_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.handlers = handlers
         self.manager = manager
@@ -78,20 +97,27 @@ class Dispatcher:
         # Batches of stream responses stay within one gRPC message.
         self.max_batch_bytes = max_message - wire.ANSWER_MARGIN
         self.admission = Admission()
+        self.sequences = SequenceSlots(sequence_idle_timeout)
+        # The replica's metrics, when it exports them (counts delegations).
+        self.observer: SlotObserver | None = None
         # Handlers never change while a replica runs, so a resolution can be
         # reused; bounded because queries come from the network.
-        self._resolved: dict[tuple[frozenset[tuple[str, str]], str, bool], HandlerInfo] = {}
+        self._resolved: dict[tuple[frozenset[tuple[str, str]], str, str, bool], HandlerInfo] = {}
 
     # -- resolution ------------------------------------------------------------
 
-    def resolve(self, query: Mapping[str, str], model_name: str, *, stream: bool) -> HandlerInfo:
-        """The handler for a request, or NotFound saying why there is none.
+    def resolve(
+        self, query: Mapping[str, str], model_name: str, *, stream: bool, version: str = ""
+    ) -> HandlerInfo:
+        """The handler for a request, or NotFound saying why there is none
+        (in Triton's words when a model name or version is unknown).
 
-        Capability headers win over the model name; of several matches the
-        best :func:`~anyserve.capability.rank` wins (of equal ones, the first
-        handler). Stream requests prefer stream handlers and fall back to unary
-        ones; a unary request that only a stream handler matches is told to use
-        the streaming endpoint.
+        Capability headers win over the model name; ``version`` keeps the
+        handlers of that model version only. Of several matches the best
+        :func:`~anyserve.capability.rank` wins, then the latest version (of
+        equal ones, the first handler). Stream requests prefer stream handlers
+        and fall back to unary ones; a unary request that only a stream
+        handler matches is told to use the streaming endpoint.
         """
         if query:
             wanted = str(Capability(query))
@@ -99,13 +125,23 @@ class Dispatcher:
             wanted = f"model {model_name!r}"
         else:
             raise InvalidArgument("no capability metadata (x-capability-*) and no model_name")
+        # Of equal ranks, the latest version first.
         scored = [
-            (found, h)
+            ((found, _latest_first(h.version)), h)
             for h in self.handlers
             if (found := rank(h.capability, query, model_name)) is not None
         ]
+        if scored and version:
+            name = model_name or scored[0][1].capability.name
+            scored = [(score, h) for score, h in scored if h.version == version]
+            if not scored:
+                detail = f"this replica serves {wanted} in other versions only"
+                raise _UnknownVersion(versions.unknown_model(name, version, detail))
         if not scored:
-            raise NotFound(f"no handler for {wanted} on this replica")
+            detail = f"no handler for {wanted} on this replica"
+            if not query:
+                detail = versions.unknown_model(model_name, "", detail)
+            raise NotFound(detail)
         kinds = [True, False] if stream else [False]
         for kind in kinds:
             of_kind = [(score, h) for score, h in scored if h.stream is kind]
@@ -117,7 +153,10 @@ class Dispatcher:
             " ModelStreamInfer)"
         )
 
-    def _route(self, payload: bytes, metadata: Mapping[str, str], *, stream: bool) -> HandlerInfo:
+    def _route(
+        self, payload: bytes, metadata: Mapping[str, str], *, stream: bool
+    ) -> tuple[HandlerInfo, SequenceFlags | None]:
+        """The handler for a request and the sequence it belongs to (or None)."""
         query = query_from_headers(metadata.items())
         model_name = ""
         if not query:
@@ -125,14 +164,28 @@ class Dispatcher:
                 model_name = rpc.peek_string_field(payload, 1)
             except ValueError as exc:
                 raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
-        key = (frozenset(query.items()), model_name, stream)
+        version, seq = peek_request(payload)
+        key = (frozenset(query.items()), model_name, version, stream)
         handler = self._resolved.get(key)
         if handler is None:
-            handler = self.resolve(query, model_name, stream=stream)
+            handler = self.resolve(query, model_name, stream=stream, version=version)
             if len(self._resolved) >= 4096:
                 self._resolved.clear()
             self._resolved[key] = handler
-        return handler
+        return handler, seq
+
+    async def _worker(
+        self, stack: AsyncExitStack, handler: HandlerInfo, seq: SequenceFlags | None
+    ) -> Slot:
+        """A worker for the call: the sequence's one (held by ``stack`` until
+        the call ends), else the least busy."""
+        if seq is None:
+            return await self.manager.acquire(handler.name)
+
+        async def acquire() -> Slot:
+            return await self.manager.acquire(handler.name)
+
+        return await stack.enter_async_context(self.sequences.hold(handler.name, seq, acquire))
 
     # -- calls -----------------------------------------------------------------
 
@@ -144,15 +197,28 @@ class Dispatcher:
 
         Raises the anyserve error the worker (or delegation) answered with.
         """
+        async with AsyncExitStack() as stack:
+            return await self._unary(stack, payload, metadata, timeout)
+
+    async def _unary(
+        self,
+        stack: AsyncExitStack,
+        payload: bytes,
+        metadata: Mapping[str, str],
+        timeout: float | None,
+    ) -> bytes:
+        queued = tracing.now()  # the "queue wait" span starts here (0: not tracing)
+        seq: SequenceFlags | None = None
         try:
-            handler = self._route(payload, metadata, stream=False)
-            slot = await self.manager.acquire(handler.name)
+            handler, seq = self._route(payload, metadata, stream=False)
+            slot = await self._worker(stack, handler, seq)
             ticket = self.admission.admit(handler, slot.inflight, timeout)
         except (NotFound, Overloaded) as local:
             # Nothing here can serve it (no handler, stopped, no room to start
             # it or to queue it): hand it back to the API server for another
-            # replica, unless the API server said there is none.
-            delegator = self._delegator_for(local, metadata)
+            # replica, unless the API server said there is none (or it is
+            # part of a sequence, whose state is here).
+            delegator = None if seq is not None else self._delegator_for(local, metadata)
             if delegator is None:
                 raise _for_caller(local) from None
             try:
@@ -161,10 +227,12 @@ class Dispatcher:
                 # Nobody else has it either: "no room here, retry later" (429)
                 # and "use the streaming endpoint" (400) tell the client more
                 # than "not found" when we do have it.
-                if isinstance(local, Overloaded | _StreamOnly):
+                if isinstance(local, _BETTER_THAN_NOT_FOUND):
                     raise _for_caller(local) from None
                 raise
         started = time.monotonic()
+        # With tracing, the Call frame carries the traceparent of this replica's span.
+        metadata = tracing.to_worker(metadata, queued, handler.name, slot.id)
         call_id, sink = slot.open_call(payload, stream=False, metadata=metadata, timeout=timeout)
         done = False
         try:
@@ -190,29 +258,50 @@ class Dispatcher:
         Leaving the iteration early (the client went away) cancels the handler.
         Raises the anyserve error that ended the call.
         """
+        async with AsyncExitStack() as stack:
+            batches = self._stream(stack, payload, metadata, timeout)
+            try:
+                async for batch in batches:
+                    yield batch
+            finally:
+                # Leaving early ends the call now (close_call cancels it),
+                # before the stack lets the sequence's next request go.
+                await batches.aclose()
+
+    async def _stream(
+        self,
+        stack: AsyncExitStack,
+        payload: bytes,
+        metadata: Mapping[str, str],
+        timeout: float | None,
+    ) -> AsyncGenerator[list[bytes], None]:
+        queued = tracing.now()
+        seq: SequenceFlags | None = None
         try:
-            handler = self._route(payload, metadata, stream=True)
-            slot = await self.manager.acquire(handler.name)
+            handler, seq = self._route(payload, metadata, stream=True)
+            slot = await self._worker(stack, handler, seq)
             # A stream's length says nothing of its handler's speed: only the
             # queue length is checked.
             self.admission.admit(handler, slot.inflight, None)
         except (NotFound, Overloaded) as local:
-            delegator = self._delegator_for(local, metadata)
+            delegator = None if seq is not None else self._delegator_for(local, metadata)
             if delegator is None:
                 raise
             async with aclosing(delegator.stream(payload, metadata, timeout)) as chunks:
                 first = True
                 try:
                     async for chunk in chunks:
-                        if first and isinstance(local, Overloaded) and _not_found_in_band(chunk):
-                            raise local
+                        better = isinstance(local, _BETTER_THAN_NOT_FOUND)
+                        if first and better and _not_found_in_band(chunk):
+                            raise _for_caller(local)
                         first = False
                         yield [chunk]
                 except NotFound:
-                    if isinstance(local, Overloaded):
-                        raise local from None
+                    if isinstance(local, _BETTER_THAN_NOT_FOUND):
+                        raise _for_caller(local) from None
                     raise
             return
+        metadata = tracing.to_worker(metadata, queued, handler.name, slot.id)
         call_id, sink = slot.open_call(
             payload, stream=handler.stream, metadata=metadata, timeout=timeout
         )
@@ -269,6 +358,8 @@ class Dispatcher:
         # call would only come back as the same 429, one round trip later.
         if isinstance(local, Overloaded) and metadata.get(rpc.SOLE_CANDIDATE) == "1":
             return None
+        if self.observer is not None:
+            self.observer.delegated()
         return self.delegator
 
 
@@ -276,3 +367,9 @@ def _not_found_in_band(message: bytes) -> bool:
     """Whether a serialized stream response is an in-band NotFound error."""
     error = from_stream_response(ModelStreamInferResponse.FromString(message))
     return isinstance(error, NotFound)
+
+
+def _latest_first(version: str) -> tuple[int, int, str]:
+    """Sort key putting the latest version first (numbers, highest first)."""
+    group, number, text = versions.order(version)
+    return (-group, -number, text)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 import anyio
@@ -25,6 +26,7 @@ import anyio.abc
 
 from anyserve.app import HandlerInfo
 from anyserve.errors import NotFound, Overloaded, Unavailable
+from anyserve.metrics.replica import SlotObserver
 from anyserve.replica.processes import WorkerConfig, WorkerLauncher, seconds
 from anyserve.replica.recycling import Watchdog
 from anyserve.replica.resources import ResourceBudget
@@ -73,6 +75,8 @@ class Manager:
         )
         # Handlers stopped by command: not started on demand until started again.
         self.disabled: set[str] = set()
+        #: The replica's metrics, when it exports them (given to every slot).
+        self.observer: SlotObserver | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = asyncio.Event()
 
@@ -227,6 +231,7 @@ class Manager:
         want = count if count is not None else max(handler.workers, 1)
         while len(started) < want:
             slot = Slot(f"{name}-{len(slots)}", handler)
+            slot.observer = self.observer
             slots.append(slot)
             started.append(slot)
         for slot in started[:want]:
@@ -332,9 +337,12 @@ class Manager:
         decision, not this one's.
         """
         deadline: float | None = None
+        began = time.perf_counter()
         while True:
             slot = self.pick(name)
             if slot is not None:
+                if self.observer is not None:
+                    self.observer.waited(name, time.perf_counter() - began)
                 return slot
             slots = self.slots.get(name, [])
             starting = [s for s in slots if s.wanted]

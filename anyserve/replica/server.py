@@ -26,10 +26,12 @@ import anyio
 import grpc
 import grpc.aio
 
-from anyserve import rpc, wire
+from anyserve import rpc, tracing, wire
 from anyserve.app import HandlerInfo
 from anyserve.calls import ApiChannel, ApiDelegator
 from anyserve.errors import StartupError
+from anyserve.metrics.endpoint import serve_metrics
+from anyserve.metrics.replica import ReplicaMetrics, WorkerRow
 from anyserve.objects import ObjectStore
 from anyserve.objects.directory import prepare_root
 from anyserve.objects.peers import OBJECT_SOURCE_ENV
@@ -82,6 +84,8 @@ class ReplicaConfig:
     stuck_call_grace: float = STUCK_CALL_GRACE
     max_memory_mib: float | None = None
     watch_interval: float = WATCH_INTERVAL
+    # Port of GET /metrics on ``host`` (0: any free one; None: no metrics).
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Running:
     registration: Registration | None
     api_channel: ApiChannel | None
     store: ObjectStore | None
+    metrics: ReplicaMetrics | None = None
 
 
 class Replica:
@@ -115,6 +120,8 @@ class Replica:
 
     def __init__(self, config: ReplicaConfig) -> None:
         self.config = config
+        #: The bound port of GET /metrics once serving (0: none).
+        self.metrics_port = 0
 
     @property
     def running(self) -> Running:
@@ -177,6 +184,8 @@ class Replica:
         manager, dispatcher and services. Starts nothing. Raises StartupError
         when the app cannot be loaded, the port cannot be bound or the object
         store directory cannot be used."""
+        # Once per process, before the servicer is built: it is traced or not.
+        tracing.setup(tracing.REPLICA_SERVICE)
         cfg = self.config
         describe_timeout = max(cfg.start_timeout, DESCRIBE_TIMEOUT)
         app_name, handlers = await describe_app(cfg.app, cfg.app_dir, describe_timeout)
@@ -215,7 +224,14 @@ class Replica:
             resources=cfg.resources,
             on_change=registration.notify if registration is not None else None,
         )
+        metrics = None
+        if cfg.metrics_port is not None:
+            metrics = ReplicaMetrics(
+                lambda: _worker_rows(manager), {h.name: str(h.capability) for h in handlers}
+            )
+            manager.observer = metrics
         dispatcher = Dispatcher(handlers, manager, delegator, max_message=cfg.max_message)
+        dispatcher.observer = metrics
         servicer = InferenceServicer(handlers, manager, dispatcher)
         admin = AdminServicer(manager, replica_id, cfg.token)
         server.add_generic_rpc_handlers((servicer.generic_handler(), admin.generic_handler()))
@@ -232,6 +248,7 @@ class Replica:
             registration=registration,
             api_channel=api_channel,
             store=store,
+            metrics=metrics,
         )
 
     def _worker_config(self, replica_id: str, endpoint: str) -> WorkerConfig:
@@ -276,6 +293,13 @@ class Replica:
                 ", ".join(f"{h.name}[{h.capability}]" for h in running.handlers),
                 self.endpoint,
             )
+            if running.metrics is not None:
+                self.metrics_port = await services.start(
+                    serve_metrics,
+                    running.metrics.registry,
+                    self.config.host,
+                    self.config.metrics_port,
+                )
             task_status.started(self)
             await anyio.sleep_forever()
 
@@ -294,6 +318,7 @@ class Replica:
         await running.server.stop(self.config.grace)
         if running.api_channel is not None:
             await running.api_channel.aclose()
+        await tracing.aflush()
         log.info("replica %s drained; stopping workers", running.replica_id)
         running.manager.stop()
 
@@ -301,3 +326,19 @@ class Replica:
         """The /register body: loaded and loadable capabilities, and the workers."""
         running = self.running
         return status.registration_body(running.manager, running.replica_id, self.endpoint)
+
+
+def _worker_rows(manager: Manager) -> list[WorkerRow]:
+    """Every worker slot, as the replica's /metrics shows it (at scrape time)."""
+    return [
+        WorkerRow(
+            slot.handler.name,
+            str(slot.handler.capability),
+            slot.state.value,
+            slot.restarts,
+            slot.recycles,
+            slot.starts,
+        )
+        for slots in manager.slots.values()
+        for slot in slots
+    ]

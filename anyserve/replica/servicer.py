@@ -15,6 +15,8 @@ the config is Triton's (:func:`~anyserve.replica.status.model_config`).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +24,7 @@ import anyio
 import grpc
 import grpc.aio
 
-from anyserve import __version__, rpc
+from anyserve import __version__, rpc, tracing_servers, versions
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.app import HandlerInfo
 from anyserve.capability import query_from_headers, rank
@@ -33,6 +35,7 @@ from anyserve.errors import (
     grpc_method,
     to_stream_error,
 )
+from anyserve.logs import access, call_line
 from anyserve.replica.dispatcher import Dispatcher
 from anyserve.replica.manager import Manager
 from anyserve.replica.slot import State
@@ -56,8 +59,12 @@ class InferenceServicer:
             )
 
         handlers = {
-            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
-            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                tracing_servers.grpc_method(self.model_infer, "dispatch ModelInfer")
+            ),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                tracing_servers.grpc_method(self.model_stream_infer, "dispatch ModelStreamInfer")
+            ),
             "ServerLive": typed(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
             "ServerReady": typed(self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
             "ModelReady": typed(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
@@ -77,7 +84,17 @@ class InferenceServicer:
     @grpc_method
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         metadata = rpc.forwardable(context.invocation_metadata())
-        return await self.dispatcher.unary(request, metadata, _time_left(context))
+        start, outcome = time.perf_counter(), "cancelled"
+        try:
+            answer = await self.dispatcher.unary(request, metadata, _time_left(context))
+            outcome = "ok"
+            return answer
+        except AnyServeError as exc:
+            outcome = exc.error_type
+            raise
+        finally:
+            if access.isEnabledFor(logging.INFO):
+                call_line("ModelInfer", metadata, outcome, time.perf_counter() - start)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -95,6 +112,7 @@ class InferenceServicer:
                 await context.write(message)
 
         async def serve_one(payload: bytes) -> None:
+            start, outcome = time.perf_counter(), "cancelled"
             try:
                 async for batch in self.dispatcher.stream(payload, metadata, _time_left(context)):
                     if batched:
@@ -102,11 +120,16 @@ class InferenceServicer:
                     else:
                         for chunk in batch:
                             await write(chunk)
+                outcome = "ok"
             except AnyServeError as exc:
+                outcome = exc.error_type
                 # Triton's convention: a failed request on a stream is reported
                 # in-band and the stream stays open for the others.
                 error = to_stream_error(exc, _peek_id(payload))
                 await write(rpc.pack_batch([error]) if batched else error)
+            finally:
+                if access.isEnabledFor(logging.INFO):
+                    call_line("ModelStreamInfer", metadata, outcome, time.perf_counter() - start)
 
         async with anyio.create_task_group() as tg:
             async for payload in requests:
@@ -126,7 +149,8 @@ class InferenceServicer:
     def _named(self, name: str) -> list[HandlerInfo]:
         found = [h for h in self.handlers if rank(h.capability, {}, name) is not None]
         if not found:
-            raise NotFound(f"no capability named {name!r} on this replica")
+            detail = f"no capability named {name!r} on this replica"
+            raise NotFound(versions.unknown_model(name, "", detail))
         return found
 
     @grpc_method
@@ -134,6 +158,8 @@ class InferenceServicer:
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         handlers = self._named(request.name)
+        if request.version:  # an unknown version is not ready (Triton: false, not an error)
+            handlers = [h for h in handlers if h.version == request.version]
         ready = any(self.manager.pick(h.name) is not None for h in handlers)
         return pb.ModelReadyResponse(ready=ready)
 
@@ -144,27 +170,36 @@ class InferenceServicer:
             name="anyserve", version=__version__, extensions=["capabilities", "streaming"]
         )
 
-    def _described(self, name: str, context: grpc.aio.ServicerContext) -> tuple[HandlerInfo, str]:
-        """The handler a metadata or config request is about (module docstring)
-        and the model name to answer with: the requested one, or the handler's
-        (``model``, else ``type``) when capability metadata chose it. NotFound
-        when none matches, InvalidArgument without a name or query."""
+    def _described(
+        self, name: str, context: grpc.aio.ServicerContext, version: str = ""
+    ) -> tuple[HandlerInfo, str]:
+        """The handler a metadata or config request is about (module docstring;
+        ``version``: of that model version, else the latest) and the model name
+        to answer with: the requested one, or the handler's (``model``, else
+        ``type``) when capability metadata chose it. NotFound when none
+        matches, InvalidArgument without a name or query."""
         pairs = context.invocation_metadata() or ()
         query = query_from_headers((k, v) for k, v in pairs if isinstance(v, str))
         try:
-            handler = self.dispatcher.resolve(query, name, stream=False)
+            handler = self.dispatcher.resolve(query, name, stream=False, version=version)
         except NotFound:
-            handler = self.dispatcher.resolve(query, name, stream=True)
+            handler = self.dispatcher.resolve(query, name, stream=True, version=version)
         return handler, handler.capability.name if query else name
+
+    def _versions(self, name: str) -> list[str]:
+        """Every version of model ``name`` served here, oldest first."""
+        return versions.sorted_versions(
+            h.version for h in self.handlers if rank(h.capability, {}, name) is not None
+        )
 
     @grpc_method
     async def model_metadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        handler, name = self._described(request.name, context)
+        handler, name = self._described(request.name, context, request.version)
         return pb.ModelMetadataResponse(
             name=name,
-            versions=["1"],
+            versions=self._versions(name) or [handler.version],
             platform=f"anyserve/{handler.name}",
             inputs=tensor_metadata(handler.inputs),
             outputs=tensor_metadata(handler.outputs),
@@ -174,7 +209,7 @@ class InferenceServicer:
     async def model_config(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        handler, name = self._described(request.name, context)
+        handler, name = self._described(request.name, context, request.version)
         return pb.ModelConfigResponse(config=model_config(handler, name))
 
     async def repository_index(

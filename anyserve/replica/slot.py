@@ -31,11 +31,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from anyserve import rpc, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import HandlerInfo
 from anyserve.errors import AnyServeError, Unavailable
+
+if TYPE_CHECKING:
+    from anyserve.metrics.replica import SlotObserver
 
 # Frames read from a worker before the reader lets other tasks run.
 YIELD_EVERY = 16
@@ -120,6 +124,9 @@ class Slot:
         # Set from begin_recycle() until recycled(): the process is being replaced.
         self._recycling = False
         self._stuck = False
+        self.observer: SlotObserver | None = None  # metrics, set by the manager
+        self.starts = 0  # worker processes that said hello in this slot
+        self._spawned_at = 0.0
 
     # -- what others read ------------------------------------------------------
 
@@ -200,12 +207,15 @@ class Slot:
     def spawned(self, pid: int) -> None:
         """A worker process started for this slot."""
         self._pid = pid
+        self._spawned_at = time.monotonic()
 
     def restarting(self) -> None:
         """The worker crashed and will be started again after a backoff."""
         self._state = State.STARTING
         self.ready.clear()
         self._restarts += 1
+        if self.observer is not None:
+            self.observer.worker_crashed(self.handler.name)
 
     def mark_failed(self, reason: str) -> None:
         """The worker crash-looped: FAILED with ``reason`` and no longer wanted
@@ -213,6 +223,8 @@ class Slot:
         self._state = State.FAILED
         self._wanted = False
         self._failure = reason
+        if self.observer is not None:
+            self.observer.worker_crashed(self.handler.name)
         self.ready.set()
 
     def begin_drain(self) -> None:
@@ -319,6 +331,8 @@ class Slot:
         if not self._calls:
             self.idle.set()
         writer = self._writer
+        if cancel and self.observer is not None:
+            self.observer.calls_ended(self.handler.name, "cancelled")
         if cancel and writer is not None and not writer.is_closing():
             wire.write_frame(writer, wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
             request_id = sink.metadata.get(rpc.REQUEST_ID, "")
@@ -339,6 +353,9 @@ class Slot:
         self._cancelled.clear()
         self._state = State.READY
         self.ready.set()
+        self.starts += 1
+        if self.observer is not None:
+            self.observer.worker_started(self.handler.name, time.monotonic() - self._spawned_at)
 
     async def serve(self, reader: asyncio.StreamReader, max_frame: int) -> None:
         """Hand each frame from the worker to its call until the connection ends
@@ -349,6 +366,9 @@ class Slot:
             sink = self._calls.get(header.call_id)
             if sink is not None:
                 sink.queue.put_nowait((header, payload))
+                # Only a call's last frame carries stats.
+                if self.observer is not None and header.HasField("stats"):
+                    self.observer.call_ended(self.handler.name, header)
             elif header.WhichOneof("kind") == "cancel":
                 # The worker confirms a cancelled call has ended.
                 self._cancelled.pop(header.call_id, None)
@@ -371,6 +391,8 @@ class Slot:
 
     def fail_calls(self, error: AnyServeError) -> None:
         """The process is gone: fail every call still in flight with ``error``."""
+        if self.observer is not None:
+            self.observer.calls_ended(self.handler.name, error.error_type, len(self._calls))
         for sink in self._calls.values():
             sink.queue.put_nowait(error)
         self._calls.clear()

@@ -172,21 +172,23 @@ def model_config(handler: HandlerInfo, name: str) -> mc.ModelConfig:
 
 
 def repository_index(manager: Manager, ready_only: bool = False) -> pb.RepositoryIndexResponse:
-    """This replica's handlers by model name (``model``, else ``type``):
-    ``READY`` when one of that name is loaded, else ``UNAVAILABLE`` with its
-    availability as the reason (``loadable``, ``failed``, ``stopped``, ``unfit``)."""
+    """This replica's handlers by model name (``model``, else ``type``) and
+    version: ``READY`` when one of them is loaded, else ``UNAVAILABLE`` with
+    its availability as the reason (``loadable``, ``failed``, ``stopped``,
+    ``unfit``)."""
     order = ("loaded", "loadable", "failed", "stopped", "unfit")  # best first
-    best: dict[str, str] = {}
+    best: dict[tuple[str, str], str] = {}
     for handler in manager.handlers.values():
-        name, offered = handler.capability.name, availability(manager, handler.name)
-        if name not in best or order.index(offered) < order.index(best[name]):
-            best[name] = offered
+        key = (handler.capability.name, handler.version)
+        offered = availability(manager, handler.name)
+        if key not in best or order.index(offered) < order.index(best[key]):
+            best[key] = offered
     index = pb.RepositoryIndexResponse.ModelIndex
     models = [
-        index(name=name, version="1", state="READY")
+        index(name=name, version=version, state="READY")
         if offered == "loaded"
-        else index(name=name, version="1", state="UNAVAILABLE", reason=offered)
-        for name, offered in sorted(best.items())
+        else index(name=name, version=version, state="UNAVAILABLE", reason=offered)
+        for (name, version), offered in sorted(best.items())
         if offered == "loaded" or not ready_only
     ]
     return pb.RepositoryIndexResponse(models=models)

@@ -22,22 +22,25 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
-from anyserve import codec, rpc, wire
+from anyserve import codec, logs, rpc, tracing_servers, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import Handler, load_app
 from anyserve.calls import ApiCaller
 from anyserve.context import Caller, Context, StreamClosed
 from anyserve.errors import AnyServeError, InvalidArgument, to_frame
+from anyserve.metrics.worker import HANDLER_METRICS
 from anyserve.objects import ObjectStore
 from anyserve.objects.peers import OBJECT_SOURCE_ENV
 from anyserve.proto import InferParameter, ModelInferRequest
 from anyserve.replica.batching import Batcher, handler_batcher, handler_error
+from anyserve.sequence import SequenceStates
 from anyserve.signature import check_request, check_response, select_outputs
 
 log = logging.getLogger("anyserve.worker")
@@ -65,6 +68,18 @@ class _Call:
     granted: asyncio.Event = field(default_factory=asyncio.Event)
     # The dispatcher cancelled it: confirm with a Cancel frame once it has ended.
     confirm: bool = False
+    # For the replica's metrics (CallStats): when the Call frame arrived, and
+    # how often the stream waited for credit.
+    started: float = field(default_factory=time.perf_counter)
+    stalls: int = 0
+
+    def stats(self) -> wpb.CallStats:
+        """This call's figures, with the handler metrics changed since the last report."""
+        return wpb.CallStats(
+            handler_seconds=time.perf_counter() - self.started,
+            credit_stalls=self.stalls,
+            metrics=HANDLER_METRICS.take(),
+        )
 
     def grant(self, chunks: int) -> None:
         self.credits += chunks
@@ -73,6 +88,8 @@ class _Call:
     async def spend(self) -> None:
         """Take one credit, waiting while the caller is behind (backpressure).
         Returns at once when the call is cancelled (the sender then stops)."""
+        if self.credits <= 0:
+            self.stalls += 1
         while self.credits <= 0 and not self.scope.cancel_called:
             self.granted.clear()
             await self.granted.wait()
@@ -112,6 +129,7 @@ class WorkerServer:
         self.check_outputs = check_outputs
         self._served_by = InferParameter(string_param=replica_id)
         self.batcher: Batcher[tuple[ModelInferRequest, Context]] | None = handler_batcher(handler)
+        self.sequences = SequenceStates()  # state of sequences pinned here (replica/sequences.py)
 
     async def serve(self) -> None:
         """Read frames until the dispatcher closes the connection."""
@@ -196,6 +214,7 @@ class WorkerServer:
             self._error(call_id, InvalidArgument(f"malformed ModelInferRequest: {exc}"))
             return
         metadata = dict(call.metadata)
+        sequence = self.sequences.open(request.parameters)
         context = state.context = Context(
             request_id=metadata.get(rpc.REQUEST_ID) or request.id,
             metadata=metadata,
@@ -206,6 +225,7 @@ class WorkerServer:
             store=self.store,
             caller=self.caller,
             replica_id=self.replica_id,
+            sequence=sequence,
         )
         raw = len(request.raw_input_contents) > 0
         results: list[Any] = []
@@ -245,12 +265,12 @@ class WorkerServer:
             if state.scope.cancelled_caught:
                 return  # the dispatcher already answered the caller
             if call.stream:
-                self._send(wpb.Header(call_id=call_id, end=wpb.End()))
+                self._send(wpb.Header(call_id=call_id, end=wpb.End(), stats=state.stats()))
             else:
                 if not results:
                     raise RuntimeError("the handler produced no response")
                 body = self._response(results[0], request)
-                self._send(wpb.Header(call_id=call_id, end=wpb.End()), body)
+                self._send(wpb.Header(call_id=call_id, end=wpb.End(), stats=state.stats()), body)
             await self.writer.drain()
         except StreamClosed:
             pass  # the caller went away (cancel or lost replica): nobody to answer
@@ -266,6 +286,7 @@ class WorkerServer:
             self._error(call_id, handler_error(exc))
         finally:
             Context.unbind(tokens)
+            self.sequences.close(sequence)
 
     def _response(self, result: Any, request: ModelInferRequest) -> bytes:
         """One unary response: encoded, checked (checked mode), the requested
@@ -284,7 +305,9 @@ class WorkerServer:
         return response.SerializeToString()
 
     def _error(self, call_id: int, exc: AnyServeError) -> None:
-        self._send(wpb.Header(call_id=call_id, error=to_frame(exc)))
+        state = self.calls.get(call_id)
+        stats = None if state is None else state.stats()
+        self._send(wpb.Header(call_id=call_id, error=to_frame(exc), stats=stats))
 
 
 async def _serve(args: argparse.Namespace, handler: Handler) -> None:
@@ -337,10 +360,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-frame", type=int, default=wire.DEFAULT_MAX_FRAME)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker {args.worker_id or '-'} %(name)s: %(message)s",
-    )
+    if os.environ.get(logs.ENV_FORMAT) == "json":  # --log-format json, from the replica
+        logs.set_worker(args.worker_id or "-")
+        logs.configure(args.log_level.upper(), "json")
+    else:
+        worker = args.worker_id or "-"
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            format=f"%(asctime)s %(levelname)s worker {worker} %(name)s: %(message)s",
+        )
     # One line per context.call's discovery request is noise for an operator.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Ctrl-C in a terminal reaches the whole process group; the replica decides
@@ -354,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:
         traceback.print_exc()
         sys.exit(EXIT_BAD_APP)
+    handler = tracing_servers.worker_handler(handler)  # after the app's import: see there
     anyio.run(_serve, args, handler, backend_options=event_loop_options())
 
 

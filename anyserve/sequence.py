@@ -1,0 +1,218 @@
+"""Triton's sequence parameters, read from a serialized ``ModelInferRequest``.
+
+A request belongs to a stateful sequence when its ``parameters`` hold a
+``sequence_id`` (a non-zero int or a non-empty string); ``sequence_start`` and
+``sequence_end`` (bools) mark its first and last request. The API server and
+the replica route and order on these without parsing the request (its tensors
+may be large): :func:`peek_sequence` walks the top-level fields and decodes only
+the parameter entries. The model version (field 2) is peeked the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from anyserve.errors import InvalidArgument
+
+SEQUENCE_ID = "sequence_id"
+SEQUENCE_START = "sequence_start"
+SEQUENCE_END = "sequence_end"
+
+# ModelInferRequest fields and InferParameter's oneof members.
+_MODEL_VERSION, _PARAMETERS = 2, 4
+_BOOL, _INT64, _STRING, _UINT64 = 1, 2, 3, 5
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceFlags:
+    """The sequence of one request: ``id`` (int or str, never 0 or ""), and
+    whether the request starts and/or ends it."""
+
+    id: int | str
+    start: bool = False
+    end: bool = False
+
+    def describe(self) -> str:
+        """The id as Triton prints it (strings quoted)."""
+        return repr(self.id) if isinstance(self.id, str) else str(self.id)
+
+
+def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def message_fields(buf: bytes | memoryview) -> list[tuple[int, int, int | bytes]]:
+    """``(number, wire type, value)`` of every top-level field; a
+    length-delimited value is its bytes except for large ones (tensors), whose
+    length stands in (they are never decoded here)."""
+    out: list[tuple[int, int, int | bytes]] = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        value: int | bytes
+        if wire_type == 0:
+            value, pos = _varint(buf, pos)
+        elif wire_type == 1:
+            value, pos = 0, pos + 8
+        elif wire_type == 2:
+            length, pos = _varint(buf, pos)
+            value = bytes(buf[pos : pos + length]) if length <= 4096 else length
+            pos += length
+        elif wire_type == 5:
+            value, pos = 0, pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > end:
+            raise ValueError("truncated message")
+        out.append((number, wire_type, value))
+    return out
+
+
+def _parameter(entry: bytes) -> tuple[str, int | str | None]:
+    """A ``parameters`` map entry: ``(key, value)``; value None unless bool,
+    int or string."""
+    key = ""
+    value_: int | str | None = None
+    for number, _, raw in message_fields(entry):
+        if number == 1 and isinstance(raw, bytes):
+            key = raw.decode("utf-8", "replace")
+        elif number == 2 and isinstance(raw, bytes):
+            for member, kind, inner in message_fields(raw):
+                if member in (_BOOL, _INT64, _UINT64) and kind == 0 and isinstance(inner, int):
+                    # int64 travels as two's complement in 64 bits.
+                    signed = member == _INT64 and inner >= 1 << 63
+                    value_ = inner - (1 << 64) if signed else inner
+                elif member == _STRING and isinstance(inner, bytes):
+                    value_ = inner.decode("utf-8", "replace")
+    return key, value_
+
+
+def peek_request(payload: bytes | memoryview) -> tuple[str, SequenceFlags | None]:
+    """``(model_version, sequence or None)`` of a serialized ModelInferRequest.
+
+    Raises InvalidArgument for malformed bytes or a ``sequence_id`` that is
+    neither an int nor a string, or start/end flags without an id.
+    """
+    version, params = "", dict[str, int | str | None]()
+    try:
+        for number, _, raw in message_fields(payload):
+            if number == _MODEL_VERSION and isinstance(raw, bytes):
+                version = raw.decode("utf-8", "replace")
+            elif number == _PARAMETERS and isinstance(raw, bytes):
+                key, value = _parameter(raw)
+                if key in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END):
+                    params[key] = value
+    except ValueError as exc:
+        raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+    if not params:
+        return version, None
+    seq_id = params.get(SEQUENCE_ID)
+    if seq_id is None or seq_id == 0 or seq_id == "":
+        if params.get(SEQUENCE_START) or params.get(SEQUENCE_END):
+            raise InvalidArgument(
+                "sequence_start/sequence_end need a non-zero (or non-empty) sequence_id"
+            )
+        return version, None
+    return version, SequenceFlags(
+        seq_id, bool(params.get(SEQUENCE_START)), bool(params.get(SEQUENCE_END))
+    )
+
+
+def from_parameters(parameters: object) -> SequenceFlags | None:
+    """The sequence of a parsed request's ``parameters`` map (the worker's
+    view), or None."""
+    get = getattr(parameters, "get", None)
+    if get is None:
+        return None
+    param = get(SEQUENCE_ID)
+    if param is None:
+        return None
+    kind = param.WhichOneof("parameter_choice")
+    seq_id: int | str = getattr(param, kind) if kind else 0
+    if isinstance(seq_id, bool) or seq_id in (0, ""):
+        return None
+
+    def flag(name: str) -> bool:
+        found = get(name)
+        return bool(found is not None and found.bool_param)
+
+    return SequenceFlags(seq_id, flag(SEQUENCE_START), flag(SEQUENCE_END))
+
+
+class SequenceContext:
+    """``context.sequence`` of a request that belongs to a sequence: its
+    ``id``, whether this request ``start``s or ``end``s it, and ``state``, a
+    dict the handler may fill, the same object for every request of the
+    sequence (they run one at a time, in order, in one worker) until the
+    sequence ends or goes idle past the timeout."""
+
+    __slots__ = ("end", "id", "start", "state")
+
+    def __init__(self, flags: SequenceFlags, state: dict[str, Any]) -> None:
+        self.id = flags.id
+        self.start = flags.start
+        self.end = flags.end
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"SequenceContext(id={self.id!r}, start={self.start}, end={self.end})"
+
+
+class SequenceStates:
+    """The ``state`` dicts of the sequences one worker holds: created by a
+    sequence's first request (or its ``start``, which begins afresh), dropped
+    after its ``end`` or ``idle_timeout`` seconds without a request."""
+
+    def __init__(
+        self, idle_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        # Least recently used first.
+        self._states: OrderedDict[int | str, dict[str, Any]] = OrderedDict()
+        self._used: dict[int | str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def open(self, parameters: object) -> SequenceContext | None:
+        """The ``context.sequence`` of a request (None outside a sequence)."""
+        flags = from_parameters(parameters)
+        if flags is None:
+            return None
+        now = self._clock()
+        while self._states:
+            oldest = next(iter(self._states))
+            if now - self._used[oldest] <= self.idle_timeout:
+                break
+            del self._states[oldest], self._used[oldest]
+        state = None if flags.start else self._states.get(flags.id)
+        if state is None:
+            state = self._states[flags.id] = {}
+        self._states.move_to_end(flags.id)
+        self._used[flags.id] = now
+        return SequenceContext(flags, state)
+
+    def close(self, sequence: SequenceContext | None) -> None:
+        """The request ended: forget the sequence if it was its last."""
+        if sequence is None:
+            return
+        self._used[sequence.id] = self._clock()
+        if sequence.end and self._states.get(sequence.id) is sequence.state:
+            del self._states[sequence.id], self._used[sequence.id]
