@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import httpx
 
 from anyserve import codec, rpc, tracing
 from anyserve.capability import Capability, query_to_metadata
@@ -142,6 +141,8 @@ class ApiCaller:
         """Ask the first API server that answers (once) where its gRPC entry listens."""
         if self._grpc_endpoint is not None:
             return
+        import httpx  # here, not at import: a worker that never calls does not load it
+
         problems: list[str] = []
         async with httpx.AsyncClient(timeout=5.0) as client:
             for url in self.api_servers:

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 import anyio
 import grpc
 import grpc.aio
-import httpx
 
 from anyserve import rpc
 from anyserve._proto import objects_pb2 as opb
@@ -185,6 +184,8 @@ class PeerFetcher:
     async def _registered(self) -> list[str]:
         if time.monotonic() - self._endpoints_at < self.registry_ttl:
             return self._endpoints
+        import httpx  # here, not at import: only a missing object needs it
+
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         async with httpx.AsyncClient(timeout=5.0, headers=headers) as client:
             for url in self.api_servers:
