@@ -119,15 +119,22 @@ def test_every_line_is_json_and_worker_lines_name_the_worker(
         )
     assert response.status_code == 500
 
-    def worker_line(lines: list[str]) -> dict[str, Any] | None:
-        for doc in _json_lines(lines):
-            if doc.get("logger") == "anyserve.worker" and "req-fail-2" in doc["message"]:
-                return doc
+    def all_three(lines: list[str]) -> list[dict[str, Any]] | None:
+        # The worker's warning, the replica's access line and the API server's:
+        # written by three processes, so they arrive in any order.
+        docs = _json_lines(lines)
+        worker = [
+            d for d in docs if d.get("logger") == "anyserve.worker" and "req-fail-2" in d["message"]
+        ]
+        mine = [d for d in docs if d.get("request_id") == "req-fail-2"]
+        if worker and any("status" in d for d in mine) and any("outcome" in d for d in mine):
+            return worker + mine
         return None
 
-    doc = err.wait_for(worker_line)
+    docs = err.wait_for(all_three)
+    doc = docs[0]
     assert doc["worker"] == "beta-0" and doc["level"] == "warning"
-    failed = [d for d in _json_lines(err.lines) if d.get("request_id") == "req-fail-2"]
+    failed = [d for d in docs[1:] if d.get("request_id") == "req-fail-2"]
     assert {d.get("status") for d in failed if "status" in d} == {500}
     assert {d.get("outcome") for d in failed if "outcome" in d} == {"handler_error"}
 
