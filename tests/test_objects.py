@@ -26,6 +26,7 @@ import pytest
 from anyserve import objects
 from anyserve.errors import AnyServeError, InvalidArgument, NotFound, PayloadTooLarge
 from anyserve.objects import HEADER_LEN, BlockingObjects, ObjectStore, ObjRef
+from anyserve.objects.sweeper import SweepReport
 
 pytestmark = pytest.mark.anyio
 
@@ -620,21 +621,21 @@ async def test_run_sweeper_sweeps_and_survives_errors(
 ) -> None:
     calls = 0
     removed = anyio.Event()
-    real_sweep = store.sweep
+    real_sweep = store.sweep_report
 
-    async def flaky_sweep(now: float | None = None) -> int:
+    async def flaky_sweep(now: float | None = None) -> SweepReport:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise OSError("disk on fire")
-        count = await real_sweep(now)
+        report = await real_sweep(now)
         if not ref.path.exists():
             removed.set()
-        return count
+        return report
 
     ref = await store.create(b"old")
     age(ref.path, 61)
-    monkeypatch.setattr(store, "sweep", flaky_sweep)
+    monkeypatch.setattr(store, "sweep_report", flaky_sweep)
     caplog.set_level(logging.ERROR, logger="anyserve.objects")
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:

@@ -25,6 +25,8 @@ from prometheus_client.registry import Collector
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.metrics.api import LATENCY_BUCKETS
 from anyserve.metrics.series import Hist, counter_family, histogram_family
+from anyserve.metrics.worker import OBJECTS_CREATED, OBJECTS_FETCHED, OBJECTS_READ
+from anyserve.objects.sweeper import SweepReport
 
 log = logging.getLogger("anyserve.metrics")
 
@@ -169,6 +171,40 @@ class _Calls(Collector):
         )
 
 
+class _Objects(Collector):
+    """The object store: what workers counted and what the sweeper found."""
+
+    def __init__(self, metrics: ReplicaMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        for name, doc in (
+            (OBJECTS_CREATED, "Objects created by this replica's handlers."),
+            (OBJECTS_READ, "Objects read by this replica's handlers (reads that found one)."),
+            (OBJECTS_FETCHED, "Objects fetched from a peer replica's store into this one."),
+        ):
+            yield counter_family(name.removesuffix("_total"), doc, (), [((), m.objects[name])])
+        yield counter_family(
+            "anyserve_replica_objects_expired",
+            "Objects removed by this replica's sweeper once their TTL had passed.",
+            (),
+            [((), m.objects_expired)],
+        )
+        last = m.last_sweep
+        for name, doc, figure in (
+            ("anyserve_replica_objects", "Objects in the store directory (last sweep).", "objects"),
+            (
+                "anyserve_replica_object_store_bytes",
+                "Bytes of the objects in the store directory (last sweep).",
+                "bytes",
+            ),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], getattr(last, figure))
+            yield gauge
+
+
 class ReplicaMetrics:
     """Every metric of one replica, exported through its own ``registry``.
     ``rows`` lists the worker slots at scrape time; ``capabilities`` maps
@@ -182,6 +218,11 @@ class ReplicaMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Calls(self))
         self.registry.register(_Workers(rows))
+        #: Object-store figures: the workers' counts, the sweeper's last pass.
+        self.objects = dict.fromkeys((OBJECTS_CREATED, OBJECTS_READ, OBJECTS_FETCHED), 0.0)
+        self.objects_expired = 0
+        self.last_sweep = SweepReport()
+        self.registry.register(_Objects(self))  # auto_describe collects once: after those
         #: What handlers define (context.metrics): exported with the replica's.
         self._user: dict[str, Counter | Gauge | Histogram] = {}
         self._user_bad: set[str] = set()
@@ -232,13 +273,22 @@ class ReplicaMetrics:
         """A call was sent back through the API server."""
         self.delegations += 1
 
+    def swept(self, report: SweepReport) -> None:
+        """The object store's sweeper finished a pass (its ``on_sweep``)."""
+        self.objects_expired += report.expired
+        self.last_sweep = report
+
     # -- handler-defined metrics -------------------------------------------------
 
     def apply(self, updates: Iterable[wpb.MetricUpdate]) -> None:
         """Apply handler-defined metric updates. An update that does not fit
         (a name declared with another kind or labels by another handler, a name
         taken by anyserve's own) is logged once and dropped."""
+        objects = self.objects
         for update in updates:
+            if update.name in objects and not update.label_names:  # the store's counts
+                objects[update.name] += update.value
+                continue
             try:
                 metric = self._user_metric(update)
                 child = metric.labels(*update.label_values) if update.label_names else metric

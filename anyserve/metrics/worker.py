@@ -122,9 +122,10 @@ class HandlerMetrics:
             return self._gauge_now.get(key, 0.0)
 
     def take(self) -> list[wpb.MetricUpdate]:
-        """The changes since the last call (and forget them); [] when none."""
+        """The changes since the last call (and forget them), the object store's
+        counts (:data:`OBJECT_COUNTS`) included; [] when none."""
         if not (self._counts or self._gauges or self._observed):
-            return []  # the common case, without the lock
+            return OBJECT_COUNTS.take()  # the common case, without the lock
         with self._lock:
             counts, self._counts = self._counts, {}
             gauges, self._gauges = self._gauges, {}
@@ -149,6 +150,7 @@ class HandlerMetrics:
                     assert isinstance(change, list)
                     update.observations.extend(change)
                 updates.append(update)
+        updates.extend(OBJECT_COUNTS.take())
         return updates
 
 
@@ -203,6 +205,45 @@ class Metric:
         self._check(wpb.MetricUpdate.HISTOGRAM, "observe")
         self._owner._update(self._declared, self._values, "observe", float(value))
 
+
+#: The object-store counters a worker ships (the replica exports them as its own).
+OBJECTS_CREATED = "anyserve_replica_objects_created_total"
+OBJECTS_READ = "anyserve_replica_objects_read_total"
+OBJECTS_FETCHED = "anyserve_replica_objects_fetched_total"
+
+
+class ObjectCounts:
+    """What this process's object stores did: objects ``created``, ``read`` (a ``get``
+    that found the object) and ``fetched`` from a peer replica.
+
+    The store bumps these plain integers (on the event loop thread, where every store
+    operation runs); :meth:`take` turns what changed since its last call into counter
+    updates that travel with handler metrics, so they cost nothing when unchanged.
+    """
+
+    __slots__ = ("_sent", "created", "fetched", "read")
+
+    def __init__(self) -> None:
+        self.created = self.read = self.fetched = 0
+        self._sent = (0, 0, 0)
+
+    def take(self) -> list[wpb.MetricUpdate]:
+        """Counter updates for what changed since the last call; [] when nothing did."""
+        now = (self.created, self.read, self.fetched)
+        if now == self._sent:
+            return []
+        sent, self._sent = self._sent, now
+        return [
+            wpb.MetricUpdate(kind=wpb.MetricUpdate.COUNTER, name=name, value=float(n - before))
+            for name, n, before in zip(
+                (OBJECTS_CREATED, OBJECTS_READ, OBJECTS_FETCHED), now, sent, strict=True
+            )
+            if n != before
+        ]
+
+
+#: This process's object-store counts (see :class:`ObjectCounts`).
+OBJECT_COUNTS = ObjectCounts()
 
 #: This process's handler metrics (one worker process serves one handler).
 HANDLER_METRICS = HandlerMetrics()

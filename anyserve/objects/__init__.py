@@ -16,7 +16,8 @@ The package is split by what each part holds:
 
 ``anyserve.objects.ref``       ``ObjRef``, ``RefLike``: what a reference may look like
 ``anyserve.objects.format``    the on-disk format and the kinds of values it holds
-``anyserve.objects.store``     ``ObjectStore``: atomic writes, expiry, safety, sweeping
+``anyserve.objects.store``     ``ObjectStore``: atomic writes, expiry, safety
+``anyserve.objects.sweeper``   the TTL sweeper's directory scan, and what it measures
 ``anyserve.objects.blocking``  ``BlockingObjects`` and the per-request ``create``/``get``/
                                ``delete``/``exists``/``bind``/``reset`` used by handlers
 ``anyserve.objects.transfer``  one object's file sent and received in checked chunks

@@ -1,4 +1,5 @@
-"""``ObjectStore``: objects as files in one directory, and the TTL sweeper.
+"""``ObjectStore``: objects as files in one directory (the TTL sweeper's scan is in
+``anyserve.objects.sweeper``).
 
 The store is one directory (``/tmp/anyserve-objects`` by default; a shared NFS/NAS mount
 when replicas run on several machines). File I/O goes through aiofiles, so the event loop
@@ -32,6 +33,10 @@ Peers
     A store given ``peers`` (an ``anyserve.objects.peers.PeerFetcher``) fetches an object
     that ``get`` does not find from the replica that has it, into this directory, then
     reads it as usual. Only a missing object is fetched: an expired one stays expired.
+
+Metrics
+    ``create``, a ``get`` that returns a value and a peer fetch each bump this process's
+    ``anyserve.metrics.worker.OBJECT_COUNTS`` (a worker ships them to its replica).
 """
 
 from __future__ import annotations
@@ -39,10 +44,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +57,9 @@ import anyio
 import anyio.to_thread
 
 from anyserve.errors import InvalidArgument, NotFound, PayloadTooLarge
+from anyserve.metrics.worker import OBJECT_COUNTS
 from anyserve.objects.format import HEADER_LEN, _decode, _encode, _header, _parse_header
 from anyserve.objects.ref import (
-    _OBJ_FILE_RE,
     ObjRef,
     RefLike,
     _max_ref_len,
@@ -62,6 +67,7 @@ from anyserve.objects.ref import (
     _parse_ref,
     _ref_under,
 )
+from anyserve.objects.sweeper import TMP_PREFIX, SweepReport, run_sweeper, sweep_directory
 
 if TYPE_CHECKING:
     from anyserve.objects.peers import PeerFetch
@@ -72,8 +78,7 @@ logger = logging.getLogger("anyserve.objects")
 
 DEFAULT_ROOT = "/tmp/anyserve-objects"
 
-_TMP_PREFIX = ".tmp-"
-_TMP_FILE_RE = re.compile(r"\.tmp-obj-[0-9a-f]{32}-[0-9a-f]{8}")
+_TMP_PREFIX = TMP_PREFIX  # transfer.py names its temporary files the same way
 
 # Objects up to this size are read with one read call (header and payload together);
 # bigger ones read the header first so that the payload is never copied again.
@@ -210,6 +215,7 @@ class ObjectStore:
             self._root_ready = False
             await self._ensure_root()
             await self._write(ref, header, payload)
+        OBJECT_COUNTS.created += 1
         return ref
 
     def _check_size(self, size: int) -> None:
@@ -261,6 +267,7 @@ class ObjectStore:
         f = await self._open(r)
         # The request path stays lean: a peer is asked only when the object is missing.
         if f is None and self.peers is not None and await self.peers.fetch(self, r, source):
+            OBJECT_COUNTS.fetched += 1
             f = await self._open(r)
         if f is None:
             raise NotFound(f"object {r.id} not found")
@@ -281,7 +288,9 @@ class ObjectStore:
         finally:
             with anyio.CancelScope(shield=True):
                 await f.close()
-        return await _decode(r, kind, payload)
+        value = await _decode(r, kind, payload)
+        OBJECT_COUNTS.read += 1
+        return value
 
     async def _open(self, r: ObjRef) -> Any:
         """The object's file opened for reading, or None when it does not exist."""
@@ -351,48 +360,25 @@ class ObjectStore:
         patterns are considered: symlinks and foreign files are left alone. Runs in a
         worker thread (one directory scan); files removed concurrently are skipped.
         """
+        return (await self.sweep_report(now)).removed
+
+    async def sweep_report(self, now: float | None = None) -> SweepReport:
+        """:meth:`sweep`, returning what it removed and the objects and bytes it left."""
         when = time.time() if now is None else now
-        removed = await anyio.to_thread.run_sync(self._sweep_sync, when)
-        if removed:
-            logger.debug("object sweep removed %d file(s) from %s", removed, self._root)
-        return removed
+        report = await anyio.to_thread.run_sync(
+            sweep_directory, self._root, self.ttl, self.tmp_grace, when
+        )
+        if report.removed:
+            logger.debug("object sweep removed %d file(s) from %s", report.removed, self._root)
+        return report
 
-    def _sweep_sync(self, now: float) -> int:
-        removed = 0
-        try:
-            entries = os.scandir(self._root)
-        except FileNotFoundError:
-            return 0
-        with entries:
-            for entry in entries:
-                if _OBJ_FILE_RE.fullmatch(entry.name):
-                    max_age = self.ttl
-                elif _TMP_FILE_RE.fullmatch(entry.name):
-                    max_age = self.tmp_grace
-                else:
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                    if not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= max_age:
-                        continue
-                    os.unlink(self._root / entry.name)
-                except FileNotFoundError:
-                    continue
-                removed += 1
-        return removed
-
-    async def run_sweeper(self, interval: float = 60.0) -> None:
-        """Sweep now and then every ``interval`` seconds, forever.
-
-        A failing sweep is logged and retried next time; cancellation propagates (run it
-        in a task group and cancel the group to stop it). ``ValueError`` unless
-        ``interval > 0``.
+    async def run_sweeper(
+        self, interval: float = 60.0, on_sweep: Callable[[SweepReport], None] | None = None
+    ) -> None:
+        """Sweep now and then every ``interval`` seconds, forever, handing each
+        :class:`~anyserve.objects.sweeper.SweepReport` to ``on_sweep`` (the replica's
+        metrics). A failing sweep is logged and retried next time; cancellation
+        propagates (run it in a task group and cancel the group to stop it).
+        ``ValueError`` unless ``interval > 0``.
         """
-        if not interval > 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
-        while True:
-            try:
-                await self.sweep()
-            except Exception:
-                logger.exception("sweeping the object store %s failed", self._root)
-            await anyio.sleep(interval)
+        await run_sweeper(self.sweep_report, interval, on_sweep, self._root)

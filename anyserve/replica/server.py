@@ -68,6 +68,9 @@ class ReplicaConfig:
     object_store: str | None = None
     object_ttl: float = 3600.0
     object_max_size: int | None = None
+    # Seconds between the object store sweeper's passes (expiry, and the
+    # objects/bytes gauges of /metrics).
+    object_sweep_interval: float = 60.0
     token: str | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
     app_dir: str | None = None
@@ -283,7 +286,10 @@ class Replica:
         async with anyio.create_task_group() as services:
             await running.server.start()
             if running.store is not None:
-                services.start_soon(running.store.run_sweeper)
+                swept = None if running.metrics is None else running.metrics.swept
+                services.start_soon(
+                    running.store.run_sweeper, self.config.object_sweep_interval, swept
+                )
             if running.registration is not None:
                 services.start_soon(running.registration.run)
             log.info(
