@@ -86,7 +86,7 @@ def unpack_batch(data: bytes) -> list[bytes]:
     pos = 0
     end = len(data)
     while pos < end:
-        length, pos = _read_varint(data, pos)
+        length, pos = read_varint(data, pos)
         if pos + length > end:
             raise ValueError("truncated batch")
         messages.append(data[pos : pos + length])
@@ -94,7 +94,9 @@ def unpack_batch(data: bytes) -> list[bytes]:
     return messages
 
 
-def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """``(value, position after it)`` of the protobuf varint at ``pos``;
+    ValueError when it is truncated or longer than 64 bits."""
     result = 0
     shift = 0
     while True:
@@ -110,6 +112,34 @@ def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
+def message_fields(buf: bytes | memoryview) -> list[tuple[int, int, int | bytes]]:
+    """``(number, wire type, value)`` of every top-level field; a
+    length-delimited value is its bytes except for large ones (tensors), whose
+    length stands in (they are never decoded here)."""
+    out: list[tuple[int, int, int | bytes]] = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = read_varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        value: int | bytes
+        if wire_type == 0:
+            value, pos = read_varint(buf, pos)
+        elif wire_type == 1:
+            value, pos = 0, pos + 8
+        elif wire_type == 2:
+            length, pos = read_varint(buf, pos)
+            value = bytes(buf[pos : pos + length]) if length <= 4096 else length
+            pos += length
+        elif wire_type == 5:
+            value, pos = 0, pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > end:
+            raise ValueError("truncated message")
+        out.append((number, wire_type, value))
+    return out
+
+
 def peek_string_field(buf: bytes | memoryview, field: int) -> str:
     """Read a top-level string field of a serialized message without parsing the
     rest (used for ``model_name``, field 1, and ``id``, field 3, of a
@@ -120,14 +150,14 @@ def peek_string_field(buf: bytes | memoryview, field: int) -> str:
     end = len(buf)
     found = ""
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7
         if wire_type == 0:
-            _, pos = _read_varint(buf, pos)
+            _, pos = read_varint(buf, pos)
         elif wire_type == 1:
             pos += 8
         elif wire_type == 2:
-            length, pos = _read_varint(buf, pos)
+            length, pos = read_varint(buf, pos)
             if number == field:
                 found = bytes(buf[pos : pos + length]).decode("utf-8", "replace")
             pos += length

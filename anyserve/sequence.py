@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from anyserve.errors import InvalidArgument
+from anyserve.rpc import message_fields
 
 SEQUENCE_ID = "sequence_id"
 SEQUENCE_START = "sequence_start"
@@ -39,49 +40,6 @@ class SequenceFlags:
     def describe(self) -> str:
         """The id as Triton prints it (strings quoted)."""
         return repr(self.id) if isinstance(self.id, str) else str(self.id)
-
-
-def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def message_fields(buf: bytes | memoryview) -> list[tuple[int, int, int | bytes]]:
-    """``(number, wire type, value)`` of every top-level field; a
-    length-delimited value is its bytes except for large ones (tensors), whose
-    length stands in (they are never decoded here)."""
-    out: list[tuple[int, int, int | bytes]] = []
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        value: int | bytes
-        if wire_type == 0:
-            value, pos = _varint(buf, pos)
-        elif wire_type == 1:
-            value, pos = 0, pos + 8
-        elif wire_type == 2:
-            length, pos = _varint(buf, pos)
-            value = bytes(buf[pos : pos + length]) if length <= 4096 else length
-            pos += length
-        elif wire_type == 5:
-            value, pos = 0, pos + 4
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-        if pos > end:
-            raise ValueError("truncated message")
-        out.append((number, wire_type, value))
-    return out
 
 
 def _parameter(entry: bytes) -> tuple[str, int | str | None]:

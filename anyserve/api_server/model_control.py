@@ -29,7 +29,6 @@ from anyserve.api_server.registry import ReplicaEntry
 from anyserve.api_server.responses import json_response, read_body
 from anyserve.api_server.state import ApiState
 from anyserve.errors import AnyServeError, InvalidArgument, NotFound, from_rpc_error
-from anyserve.sequence import message_fields
 
 _START_WORKER = "/anyserve.admin.Admin/StartWorker"
 _STOP_WORKER = "/anyserve.admin.Admin/StopWorker"
@@ -155,11 +154,11 @@ def grpc_request(request: bytes) -> tuple[str, list[str]]:
     3); raises InvalidArgument for malformed bytes or no name."""
     name, keys = "", []
     try:
-        for number, _, value in message_fields(request):
+        for number, _, value in rpc.message_fields(request):
             if number == 2 and isinstance(value, bytes):
                 name = value.decode("utf-8", "replace")
             elif number == 3 and isinstance(value, bytes):
-                for inner, _, key in message_fields(value):
+                for inner, _, key in rpc.message_fields(value):
                     if inner == 1 and isinstance(key, bytes):
                         keys.append(key.decode("utf-8", "replace"))
     except ValueError as exc:
