@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from anyserve.errors import InvalidArgument
 from anyserve.rpc import message_fields
@@ -174,3 +174,59 @@ class SequenceStates:
         self._used[sequence.id] = self._clock()
         if sequence.end and self._states.get(sequence.id) is sequence.state:
             del self._states[sequence.id], self._used[sequence.id]
+
+
+class Idle(Protocol):
+    """What :class:`IdleTable` keeps of an entry: who holds it, and when it was last used."""
+
+    users: int
+    last_used: float
+
+
+K = TypeVar("K", bound=Hashable)
+E = TypeVar("E", bound=Idle)
+
+
+class IdleTable(Generic[K, E]):
+    """Entries by key (sequences, sessions), least recently used first.
+
+    An entry goes when its last holder leaves after the sequence's end, or
+    when nobody has held it for ``idle_timeout`` seconds (checked on each
+    :meth:`take`, oldest first: expiry stops at the first live entry). The
+    API server's sequence -> replica table and the replica's sequence ->
+    worker table are both one of these.
+    """
+
+    def __init__(self, idle_timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        self._entries: OrderedDict[K, E] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, key: K, new: Callable[[], E]) -> E:
+        """The entry of ``key`` (``new()`` when there is none) with one more
+        holder; give it back with :meth:`release`."""
+        cutoff = self._clock() - self.idle_timeout
+        while self._entries:
+            oldest, entry = next(iter(self._entries.items()))
+            if entry.users or entry.last_used > cutoff:
+                break
+            del self._entries[oldest]
+        found = self._entries.get(key)
+        if found is None:
+            found = self._entries[key] = new()
+        found.users += 1
+        return found
+
+    def release(self, key: K, entry: E, *, end: bool) -> None:
+        """One holder of ``entry`` is done (``end``: the sequence ended)."""
+        entry.users -= 1
+        entry.last_used = self._clock()
+        if self._entries.get(key) is not entry:
+            return  # dropped meanwhile (expired, or replaced by a new start)
+        if end and entry.users == 0:
+            del self._entries[key]
+        else:
+            self._entries.move_to_end(key)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry, ReplicaEntry
 from anyserve.errors import InvalidArgument, Unavailable
-from anyserve.sequence import SequenceFlags, peek_request
+from anyserve.sequence import IdleTable, SequenceFlags, peek_request
 
 #: Seconds a sequence or session may go without a request before it is forgotten.
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -100,10 +99,7 @@ class Sequences:
         if idle_timeout <= 0:
             raise ValueError("the sequence idle timeout must be positive")
         self.registry = registry
-        self.idle_timeout = idle_timeout
-        self._clock = clock
-        # Least recently used first, so expiry stops at the first live entry.
-        self._entries: OrderedDict[tuple[str, str, str], _Entry] = OrderedDict()
+        self._entries: IdleTable[tuple[str, str, str], _Entry] = IdleTable(idle_timeout, clock)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -135,13 +131,9 @@ class Sequences:
 
     @asynccontextmanager
     async def _sequence(self, meta: RequestMeta, seq: SequenceFlags) -> AsyncIterator[Pin]:
-        self._expire()
         key = ("sequence", meta.describe(), repr(seq.id))
         what = f"sequence {seq.describe()} of {meta.describe()}"
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry(Pin(what))
-        entry.users += 1
+        entry = self._entries.take(key, lambda: _Entry(Pin(what)))
         try:
             async with entry.lock:
                 pin = entry.pin
@@ -154,40 +146,14 @@ class Sequences:
                     )
                 yield pin
         finally:
-            self._release(key, entry, seq.end)
+            self._entries.release(key, entry, end=seq.end)
 
     def _session(self, meta: RequestMeta, session: str) -> Pin:
-        self._expire()
         key = ("session", meta.describe(), session)
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry(
-                Pin(f"session {session!r} of {meta.describe()}", strict=False)
-            )
+        what = f"session {session!r} of {meta.describe()}"
+        entry = self._entries.take(key, lambda: _Entry(Pin(what, strict=False)))
         pin = entry.pin
         if pin.replica_id is not None and self.registry.get(pin.replica_id) is None:
             pin.replica_id = None  # its replica left: the session moves
-        self._release(key, entry, end=False, held=False)
+        self._entries.release(key, entry, end=False)  # a session is not held
         return pin
-
-    def _release(
-        self, key: tuple[str, str, str], entry: _Entry, end: bool, held: bool = True
-    ) -> None:
-        if held:
-            entry.users -= 1
-        entry.last_used = self._clock()
-        if self._entries.get(key) is not entry:
-            return
-        if end and entry.users == 0:
-            del self._entries[key]
-        else:
-            self._entries.move_to_end(key)
-
-    def _expire(self) -> None:
-        """Drop entries idle for longer than the timeout (oldest first)."""
-        cutoff = self._clock() - self.idle_timeout
-        while self._entries:
-            key, entry = next(iter(self._entries.items()))
-            if entry.users or entry.last_used > cutoff:
-                break
-            del self._entries[key]

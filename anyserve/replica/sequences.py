@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from anyserve.errors import Unavailable
 from anyserve.replica.slot import Slot, State
-from anyserve.sequence import SequenceFlags
+from anyserve.sequence import IdleTable, SequenceFlags
 
 #: Seconds a sequence may go without a request before its entry is dropped.
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -46,10 +45,7 @@ class SequenceSlots:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.idle_timeout = idle_timeout
-        self._clock = clock
-        # Least recently used first, so expiry stops at the first live entry.
-        self._entries: OrderedDict[tuple[str, int | str], _Entry] = OrderedDict()
+        self._entries: IdleTable[tuple[str, int | str], _Entry] = IdleTable(idle_timeout, clock)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,12 +61,8 @@ class SequenceSlots:
         Raises Unavailable when the worker holding the sequence's state has
         exited or been replaced, and whatever ``acquire`` raises.
         """
-        self._expire()
         key = (handler, seq.id)
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry()
-        entry.users += 1
+        entry = self._entries.take(key, _Entry)
         try:
             async with entry.lock:
                 if seq.start or entry.slot is None:
@@ -84,19 +76,4 @@ class SequenceSlots:
                     )
                 yield entry.slot
         finally:
-            entry.users -= 1
-            entry.last_used = self._clock()
-            if self._entries.get(key) is entry:
-                if seq.end and entry.users == 0:
-                    del self._entries[key]
-                else:
-                    self._entries.move_to_end(key)
-
-    def _expire(self) -> None:
-        """Drop entries idle for longer than the timeout (oldest first)."""
-        cutoff = self._clock() - self.idle_timeout
-        while self._entries:
-            key, entry = next(iter(self._entries.items()))
-            if entry.users or entry.last_used > cutoff:
-                break
-            del self._entries[key]
+            self._entries.release(key, entry, end=seq.end)
