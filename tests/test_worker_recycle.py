@@ -32,6 +32,7 @@ from anyserve.replica.supervisor import RestartPolicy
 from tests.support import eventually
 from tests.test_workers import (
     body,
+    cli,
     cluster_of,
     http_to,
     json_output,
@@ -40,6 +41,7 @@ from tests.test_workers import (
     registry_until,
     workers_of,
 )
+from tests.test_workers import row as listed
 
 pytestmark = pytest.mark.anyio
 
@@ -97,6 +99,12 @@ async def test_a_call_stuck_past_its_deadline_gets_its_worker_recycled(
         await eventually(lambda: not pid_alive(first), timeout=5)
         second = pid_of(await http.post("/infer", headers=headers, json=body()))
         assert second != first
+        code, out, err = await cli("workers", "list", "--replica", replica.endpoint)
+        assert code == 0, err
+        cells = listed(out, "hang-0").split()
+        assert cells[3:7] == ["ready", "0", "0", "1"], out  # state, inflight, restarts, recycles
+        line = listed(out, "hang-0")
+        assert "last recycled:" in line and "still running" in line
         lines = [r.getMessage() for r in caplog.records if r.name == "anyserve.manager"]
         assert any(
             f"recycling worker hang-0 (pid {first})" in line and "still running" in line

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61nyserve/_proto/admin.proto\x12\x0e\x61nyserve.admin\"\xeb\x01\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07handler\x18\x02 \x01(\t\x12>\n\ncapability\x18\x03 \x03(\x0b\x32*.anyserve.admin.WorkerInfo.CapabilityEntry\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12\x10\n\x08inflight\x18\x06 \x01(\x03\x12\x10\n\x08restarts\x18\x07 \x01(\x03\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x1a\x31\n\x0f\x43\x61pabilityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x14\n\x12ListWorkersRequest\"7\n\x12StartWorkerRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"5\n\x11StopWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x64rain\x18\x02 \x01(\x08\"O\n\x0cWorkersReply\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12+\n\x07workers\x18\x02 \x03(\x0b\x32\x1a.anyserve.admin.WorkerInfo2\xfe\x01\n\x05\x41\x64min\x12Q\n\x0bListWorkers\x12\".anyserve.admin.ListWorkersRequest\x1a\x1c.anyserve.admin.WorkersReply\"\x00\x12Q\n\x0bStartWorker\x12\".anyserve.admin.StartWorkerRequest\x1a\x1c.anyserve.admin.WorkersReply\"\x00\x12O\n\nStopWorker\x12!.anyserve.admin.StopWorkerRequest\x1a\x1c.anyserve.admin.WorkersReply\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61nyserve/_proto/admin.proto\x12\x0e\x61nyserve.admin\"\x93\x02\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07handler\x18\x02 \x01(\t\x12>\n\ncapability\x18\x03 \x03(\x0b\x32*.anyserve.admin.WorkerInfo.CapabilityEntry\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12\x10\n\x08inflight\x18\x06 \x01(\x03\x12\x10\n\x08restarts\x18\x07 \x01(\x03\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x10\n\x08recycles\x18\t \x01(\x03\x12\x14\n\x0clast_recycle\x18\n \x01(\t\x1a\x31\n\x0f\x43\x61pabilityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x14\n\x12ListWorkersRequest\"7\n\x12StartWorkerRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"5\n\x11StopWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x64rain\x18\x02 \x01(\x08\"O\n\x0cWorkersReply\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12+\n\x07workers\x18\x02 \x03(\x0b\x32\x1a.anyserve.admin.WorkerInfo2\xfe\x01\n\x05\x41\x64min\x12Q\n\x0bListWorkers\x12\".anyserve.admin.ListWorkersRequest\x1a\x1c.anyserve.admin.WorkersReply\"\x00\x12Q\n\x0bStartWorker\x12\".anyserve.admin.StartWorkerRequest\x1a\x1c.anyserve.admin.WorkersReply\"\x00\x12O\n\nStopWorker\x12!.anyserve.admin.StopWorkerRequest\x1a\x1c.anyserve.admin.WorkersReply\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO_CAPABILITYENTRY']._loaded_options = None
   _globals['_WORKERINFO_CAPABILITYENTRY']._serialized_options = b'8\001'
   _globals['_WORKERINFO']._serialized_start=48
-  _globals['_WORKERINFO']._serialized_end=283
-  _globals['_WORKERINFO_CAPABILITYENTRY']._serialized_start=234
-  _globals['_WORKERINFO_CAPABILITYENTRY']._serialized_end=283
-  _globals['_LISTWORKERSREQUEST']._serialized_start=285
-  _globals['_LISTWORKERSREQUEST']._serialized_end=305
-  _globals['_STARTWORKERREQUEST']._serialized_start=307
-  _globals['_STARTWORKERREQUEST']._serialized_end=362
-  _globals['_STOPWORKERREQUEST']._serialized_start=364
-  _globals['_STOPWORKERREQUEST']._serialized_end=417
-  _globals['_WORKERSREPLY']._serialized_start=419
-  _globals['_WORKERSREPLY']._serialized_end=498
-  _globals['_ADMIN']._serialized_start=501
-  _globals['_ADMIN']._serialized_end=755
+  _globals['_WORKERINFO']._serialized_end=323
+  _globals['_WORKERINFO_CAPABILITYENTRY']._serialized_start=274
+  _globals['_WORKERINFO_CAPABILITYENTRY']._serialized_end=323
+  _globals['_LISTWORKERSREQUEST']._serialized_start=325
+  _globals['_LISTWORKERSREQUEST']._serialized_end=345
+  _globals['_STARTWORKERREQUEST']._serialized_start=347
+  _globals['_STARTWORKERREQUEST']._serialized_end=402
+  _globals['_STOPWORKERREQUEST']._serialized_start=404
+  _globals['_STOPWORKERREQUEST']._serialized_end=457
+  _globals['_WORKERSREPLY']._serialized_start=459
+  _globals['_WORKERSREPLY']._serialized_end=538
+  _globals['_ADMIN']._serialized_start=541
+  _globals['_ADMIN']._serialized_end=795
 # @@protoc_insertion_point(module_scope)

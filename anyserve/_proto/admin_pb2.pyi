@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "handler", "capability", "pid", "state", "inflight", "restarts", "error")
+    __slots__ = ("id", "handler", "capability", "pid", "state", "inflight", "restarts", "error", "recycles", "last_recycle")
     class CapabilityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class WorkerInfo(_message.Message):
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RECYCLES_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECYCLE_FIELD_NUMBER: _ClassVar[int]
     id: str
     handler: str
     capability: _containers.ScalarMap[str, str]
@@ -31,7 +33,9 @@ class WorkerInfo(_message.Message):
     inflight: int
     restarts: int
     error: str
-    def __init__(self, id: _Optional[str] = ..., handler: _Optional[str] = ..., capability: _Optional[_Mapping[str, str]] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., inflight: _Optional[int] = ..., restarts: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    recycles: int
+    last_recycle: str
+    def __init__(self, id: _Optional[str] = ..., handler: _Optional[str] = ..., capability: _Optional[_Mapping[str, str]] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., inflight: _Optional[int] = ..., restarts: _Optional[int] = ..., error: _Optional[str] = ..., recycles: _Optional[int] = ..., last_recycle: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -89,13 +89,14 @@ def _admin(replica: str, api: str, token: str | None, method: str, request: Any)
 
 
 def _print_workers(reply: Any) -> None:
-    """One row per worker; a failed worker's reason goes last, unpadded."""
-    rows = [("ID", "CAPABILITY", "PID", "STATE", "INFLIGHT", "RESTARTS", "ERROR")]
+    """One row per worker; a failed worker's reason (else why it was last
+    recycled) goes last, unpadded."""
+    rows = [("ID", "CAPABILITY", "PID", "STATE", "INFLIGHT", "RESTARTS", "RECYCLES", "ERROR")]
     for w in reply.workers:
         cap = ",".join(f"{k}={v}" for k, v in sorted(w.capability.items()))
-        rows.append(
-            (w.id, cap, str(w.pid or "-"), w.state, str(w.inflight), str(w.restarts), w.error)
-        )
+        why = w.error or (f"last recycled: {w.last_recycle}" if w.last_recycle else "")
+        counts = (str(w.inflight), str(w.restarts), str(w.recycles))
+        rows.append((w.id, cap, str(w.pid or "-"), w.state, *counts, why))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]

@@ -100,6 +100,8 @@ def worker_info(slot: Slot) -> apb.WorkerInfo:
         inflight=slot.inflight,
         restarts=slot.restarts,
         error=slot.failure,
+        recycles=slot.recycles,
+        last_recycle=slot.last_recycle,
     )
 
 
