@@ -12,7 +12,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY anyserve ./anyserve
-# fast: uvloop; redis: the shared registry (`anyserve api-server --registry redis://...`).
+# fast: kept for older pins (uvloop is a core dependency now); redis: the shared registry (`anyserve api-server --registry redis://...`).
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[fast,redis]"
 
 FROM python:3.11-slim

@@ -20,7 +20,7 @@ import grpc.aio
 import uvicorn
 from anyio.abc import TaskGroup
 
-from anyserve import rpc, tracing, tracing_servers
+from anyserve import memory, rpc, tracing, tracing_servers
 from anyserve.api_server import guard
 from anyserve.api_server.app import build_app
 from anyserve.api_server.config import ApiServerConfig
@@ -105,6 +105,7 @@ class ApiServer:
             raise RuntimeError("ApiServer already started")
         # Once per process, before the entries are built: they are traced or not.
         tracing.setup(tracing.API_SERVER_SERVICE)
+        memory.return_big_blocks()  # big bodies come and go: keep the RSS flat
         cfg = self.config
         try:
             sock = _listen(cfg.host, cfg.port)

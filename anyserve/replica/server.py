@@ -26,7 +26,7 @@ import anyio
 import grpc
 import grpc.aio
 
-from anyserve import rpc, tracing, wire
+from anyserve import memory, rpc, tracing, wire
 from anyserve.app import HandlerInfo
 from anyserve.calls import ApiChannel, ApiDelegator
 from anyserve.errors import StartupError
@@ -189,6 +189,7 @@ class Replica:
         store directory cannot be used."""
         # Once per process, before the servicer is built: it is traced or not.
         tracing.setup(tracing.REPLICA_SERVICE)
+        memory.return_big_blocks()  # tensors pass through: keep the RSS flat
         cfg = self.config
         describe_timeout = max(cfg.start_timeout, DESCRIBE_TIMEOUT)
         app_name, handlers = await describe_app(cfg.app, cfg.app_dir, describe_timeout)

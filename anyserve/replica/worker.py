@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from anyserve import codec, logs, rpc, tracing_servers, wire
+from anyserve import codec, logs, memory, rpc, tracing_servers, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import Handler, load_app
 from anyserve.calls import ApiCaller
@@ -364,11 +364,9 @@ def main(argv: list[str] | None = None) -> None:
         logs.set_worker(args.worker_id or "-")
         logs.configure(args.log_level.upper(), "json")
     else:
-        worker = args.worker_id or "-"
-        logging.basicConfig(
-            level=args.log_level.upper(),
-            format=f"%(asctime)s %(levelname)s worker {worker} %(name)s: %(message)s",
-        )
+        fmt = f"%(asctime)s %(levelname)s worker {args.worker_id or '-'} %(name)s: %(message)s"
+        logging.basicConfig(level=args.log_level.upper(), format=fmt)
+    memory.return_big_blocks()  # a handler's tensors come and go: keep the RSS flat
     # One line per context.call's discovery request is noise for an operator.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Ctrl-C in a terminal reaches the whole process group; the replica decides

@@ -1,0 +1,45 @@
+"""A process that has called ``memory.return_big_blocks()`` gives big freed
+blocks back to the system: after a burst of big buffers, a second burst of
+smaller ones (which glibc's sliding mmap threshold would serve from the heap,
+interleaved with small allocations that pin it) leaves no resident growth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from anyserve import memory
+
+    applied = memory.return_big_blocks()
+
+    def rss_mib():
+        pages = int(open("/proc/self/statm").read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    bigs = [b"x" * (8 << 20) for _ in range(4)]  # raises glibc's threshold past 8 MiB
+    del bigs
+    before = rss_mib()
+    smalls, bigs = [], []
+    for _ in range(10):
+        bigs.append(b"x" * (4 << 20))
+        smalls.append(bytes(3000))  # malloc'd, not pymalloc'd: pins the heap
+    del bigs
+    print(applied, rss_mib() - before)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, Linux only")
+def test_freed_big_buffers_leave_no_resident_growth() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60, check=True
+    )
+    applied, growth = done.stdout.split()
+    assert applied == "True", done.stdout
+    assert float(growth) < 2.0, f"{growth} MiB still resident after the burst was freed"
