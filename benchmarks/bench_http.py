@@ -3,6 +3,9 @@
 Measured in one run on this machine (not asserted in tests), side by side:
 
 * bare: :mod:`benchmarks.bare_http`, Starlette on uvicorn doing nothing;
+* chain (echo rows only): :mod:`benchmarks.bare_chain`, anyserve's shape with
+  no features (uvicorn + uvloop + httptools gateway -> one persistent grpc.aio
+  channel -> a replica -> one worker over a Unix socketpair, echoing);
 * anyserve: HTTP -> API server -> replica -> worker (one worker per handler of
   :mod:`benchmarks.apps`, trivial handlers), started by
   :mod:`benchmarks.cluster_proc`. By default each part runs in its own process
@@ -11,7 +14,9 @@ Measured in one run on this machine (not asserted in tests), side by side:
 
 Figures and targets (anyserve / bare):
 
-* ``POST /infer`` echo (small v2 JSON) at concurrency 64: requests/s >= 0.16x;
+* ``POST /infer`` echo (small v2 JSON) at concurrency 64: requests/s >= 0.16x
+  bare and >= 1.2x chain (issue 15); at concurrency 1: p50 <= the chain's
+  (anyserve / chain <= 1.0x);
 * one SSE stream of 1,000 chunks (``/infer/stream``, ``type=tokens``) against
   an sse-starlette endpoint: chunks/s >= 0.6x (median of several streams);
 * 8 MiB binary-extension requests (one UINT8 input of 8 MiB, binary output
@@ -19,8 +24,8 @@ Figures and targets (anyserve / bare):
 
 The client (:mod:`benchmarks.http_load`: wrk when on PATH, else aiohttp) is the
 same for both servers and runs in this process, apart from the servers. Each
-figure is measured in windows alternating bare, anyserve, anyserve, bare (each
-with its own warm-up), so drift in the machine's load falls on both alike;
+figure is measured in windows alternating bare, [chain,] anyserve, anyserve,
+[chain,] bare (each with its own warm-up), so drift in the machine's load falls on both alike;
 requests/s count every window, p50/p99 are the windows' mean, chunks/s and
 first-chunk times the median over all streams. Rows ``cpu ms/request`` give the
 CPU time each side spent per request while measuring (from ``/proc``), the
@@ -45,6 +50,7 @@ DURATION = float(os.environ.get("ANYSERVE_BENCH_DURATION", "4"))
 WARMUP = float(os.environ.get("ANYSERVE_BENCH_WARMUP", "1"))
 LAYOUT = os.environ.get("ANYSERVE_BENCH_LAYOUT", "split")
 CONCURRENCY = 64
+LATENCY_CONCURRENCY = 1  # the c=1 p50 row, against the chain
 BINARY_CONCURRENCY = 4
 BLOB = 8 * 1024 * 1024
 STREAM_CHUNKS = 1000
@@ -56,8 +62,10 @@ ROUNDS = 2
 TARGET_ECHO = 0.16
 TARGET_SSE = 0.6
 TARGET_BINARY = 0.19
+TARGET_ECHO_CHAIN = 1.2  # issue 15: anyserve / bare chain at c=64
+TARGET_LATENCY_CHAIN = 1.0  # issue 15: c=1 p50, anyserve / bare chain, at most
 
-TITLE = "HTTP -> API server -> replica -> worker vs bare Starlette, same run"
+TITLE = "HTTP -> API server -> replica -> worker vs bare Starlette and a bare chain, same run"
 
 
 class BenchFailed(RuntimeError):
@@ -96,12 +104,12 @@ def _binary_body() -> bytes:
 
 @dataclass(frozen=True)
 class Target:
-    """The three requests of one server."""
+    """The requests of one server (the bare chain serves only ``echo``)."""
 
     echo: http_load.Request
-    stream: http_load.Request
-    binary: http_load.Request
     pgids: tuple[int, ...]  # process groups whose CPU time counts as the server's
+    stream: http_load.Request | None = None
+    binary: http_load.Request | None = None
 
 
 def _bare_target(url: str, pgid: int, blob: bytes) -> Target:
@@ -119,6 +127,13 @@ def _bare_target(url: str, pgid: int, blob: bytes) -> Target:
             min_response=BLOB,
         ),
         pgids=(pgid,),
+    )
+
+
+def _chain_target(url: str, pgids: tuple[int, ...]) -> Target:
+    return Target(
+        echo=http_load.Request(f"{url}/infer", ECHO_BODY, {"Content-Type": "application/json"}),
+        pgids=pgids,
     )
 
 
@@ -192,6 +207,8 @@ def _unary(name: str, target: Target, request: http_load.Request, c: int, tally:
 
 
 def _stream(name: str, target: Target, tally: Tally) -> None:
+    if target.stream is None:
+        raise BenchFailed(f"{name} server has no SSE endpoint")
     try:
         result = http_load.sse_load(
             target.stream,
@@ -209,15 +226,16 @@ def _stream(name: str, target: Target, tally: Tally) -> None:
 
 def _alternating(
     servers: dict[str, Target], measure: Callable[[str, Target, Tally], None]
-) -> tuple[Tally, Tally]:
-    """Run ``measure`` ROUNDS times per server, in the order bare, anyserve,
-    anyserve, bare, ... so that drift in the machine's load falls on both alike."""
+) -> dict[str, Tally]:
+    """Run ``measure`` ROUNDS times per server, in the order of ``servers``, then
+    reversed, ... (bare, chain, anyserve, anyserve, chain, bare) so that drift in
+    the machine's load falls on all alike."""
     tallies = {name: Tally() for name in servers}
     for round_no in range(ROUNDS):
         order = list(servers) if round_no % 2 == 0 else list(reversed(servers))
         for name in order:
             measure(name, servers[name], tallies[name])
-    return tallies["bare"], tallies["anyserve"]
+    return tallies
 
 
 # -- rows -----------------------------------------------------------------------------
@@ -228,69 +246,135 @@ def _ratio(bare: float, anyserve: float) -> float:
 
 
 def _figure(
-    metric: str, bare: float, anyserve: float, target: float | None = None
+    metric: str,
+    bare: float,
+    anyserve: float,
+    target: float | None = None,
+    *,
+    chain: float | None = None,
+    chain_target: float | None = None,
 ) -> dict[str, Any]:
+    """One row. ``target`` is the least anyserve/bare; ``chain_target`` the least
+    anyserve/chain, or for a latency (``ms``) row the most."""
     ratio = _ratio(bare, anyserve)
-    note = "lower is better" if "ms" in metric.split() else ""
+    lower_better = "ms" in metric.split()
+    targets: list[str] = []
+    notes: list[str] = []
     if target is not None:
-        note = f"target >= {target:.2f}x: {'met' if ratio >= target else 'NOT met'}"
+        targets.append(f">= {target:.2f}x bare")
+        notes.append(f"vs bare {'met' if ratio >= target else 'NOT met'}")
+    chain_ratio = float("nan") if chain is None else _ratio(chain, anyserve)
+    if chain_target is not None:
+        if lower_better:
+            targets.append(f"<= {chain_target:.2f}x chain")
+            met = chain_ratio <= chain_target
+        else:
+            targets.append(f">= {chain_target:.2f}x chain")
+            met = chain_ratio >= chain_target
+        notes.append(f"vs chain {'met' if met else 'NOT met'}")
+    if not notes and lower_better:
+        notes.append("lower is better")
     return {
         "metric": metric,
         "bare": bare,
+        "chain": "" if chain is None else chain,
         "anyserve": anyserve,
         "anyserve/bare": ratio,
-        "target ratio": "" if target is None else target,
-        "note": note,
+        "anyserve/chain": "" if chain is None else chain_ratio,
+        "target ratio": ", ".join(targets),
+        "note": "; ".join(notes),
     }
 
 
-def _cpu_row(metric: str, bare: Tally, anyserve: Tally) -> dict[str, Any]:
-    """Server CPU ms per request (or chunk); the note splits anyserve's by process
-    and gives the client's."""
+def _cpu_row(
+    metric: str, bare: Tally, anyserve: Tally, chain: Tally | None = None
+) -> dict[str, Any]:
+    """Server CPU ms per request (or chunk); the note splits anyserve's (and the
+    chain's, labelled ``chain ...``) by process and gives the client's."""
     b = bare.cpu_ms(sum(bare.server_cpu.values()))
     a = anyserve.cpu_ms(sum(anyserve.server_cpu.values()))
-    parts = [
-        f"{label} {anyserve.cpu_ms(seconds):.3f}"
-        for label, seconds in sorted(anyserve.server_cpu.items(), key=lambda kv: -kv[1])
-        if seconds > 0
-    ]
+    c = None if chain is None else chain.cpu_ms(sum(chain.server_cpu.values()))
+
+    def split(tally: Tally) -> list[str]:
+        return [
+            f"{label} {tally.cpu_ms(seconds):.3f}"
+            for label, seconds in sorted(tally.server_cpu.items(), key=lambda kv: -kv[1])
+            if seconds > 0
+        ]
+
+    parts = split(anyserve) + ([] if chain is None else split(chain))
     client = (
         f"client {bare.cpu_ms(bare.client_cpu):.3f} / {anyserve.cpu_ms(anyserve.client_cpu):.3f}"
     )
     return {
         "metric": metric,
         "bare": b,
+        "chain": "" if c is None else c,
         "anyserve": a,
         "anyserve/bare": _ratio(b, a),
+        "anyserve/chain": "" if c is None else _ratio(c, a),
         "target ratio": "",
         "note": f"{'; '.join(parts)}; {client}",
     }
 
 
-def _measure(bare: Target, anyserve: Target) -> list[dict[str, Any]]:
+def _measure(bare: Target, chain: Target, anyserve: Target) -> list[dict[str, Any]]:
     servers = {"bare": bare, "anyserve": anyserve}
+    with_chain = {"bare": bare, "chain": chain, "anyserve": anyserve}
     rows: list[dict[str, Any]] = []
 
     def echo(name: str, target: Target, tally: Tally) -> None:
         _unary(name, target, target.echo, CONCURRENCY, tally)
 
+    def echo_one(name: str, target: Target, tally: Tally) -> None:
+        _unary(name, target, target.echo, LATENCY_CONCURRENCY, tally)
+
     def binary(name: str, target: Target, tally: Tally) -> None:
+        if target.binary is None:
+            raise BenchFailed(f"{name} server has no binary endpoint")
         _unary(name, target, target.binary, BINARY_CONCURRENCY, tally)
 
-    b, a = _alternating(servers, echo)
+    t = _alternating(with_chain, echo)
+    b, c, a = t["bare"], t["chain"], t["anyserve"]
     label = f"echo c={CONCURRENCY}"
-    rows.append(_figure(f"{label} requests/s", b.rps, a.rps, TARGET_ECHO))
-    rows.append(_figure(f"{label} p50 ms", _mean(b.p50s), _mean(a.p50s)))
-    rows.append(_figure(f"{label} p99 ms", _mean(b.p99s), _mean(a.p99s)))
-    rows.append(_cpu_row(f"{label} cpu ms/request", b, a))
+    rows.append(
+        _figure(
+            f"{label} requests/s",
+            b.rps,
+            a.rps,
+            TARGET_ECHO,
+            chain=c.rps,
+            chain_target=TARGET_ECHO_CHAIN,
+        )
+    )
+    rows.append(_figure(f"{label} p50 ms", _mean(b.p50s), _mean(a.p50s), chain=_mean(c.p50s)))
+    rows.append(_figure(f"{label} p99 ms", _mean(b.p99s), _mean(a.p99s), chain=_mean(c.p99s)))
+    rows.append(_cpu_row(f"{label} cpu ms/request", b, a, c))
 
-    b, a = _alternating(servers, _stream)
+    t = _alternating(with_chain, echo_one)
+    b, c, a = t["bare"], t["chain"], t["anyserve"]
+    label = f"echo c={LATENCY_CONCURRENCY}"
+    rows.append(_figure(f"{label} requests/s", b.rps, a.rps, chain=c.rps))
+    rows.append(
+        _figure(
+            f"{label} p50 ms",
+            _mean(b.p50s),
+            _mean(a.p50s),
+            chain=_mean(c.p50s),
+            chain_target=TARGET_LATENCY_CHAIN,
+        )
+    )
+    rows.append(_cpu_row(f"{label} cpu ms/request", b, a, c))
+
+    t = _alternating(servers, _stream)
+    b, a = t["bare"], t["anyserve"]
     label = f"SSE {STREAM_CHUNKS} chunks"
     rows.append(_figure(f"{label} chunks/s", _median(b.rates), _median(a.rates), TARGET_SSE))
     rows.append(_figure(f"{label} first chunk ms", _median(b.firsts), _median(a.firsts)))
     rows.append(_cpu_row(f"{label} cpu ms/chunk", b, a))
 
-    b, a = _alternating(servers, binary)
+    t = _alternating(servers, binary)
+    b, a = t["bare"], t["anyserve"]
     label = f"8 MiB binary c={BINARY_CONCURRENCY}"
     rows.append(_figure(f"{label} requests/s", b.rps, a.rps, TARGET_BINARY))
     rows.append(_figure(f"{label} p50 ms", _mean(b.p50s), _mean(a.p50s)))
@@ -312,19 +396,27 @@ def run() -> list[dict[str, Any]]:
     print(
         f"{http_load.describe_client()}; anyserve: {LAYOUTS[LAYOUT]}, one worker per handler.\n"
         "cpu rows: server CPU ms per request or chunk while measuring (anyserve: all its"
-        " processes; the note splits it), then the client's in the bare / anyserve runs",
+        " processes; the note splits it), then the client's in the bare / anyserve runs;"
+        " chain: benchmarks.bare_chain (gateway -> grpc.aio -> replica -> worker, no features)",
         flush=True,
     )
     blob = _binary_body()
-    with procs.ServerProcess("benchmarks.bare_http") as bare_proc:
+    with (
+        procs.ServerProcess("benchmarks.bare_http") as bare_proc,
+        procs.ServerProcess("benchmarks.bare_chain") as chain_proc,
+    ):
         bare = _bare_target(bare_proc.endpoint, bare_proc.pid, blob)
+        # The chain announces "URL REPLICA_PGID" (its replica and worker run in
+        # their own process group).
+        chain_url, chain_replica = chain_proc.endpoint.split()
+        chain = _chain_target(chain_url, (chain_proc.pid, int(chain_replica)))
         if LAYOUT == "one":
             with procs.ServerProcess("benchmarks.cluster_proc", "all") as cluster:
                 url = cluster.endpoint.split()[0]
-                return _measure(bare, _anyserve_target(url, (cluster.pid,), blob))
+                return _measure(bare, chain, _anyserve_target(url, (cluster.pid,), blob))
         with procs.ServerProcess("benchmarks.cluster_proc", "api") as api:
             url = api.endpoint.split()[0]
             with procs.ServerProcess(
                 "benchmarks.cluster_proc", "replica", "--api-server", url
             ) as replica:
-                return _measure(bare, _anyserve_target(url, (api.pid, replica.pid), blob))
+                return _measure(bare, chain, _anyserve_target(url, (api.pid, replica.pid), blob))

@@ -187,6 +187,9 @@ def _label(cmdline: list[str]) -> str:
     if "benchmarks.cluster_proc" in cmdline:
         mode = cmdline[cmdline.index("benchmarks.cluster_proc") + 1]
         return {"all": "api server + replica", "api": "api server"}.get(mode, mode)
+    if "benchmarks.bare_chain" in cmdline:
+        rest = cmdline[cmdline.index("benchmarks.bare_chain") + 1 :]
+        return f"chain {rest[0] if rest else 'gateway'}"
     if "benchmarks.bare_http" in cmdline:
         return "bare"
     return os.path.basename(cmdline[0]) if cmdline else "?"
