@@ -69,6 +69,13 @@ def start(
         str | None, typer.Option(help="Shared object directory (NFS/NAS across machines).")
     ] = "/tmp/anyserve-objects",
     object_ttl: Annotated[float, typer.Option(help="Seconds an object lives.")] = 3600.0,
+    object_sweep_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds between sweeps that remove expired objects (and measure the store).",
+        ),
+    ] = 60.0,
     object_max_mib: Annotated[
         float | None, typer.Option(help="Largest object a handler may create, in MiB.")
     ] = None,
@@ -103,6 +110,7 @@ def start(
         advertise=advertise,
         object_store=object_store,
         object_ttl=object_ttl,
+        object_sweep_interval=object_sweep_interval,
         object_max_size=int(object_max_mib * 1024 * 1024) if object_max_mib else None,
         token=token,
         resources=parse_resources(resources),

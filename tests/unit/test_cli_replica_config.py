@@ -1,0 +1,33 @@
+"""``anyserve start`` hands its object-store flags to the replica's config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import anyserve.cli.serving as serving
+import anyserve.replica.server as replica_server
+from anyserve.cli import app
+
+
+def test_start_passes_the_object_flags_to_the_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[Any] = []
+
+    class Recorded:
+        def __init__(self, config: Any) -> None:
+            built.append(config)
+
+        async def run(self) -> None:  # never started: _run_until_signal is replaced
+            raise AssertionError("not run")
+
+    monkeypatch.setattr(replica_server, "Replica", Recorded)
+    monkeypatch.setattr(serving, "_run_until_signal", lambda serve, stop=None: None)
+    args = ["start", "--app", "examples.chat_app:app", "--object-ttl", "5"]
+    result = CliRunner().invoke(app, [*args, "--object-sweep-interval", "0.5"])
+    assert result.exit_code == 0, result.output
+    (config,) = built
+    assert config.object_ttl == 5.0 and config.object_sweep_interval == 0.5
+    bad = CliRunner().invoke(app, [*args, "--object-sweep-interval", "0"])
+    assert bad.exit_code != 0
