@@ -22,9 +22,7 @@ import os
 import signal
 import socket
 import sys
-import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -35,11 +33,11 @@ from anyserve.app import Handler, load_app
 from anyserve.calls import ApiCaller
 from anyserve.context import Caller, Context, StreamClosed
 from anyserve.errors import AnyServeError, InvalidArgument, to_frame
-from anyserve.metrics.worker import HANDLER_METRICS
 from anyserve.objects import ObjectStore
 from anyserve.objects.peers import OBJECT_SOURCE_ENV
 from anyserve.proto import InferParameter, ModelInferRequest
 from anyserve.replica.batching import Batcher, handler_batcher, handler_error
+from anyserve.replica.worker_call import WorkerCall
 from anyserve.sequence import SequenceStates
 from anyserve.signature import check_request, check_response, select_outputs
 
@@ -49,51 +47,9 @@ log = logging.getLogger("anyserve.worker")
 EXIT_BAD_APP = 3
 # Names the handler a worker process serves.
 HANDLER_ENV = "ANYSERVE_HANDLER"
-# Chunks of one stream a worker may send ahead of what its caller has taken;
-# the dispatcher grants more as the caller takes them (see Credit in worker.proto).
-STREAM_WINDOW = 64
 # "1" in a worker's environment: check every response against the handler's
 # declared outputs (a contract check for test suites; off in production).
 CHECK_OUTPUTS_ENV = "ANYSERVE_CHECK_OUTPUTS"
-
-
-@dataclass
-class _Call:
-    # Registered when the Call frame is read, so a Cancel right behind it
-    # (before the call's task ran) is not lost.
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    context: Context | None = None
-    # Chunks this stream may still send before the dispatcher grants more.
-    credits: int = STREAM_WINDOW
-    granted: asyncio.Event = field(default_factory=asyncio.Event)
-    # The dispatcher cancelled it: confirm with a Cancel frame once it has ended.
-    confirm: bool = False
-    # For the replica's metrics (CallStats): when the Call frame arrived, and
-    # how often the stream waited for credit.
-    started: float = field(default_factory=time.perf_counter)
-    stalls: int = 0
-
-    def stats(self) -> wpb.CallStats:
-        """This call's figures, with the handler metrics changed since the last report."""
-        return wpb.CallStats(
-            handler_seconds=time.perf_counter() - self.started,
-            credit_stalls=self.stalls,
-            metrics=HANDLER_METRICS.take(),
-        )
-
-    def grant(self, chunks: int) -> None:
-        self.credits += chunks
-        self.granted.set()
-
-    async def spend(self) -> None:
-        """Take one credit, waiting while the caller is behind (backpressure).
-        Returns at once when the call is cancelled (the sender then stops)."""
-        if self.credits <= 0:
-            self.stalls += 1
-        while self.credits <= 0 and not self.scope.cancel_called:
-            self.granted.clear()
-            await self.granted.wait()
-        self.credits -= 1
 
 
 class WorkerServer:
@@ -125,7 +81,7 @@ class WorkerServer:
             if handler.is_sync
             else asyncio.Semaphore(handler.info.max_concurrency)
         )
-        self.calls: dict[int, _Call] = {}
+        self.calls: dict[int, WorkerCall] = {}
         self.check_outputs = check_outputs
         self._served_by = InferParameter(string_param=replica_id)
         self.batcher: Batcher[tuple[ModelInferRequest, Context]] | None = handler_batcher(handler)
@@ -143,7 +99,7 @@ class WorkerServer:
                     break
                 kind = header.WhichOneof("kind")
                 if kind == "call":
-                    self.calls[header.call_id] = _Call()
+                    self.calls[header.call_id] = WorkerCall()
                     tg.start_soon(self._run, header.call_id, header.call, payload)
                 elif kind == "cancel":
                     self._cancel_requested(header.call_id)
@@ -202,7 +158,9 @@ class WorkerServer:
             if state.confirm:
                 self._confirm_cancel(call_id)
 
-    async def _serve_call(self, call_id: int, call: wpb.Call, payload: bytes, state: _Call) -> None:
+    async def _serve_call(
+        self, call_id: int, call: wpb.Call, payload: bytes, state: WorkerCall
+    ) -> None:
         info = self.handler.info
         try:
             request = ModelInferRequest.FromString(payload)
