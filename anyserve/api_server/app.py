@@ -39,6 +39,7 @@ from anyserve.api_server.responses import (
     unless_disconnected,
 )
 from anyserve.api_server.sequences import SESSION_HEADER
+from anyserve.api_server.shared_memory import CallSegments
 from anyserve.api_server.sse import StreamRelay, protobuf_data
 from anyserve.api_server.state import ApiState
 from anyserve.errors import AnyServeError, InvalidArgument
@@ -59,7 +60,8 @@ def _is_protobuf(request: Request) -> bool:
     return ctype in _PROTOBUF_TYPES
 
 
-def _protobuf_payload(body: bytes, name: str, meta: RequestMeta) -> bytes:
+def _protobuf_payload(state: ApiState, body: bytes, name: str, meta: RequestMeta) -> bytes:
+    body = state.shared_memory.rewrite(body, meta)
     try:
         in_body = rpc.peek_string_field(body, 1)
     except ValueError as exc:
@@ -73,12 +75,17 @@ def _protobuf_payload(body: bytes, name: str, meta: RequestMeta) -> bytes:
     return body
 
 
+Decoded = tuple[bytes, ModelInferRequest | None, CallSegments | None]
+
+
 async def _decode_infer(
-    state: ApiState, request: Request, meta: RequestMeta
-) -> tuple[bytes, ModelInferRequest | None]:
+    state: ApiState, request: Request, meta: RequestMeta, *, place: bool = False
+) -> Decoded:
     """Read an inference body; return (serialized request, parsed request or
-    None when the body was protobuf and is forwarded untouched). Sets
-    ``meta.model_name``.
+    None when the body was protobuf and is forwarded untouched, the call's
+    shared-memory segments or None). Sets ``meta.model_name``. With ``place``,
+    big raw inputs may be moved into shared memory
+    (:mod:`anyserve.api_server.shared_memory`); the caller releases them.
 
     A big body (over 1 MiB, or chunked) is read into one buffer and, when it
     is JSON, parsed in pieces (:mod:`anyserve.api_server.json_bodies`) so the
@@ -89,42 +96,52 @@ async def _decode_infer(
     name = request.path_params.get("name", "")
     gate: BigBodyGate = request.app.state.big_bodies
     if gate.is_big(declared_length(request, state.config.max_body)):
-        return await _decode_big(state, request, meta, name, gate)
+        return await _decode_big(state, request, meta, name, gate, place)
     body = await read_body(request, state.config.max_body)
     if _is_protobuf(request):
-        return _protobuf_payload(body, name, meta), None
+        return _protobuf_payload(state, body, name, meta), None, None
     header = request.headers.get(codec.HEADER_LENGTH)
     if header is not None:
         parsed = codec.request_from_binary(body, codec.parse_header_length(header), name)
     else:
         parsed = codec.request_from_json(body, name)
     meta.model_name = parsed.model_name
-    return parsed.SerializeToString(), parsed
+    segments = state.shared_memory.prepare(parsed, meta, place=place)
+    return parsed.SerializeToString(), parsed, segments
 
 
 async def _decode_big(
-    state: ApiState, request: Request, meta: RequestMeta, name: str, gate: BigBodyGate
-) -> tuple[bytes, ModelInferRequest | None]:
+    state: ApiState,
+    request: Request,
+    meta: RequestMeta,
+    name: str,
+    gate: BigBodyGate,
+    place: bool,
+) -> Decoded:
     # Reading is not gated: a body costs its size once however slowly it
     # arrives (the body timeout bounds a stalled one), and a client trickling
     # its upload must not hold a slot that others' parsing needs.
     holder = [await read_big_body(request, state.config.max_body)]
     if _is_protobuf(request):
-        return _protobuf_payload(bytes(holder.pop()), name, meta), None
+        return _protobuf_payload(state, bytes(holder.pop()), name, meta), None, None
     header = request.headers.get(codec.HEADER_LENGTH)
+    segments = None
     if header is not None:
         # Raw tensor data: slicing it is a copy, not a parse; only the header is JSON.
         body = bytes(holder.pop())
         parsed = codec.request_from_binary(body, codec.parse_header_length(header), name)
         del body
+        meta.model_name = parsed.model_name
+        segments = state.shared_memory.prepare(parsed, meta, place=place)
         payload = parsed.SerializeToString()
         parsed.ClearField("raw_input_contents")  # the answer is rendered without it
     else:
         # Parsing is what multiplies a body's memory: bounded by the gate.
         async with gate.slot():
             payload, parsed = await request_from_big_json(holder, name)
+        state.shared_memory.check(parsed, meta)
     meta.model_name = parsed.model_name
-    return payload, parsed
+    return payload, parsed, segments
 
 
 def _require_target(meta: RequestMeta) -> None:
@@ -158,13 +175,20 @@ async def infer(state: ApiState, request: Request) -> Response:
     """``POST /infer``, ``/v2/models/{name}[/versions/{v}]/infer`` (JSON,
     binary or protobuf)."""
     meta = request_meta(request, state.config.request_timeout)
-    payload, parsed = await _decode_infer(state, request, meta)
-    _require_target(meta)
-    raw = await _unary(state, request, _with_version(payload, request), meta)
-    headers = {"X-Request-Id": meta.request_id}
-    if parsed is None:
-        return Response(raw, headers=headers, media_type=PROTOBUF)
-    body, header_length = codec.response_to_http(replica_message(ModelInferResponse, raw), parsed)
+    payload, parsed, segments = await _decode_infer(state, request, meta, place=True)
+    try:
+        _require_target(meta)
+        raw = await _unary(state, request, _with_version(payload, request), meta)
+        headers = {"X-Request-Id": meta.request_id}
+        if parsed is None:
+            return Response(raw, headers=headers, media_type=PROTOBUF)
+        response = replica_message(ModelInferResponse, raw)
+        if segments is not None:
+            state.shared_memory.take_outputs(response, segments)
+    finally:
+        if segments is not None:
+            state.shared_memory.release(segments)
+    body, header_length = codec.response_to_http(response, parsed)
     if header_length is None:
         return Response(body, headers=headers, media_type="application/json")
     headers[codec.HEADER_LENGTH] = str(header_length)
@@ -176,7 +200,7 @@ async def infer_stream(state: ApiState, request: Request) -> Response:
     base64 of each serialized ``ModelInferResponse`` for a protobuf body, else
     KServe v2 REST JSON."""
     meta = request_meta(request, state.config.request_timeout)
-    payload, parsed = await _decode_infer(state, request, meta)
+    payload, parsed, _ = await _decode_infer(state, request, meta)
     _require_target(meta)
     render = protobuf_data if parsed is None else codec.response_to_json
     return StreamRelay(

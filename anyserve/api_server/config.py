@@ -69,6 +69,9 @@ class ApiServerConfig:
     replica_networks: tuple[str, ...] = ()
     # "memory", or a Redis URL shared by several API servers.
     registry: str = "memory"
+    # Raw inputs of at least this many bytes reach a replica on this host
+    # through shared memory (api_server/shared_memory.py); 0 turns that off.
+    shm_threshold: int = 1024 * 1024
     # HTTP read timeouts, connection cap, big-body gate (api_server/limits.py).
     edge: EdgeLimits = field(default_factory=EdgeLimits)
     networks: tuple[guard.Network, ...] = field(init=False, default=())
@@ -76,6 +79,8 @@ class ApiServerConfig:
     def __post_init__(self) -> None:
         if self.no_match not in NO_MATCH_POLICIES:
             raise ValueError(f"no_match must be one of {NO_MATCH_POLICIES}, not {self.no_match!r}")
+        if self.shm_threshold < 0:
+            raise ValueError("shm_threshold must be 0 (off) or a number of bytes")
         if self.hop_limit < 1:
             raise ValueError("hop_limit must be at least 1")
         if self.heartbeat_interval <= 0:

@@ -94,8 +94,11 @@ async def register(state: ApiState, request: Request) -> Response:
         raise InvalidArgument("'workers' must be a list")
     old = state.registry.get(replica_id)
     before = None if old is None else (old.endpoint, old.capabilities, old.loadable)
+    host = doc.get("host", "")
+    if not isinstance(host, str) or len(host) > 200:
+        raise InvalidArgument("'host' must be a string of at most 200 characters")
     replica, created = state.registry.upsert(
-        replica_id, endpoint, capabilities, loadable, workers, failed
+        replica_id, endpoint, capabilities, loadable, workers, failed, host=host
     )
     state.backend.stored(replica)
     state.pool.refresh(endpoint)

@@ -120,6 +120,7 @@ class GrpcEntry:
             raise InvalidArgument("set x-capability-* metadata or the request's model_name")
         start, status, answer = time.perf_counter(), _CANCELLED, b""
         try:
+            request = self._state.shared_memory.rewrite(request, meta)
             async with self._state.sequences.route(request, meta):
                 answer = await self._state.router.unary(rpc.MODEL_INFER, request, meta)
             status = 200

@@ -54,6 +54,9 @@ class RequestMeta:
     chunks: int = 0
     # The replica a Triton sequence or session is on (api_server/sequences.py).
     pin: Pin | None = None
+    # Set when the request's tensors are in shared memory on this host
+    # (anyserve.shm.host_id): only replicas there may take it.
+    host: str = ""
 
     def describe(self) -> str:
         """How the request addressed its target, for error messages and logs."""

@@ -47,6 +47,9 @@ class ReplicaEntry:
     last_heartbeat: float = 0.0  # wall clock, for display
     last_seen: float = 0.0  # monotonic, for expiry
     in_flight: int = 0
+    # Its /dev/shm's identity (anyserve.shm.host_id): equal to the API
+    # server's, tensors may reach it through shared memory. Empty: unknown.
+    host: str = ""
 
     def rank(self, query: Mapping[str, str], name: str) -> Rank | None:
         """``(capability rank, loadable?)`` of this replica's best capability
@@ -109,6 +112,7 @@ class Registry:
         failed: Sequence[Capability] = (),
         *,
         age: float = 0.0,
+        host: str = "",
     ) -> tuple[ReplicaEntry, bool]:
         """Register or refresh a replica; its capabilities are replaced.
 
@@ -124,7 +128,7 @@ class Registry:
             self._replicas[replica_id] = replica
         elif created:
             replica.registered_at = now_wall
-        replica.endpoint = endpoint
+        replica.endpoint, replica.host = endpoint, host
         served = (tuple(capabilities), tuple(loadable), tuple(failed))
         if served != (replica.capabilities, replica.loadable, replica.failed):
             # A heartbeat usually repeats what it said: reindex only on a change.
@@ -178,15 +182,22 @@ class Registry:
         return {r.endpoint for r in self._replicas.values()}
 
     def candidates(
-        self, query: Mapping[str, str], name: str, exclude: Collection[str] = ()
+        self,
+        query: Mapping[str, str],
+        name: str,
+        exclude: Collection[str] = (),
+        host: str = "",
     ) -> list[ReplicaEntry]:
         """Live replicas that serve the query (or, without a query, the model
         name), best first: closest match, loaded before loadable, least in
-        flight, ties in random order. Replicas in ``exclude`` are skipped."""
+        flight, ties in random order. Replicas in ``exclude`` are skipped;
+        with ``host``, so are replicas on another host."""
         now = self._clock()
         ranked: list[tuple[Rank, int, float, ReplicaEntry]] = []
         for replica in self._matching(query, name):
             if replica.replica_id in exclude or not self._alive(replica, now):
+                continue
+            if host and replica.host != host:
                 continue
             found = replica.rank(query, name)
             if found is not None:

@@ -68,6 +68,7 @@ def to_record(replica: ReplicaEntry) -> dict[str, Any]:
         "failed": [c.to_dict() for c in replica.failed],
         "workers": replica.workers,
         "registered_at": replica.registered_at,
+        "host": replica.host,
     }
 
 
@@ -91,6 +92,7 @@ def apply_record(view: Registry, record: Any, *, age: float = 0.0) -> ReplicaEnt
         workers,
         _caps(record, "failed"),
         age=age,
+        host=str(record.get("host", "")),
     )
     registered_at = record.get("registered_at")
     if created and isinstance(registered_at, int | float):

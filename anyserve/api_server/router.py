@@ -333,7 +333,7 @@ class Router:
         exclude = set(meta.visited)
         exclude.update(r.replica_id for r in unreachable)
         if not random_mode:
-            found = self.registry.candidates(meta.query, meta.model_name, exclude)
+            found = self.registry.candidates(meta.query, meta.model_name, exclude, meta.host)
             if found:
                 return self._first_free(found, meta, "match"), False, len(found) - 1
             if unreachable:

@@ -20,7 +20,7 @@ import grpc.aio
 import uvicorn
 from anyio.abc import TaskGroup
 
-from anyserve import memory, rpc, tracing, tracing_servers
+from anyserve import memory, rpc, shm, tracing, tracing_servers
 from anyserve.api_server import guard
 from anyserve.api_server.app import build_app
 from anyserve.api_server.config import ApiServerConfig
@@ -153,6 +153,7 @@ class ApiServer:
             self._http_done = anyio.Event()
             self._tg.start_soon(self._run_uvicorn, self._uvicorn, sock)
             self._tg.start_soon(self._sweep)
+            self._tg.start_soon(self._sweep_shm)
             # The registry backend keeps the view in step with other API servers'.
             await self._tg.start(self.state.backend.run)
             # uvicorn offers no event for "listening"; its start-up is a few ticks.
@@ -202,6 +203,13 @@ class ApiServer:
                     registry.ttl,
                 )
             await pool.prune(registry.endpoints())
+
+    async def _sweep_shm(self) -> None:
+        while True:
+            removed = self.state.shared_memory.sweep()
+            if removed:
+                logger.info("deleted %d shared memory segments no call holds", removed)
+            await anyio.sleep(shm.SWEEP_INTERVAL)
 
     async def _close_grpc(self) -> None:
         if self._grpc is not None:

@@ -15,6 +15,7 @@ from anyserve.api_server.registry import Registry
 from anyserve.api_server.registry_backend import RegistryBackend, make_backend
 from anyserve.api_server.router import Router
 from anyserve.api_server.sequences import Sequences
+from anyserve.api_server.shared_memory import SharedMemory
 from anyserve.metrics.api import ApiMetrics
 
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
@@ -53,6 +54,7 @@ class ApiState:
     pool: ChannelPool = field(init=False)
     router: Router = field(init=False)
     sequences: Sequences = field(init=False)
+    shared_memory: SharedMemory = field(init=False)
     metrics: ApiMetrics = field(init=False)
     grpc_port: int = 0  # the bound port, set by the server once it listens
     draining: bool = False  # set by stop(): not ready any more
@@ -74,6 +76,7 @@ class ApiState:
             connect_timeout=cfg.connect_timeout,
         )
         self.sequences = Sequences(self.registry, cfg.sequence_idle_timeout)
+        self.shared_memory = SharedMemory(self.registry, cfg.shm_threshold, None)
         self.metrics = ApiMetrics(self._census)
         self.router.on_decision = self.metrics.decision
 

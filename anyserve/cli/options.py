@@ -110,6 +110,13 @@ MaxConnections = Annotated[
         " evicts the oldest idle or half-open one, or gets 503 when all are busy.",
     ),
 ]
+ShmThresholdKib = Annotated[
+    int,
+    typer.Option(
+        help="Raw (binary) inputs of at least this many KiB reach a replica on this host"
+        " through /dev/shm instead of gRPC, and big outputs come back that way; 0: never.",
+    ),
+]
 BigBodySlots = Annotated[
     int,
     typer.Option(

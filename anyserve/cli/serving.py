@@ -35,6 +35,7 @@ from anyserve.cli.options import (
     ReplicaNetworks,
     RequestTimeout,
     SequenceIdleTimeout,
+    ShmThresholdKib,
     StartTimeout,
     StuckCallGrace,
     Token,
@@ -195,6 +196,7 @@ _API_OPTIONS = (
     "max_inflight",
     "request_timeout",
     "sequence_idle_timeout",
+    "shm_threshold_kib",
     "insecure_register",
     "replica_networks",
     "grace",
@@ -209,6 +211,7 @@ def _api_config(values: dict[str, Any]) -> Any:
     options = {name: values[name] for name in _API_OPTIONS}
     options["max_body"] = options.pop("max_body_mib") * MIB
     options["max_inflight_per_replica"] = options.pop("max_inflight")
+    options["shm_threshold"] = options.pop("shm_threshold_kib") * 1024
     options["shutdown_grace"] = options.pop("grace")
     networks = options.pop("replica_networks") or ""
     options["replica_networks"] = tuple(n for n in networks.split(",") if n.strip())
@@ -232,6 +235,7 @@ def api_server(
     max_inflight: MaxInflight = 256,
     request_timeout: RequestTimeout = 300.0,
     sequence_idle_timeout: SequenceIdleTimeout = 60.0,
+    shm_threshold_kib: ShmThresholdKib = 1024,
     insecure_register: InsecureRegister = False,
     replica_networks: ReplicaNetworks = None,
     grace: Grace = 10.0,
@@ -286,6 +290,7 @@ def run(
     max_inflight: MaxInflight = 256,
     request_timeout: RequestTimeout = 300.0,
     sequence_idle_timeout: SequenceIdleTimeout = 60.0,
+    shm_threshold_kib: ShmThresholdKib = 1024,
     insecure_register: InsecureRegister = False,
     replica_networks: ReplicaNetworks = None,
     grace: Grace = 10.0,

@@ -34,6 +34,7 @@ from anyserve.codec.generate import generate_request, generate_response_json
 from anyserve.codec.responses import to_infer_response, to_stream_response, use_raw_outputs
 from anyserve.codec.v2json import request_from_json, response_from_json, response_to_json
 from anyserve.codec.values import (
+    attached_inputs,
     decode_array,
     decode_input,
     decode_inputs,
@@ -47,6 +48,7 @@ from anyserve.codec.values import (
 __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
+    "attached_inputs",
     "binary_outputs_requested",
     "check_shape",
     "decode_array",

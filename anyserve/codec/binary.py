@@ -31,6 +31,7 @@ from anyserve.codec.json_tensors import (
 from anyserve.codec.v2json import parse_request_doc, parse_response_doc, response_head
 from anyserve.errors import HandlerError, InvalidArgument
 from anyserve.proto import ModelInferRequest, ModelInferResponse
+from anyserve.shm import REGION
 
 __all__ = [
     "HEADER_LENGTH",
@@ -160,7 +161,7 @@ def response_to_http(
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for index, tensor in enumerate(response.outputs):
-        if not explicit.get(tensor.name, default):
+        if not explicit.get(tensor.name, default) or REGION in tensor.parameters:
             outputs.append(output_json(response, index))
             continue
         blobs.append(_output_blob(response, index))

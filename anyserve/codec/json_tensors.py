@@ -26,6 +26,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar
 from anyserve.codec.datatypes import DATATYPES, spec, unpack_raw
 from anyserve.errors import HandlerError, InvalidArgument
 from anyserve.proto import InferParameter, ModelInferRequest, ModelInferResponse
+from anyserve.shm import REGION
 
 __all__ = [
     "Pending",
@@ -237,6 +238,11 @@ def _parse_tensor(item: Any, index: int, tensor: Tensor, kind: str) -> Pending:
             b64 = True
             del tensor.parameters["content_encoding"]  # what response_to_json adds
     data = item.get("data")
+    if params is not None and REGION in params:
+        # Triton's system shared memory: the bytes are in the client's region.
+        if data is not None or binary_size is not None:
+            raise InvalidArgument(f"{what} has data besides its shared memory region")
+        return tensor, [], None
     if binary_size is not None:
         if data is not None:
             raise InvalidArgument(f"{what} has both 'data' and binary_data_size")
@@ -321,6 +327,9 @@ def output_json(response: ModelInferResponse, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype}
     out["shape"] = list(tensor.shape)
     params = params_json(tensor.parameters)
+    if REGION in tensor.parameters:  # written into the client's region: no data here
+        out["parameters"] = params
+        return out
     data = output_values(response, index)
     if tensor.datatype == "BYTES":
         try:

@@ -31,7 +31,8 @@ so errors name an ``input`` or an ``output``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeAlias
 
 from anyserve.codec import shapes
@@ -46,6 +47,7 @@ __all__ = [
     "MissingInput",
     "MissingOutput",
     "Outputs",
+    "attached_inputs",
     "decode_array",
     "decode_input",
     "decode_inputs",
@@ -114,8 +116,31 @@ class Outputs(dict[str, Any]):
         )
 
 
-def _raw_entries(message: ModelInferRequest | ModelInferResponse) -> Sequence[bytes]:
+# Raw bytes of requests whose inputs live elsewhere (shared memory), by the
+# request object's id, for as long as the worker's call on it runs: a handler
+# is given the protobuf request itself and decodes it whenever it likes.
+_ATTACHED: dict[int, Sequence[Any]] = {}
+
+
+@contextmanager
+def attached_inputs(request: ModelInferRequest, raw: Sequence[Any] | None) -> Iterator[None]:
+    """Within the block, decoding ``request`` reads input ``i``'s raw bytes
+    from ``raw[i]`` (any buffer: a read-only shared-memory view stays a view)
+    instead of ``raw_input_contents``. ``None``: nothing to attach."""
+    if raw is None:
+        yield
+        return
+    _ATTACHED[id(request)] = raw
+    try:
+        yield
+    finally:
+        del _ATTACHED[id(request)]
+
+
+def _raw_entries(message: ModelInferRequest | ModelInferResponse) -> Sequence[Any]:
     if isinstance(message, ModelInferRequest):
+        if _ATTACHED and (attached := _ATTACHED.get(id(message))) is not None:
+            return attached
         raw, count, owner, kind = (
             message.raw_input_contents,
             len(message.inputs),

@@ -26,7 +26,7 @@ import anyio
 import grpc
 import grpc.aio
 
-from anyserve import memory, rpc, tracing, wire
+from anyserve import memory, rpc, shm, tracing, wire
 from anyserve.app import HandlerInfo
 from anyserve.calls import ApiChannel, ApiDelegator
 from anyserve.errors import StartupError
@@ -293,6 +293,8 @@ class Replica:
                 )
             if running.registration is not None:
                 services.start_soon(running.registration.run)
+            # Segments of an API server killed mid-call would outlive it otherwise.
+            services.start_soon(shm.sweep_forever)
             log.info(
                 "replica %s (app %s) serving %s on %s",
                 running.replica_id,

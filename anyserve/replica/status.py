@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from anyserve import shm
 from anyserve._proto import admin_pb2 as apb
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import model_config_pb2 as mc
@@ -81,6 +82,7 @@ def registration_body(manager: Manager, replica_id: str, endpoint: str) -> dict[
     return {
         "replica_id": replica_id,
         "endpoint": endpoint,
+        "host": shm.host_id(),  # tensors may come through shared memory on this host
         "capabilities": loaded,
         "loadable": [c for c in loadable if c not in loaded],
         "failed": [c for c in failed if c not in loaded and c not in loadable],

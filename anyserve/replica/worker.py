@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from anyserve import codec, logs, memory, rpc, tracing_servers, wire
+from anyserve import codec, logs, memory, rpc, shm_tensors, tracing_servers, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import Handler, load_app
 from anyserve.calls import ApiCaller
@@ -165,7 +165,8 @@ class WorkerServer:
         try:
             request = ModelInferRequest.FromString(payload)
             check_request(info.inputs, request)
-        except InvalidArgument as exc:
+            shared = shm_tensors.input_buffers(request)  # inputs in shared memory, mapped
+        except AnyServeError as exc:
             self._error(call_id, exc)  # never reaches the handler (nor a batch)
             return
         except Exception as exc:  # protobuf raises DecodeError, a plain Exception
@@ -214,7 +215,7 @@ class WorkerServer:
         emit = emit_stream if call.stream else emit_unary
         tokens = context.bind()
         try:
-            with state.scope:
+            with state.scope, codec.attached_inputs(request, shared):
                 if self.batcher is not None and not call.stream:
                     deadline = anyio.current_time() + call.timeout if call.timeout > 0 else math.inf
                     results.append(await self.batcher.submit((request, context), deadline))
@@ -258,6 +259,7 @@ class WorkerServer:
         select_outputs(request, response)
         if request.raw_input_contents:
             codec.use_raw_outputs(response)
+        shm_tensors.place_outputs(request, response)
         if self.replica_id:
             response.parameters[rpc.SERVED_BY].CopyFrom(self._served_by)
         return response.SerializeToString()

@@ -1,0 +1,299 @@
+"""The API server's side of tensors in shared memory (see :mod:`anyserve.shm`).
+
+For each inference request :meth:`SharedMemory.prepare`:
+
+* refuses anyserve's internal shared-memory parameters from outside (a
+  delegated request may keep references to segments this server placed);
+* resolves Triton's ``shared_memory_region`` on inputs and requested outputs
+  against the regions clients registered here, checks the bounds, and writes
+  where the bytes are; such a request may only go to a replica on this host;
+* with ``place`` (an HTTP request whose answer this server renders), moves
+  raw inputs of at least ``threshold`` bytes into new segments when a replica
+  on this host can take the request, and asks for big outputs to come back
+  in segments too.
+
+The returned :class:`CallSegments` is finished with :meth:`SharedMemory.take_outputs`
+(big outputs read back into the response) and always :meth:`SharedMemory.release`
+(every segment of the call deleted, also when the call failed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from anyserve import shm
+from anyserve.api_server.meta import RequestMeta
+from anyserve.api_server.registry import Registry
+from anyserve.errors import InvalidArgument
+from anyserve.proto import ModelInferRequest, ModelInferResponse
+
+__all__ = ["CallSegments", "Regions", "SharedMemory"]
+
+log = logging.getLogger("anyserve.shm")
+
+_MARK_RESERVED = shm.RESERVED.encode()
+_MARK_REGION = shm.REGION.encode()
+#: Default --shm-threshold: raw inputs this big go through shared memory.
+DEFAULT_THRESHOLD = 1024 * 1024
+
+
+class Region(Protocol):
+    """A registered region: ``byte_size`` bytes at ``offset`` of file ``path``."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def byte_size(self) -> int: ...
+
+
+class Regions(Protocol):
+    """The regions clients registered (Triton's system shared memory)."""
+
+    def resolve(self, name: str) -> Region:
+        """The region ``name``; raises NotFound naming it when unknown."""
+        ...
+
+
+@dataclass
+class CallSegments:
+    """The segments of one call: those holding its inputs, and the name
+    prefix of those the worker creates for its outputs."""
+
+    number: int
+    inputs: list[str] = field(default_factory=list)
+    outputs: str = ""
+
+
+def _int_param(params: Any, key: str) -> int:
+    if key not in params:  # membership first: indexing inserts the key
+        return 0
+    value = params[key]
+    which = value.WhichOneof("parameter_choice")
+    if which not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"parameter {key!r} must be an integer")
+    number: int = getattr(value, which)
+    return number
+
+
+class SharedMemory:
+    """Shared-memory decisions and bookkeeping of one API server."""
+
+    def __init__(self, registry: Registry, threshold: int, regions: Regions | None) -> None:
+        self.registry = registry
+        self.threshold = threshold
+        self.regions = regions
+        self.host = shm.host_id()
+        self._owner = f"anyserve-{shm.owner_tag()}"
+        self._numbers = itertools.count(1)
+        self._calls: dict[int, CallSegments] = {}  # in flight, by number
+
+    # ------------------------------------------------------------- requests
+
+    def prepare(
+        self, request: ModelInferRequest, meta: RequestMeta, *, place: bool
+    ) -> CallSegments | None:
+        """Check and rewrite ``request``'s shared-memory use in place (see the
+        module docstring); the call's segments, or None when it placed none.
+
+        Raises InvalidArgument for a reserved parameter, a region used out of
+        its bounds or where no replica on this host serves the request, and
+        NotFound for an unknown region.
+        """
+        self._refuse_reserved(request, meta)
+        regions = self._resolve_regions(request)
+        if regions:
+            self._require_local(meta, regions)
+        if not place or not self.threshold or not self.host:
+            return None
+        big = [i for i, raw in enumerate(request.raw_input_contents) if len(raw) >= self.threshold]
+        if not big or not self._local_candidates(meta):
+            return None
+        return self._place(request, meta, big)
+
+    def rewrite(self, payload: bytes, meta: RequestMeta) -> bytes:
+        """:meth:`prepare` (placing nothing) for a serialized request that is
+        otherwise forwarded untouched (protobuf bodies, the gRPC entry); parsed
+        only when its bytes mention shared memory at all."""
+        if _MARK_RESERVED not in payload and _MARK_REGION not in payload:
+            return payload
+        try:
+            request = ModelInferRequest.FromString(payload)
+        except Exception:  # protobuf's DecodeError; the replica names the problem
+            return payload
+        if not any(
+            key.startswith(shm.RESERVED) or key == shm.REGION
+            for _, params in self._all_params(request)
+            for key in params
+        ):
+            return payload  # the words were in tensor data
+        self.prepare(request, meta, place=False)
+        return request.SerializeToString()
+
+    def check(self, request: ModelInferRequest, meta: RequestMeta) -> None:
+        """For a request already serialized without this module (a big JSON
+        body): InvalidArgument if it uses shared memory at all."""
+        self._refuse_reserved(request, meta)
+        for what, params in self._all_params(request):
+            if shm.REGION in params:
+                raise InvalidArgument(
+                    f"{what}: shared memory regions cannot be used in a JSON body over 1 MiB"
+                )
+
+    def _refuse_reserved(self, request: ModelInferRequest, meta: RequestMeta) -> None:
+        own = {path for call in self._calls.values() for path in call.inputs}
+        for what, params in self._all_params(request):
+            for key in params:
+                if not key.startswith(shm.RESERVED):
+                    continue
+                if meta.delegated_from and key == shm.PATH and params[key].string_param in own:
+                    meta.host = self.host  # an input this server placed: stays on this host
+                    continue
+                if meta.delegated_from and key in (shm.OFFSET, shm.SIZE, shm.OUTPUTS_MIN):
+                    continue
+                if meta.delegated_from and key == shm.OUTPUTS and self._owns(params[key]):
+                    continue
+                raise InvalidArgument(f"{what}: parameter {key!r} is reserved for anyserve")
+
+    def _owns(self, value: Any) -> bool:
+        prefix: str = value.string_param
+        return any(call.outputs == prefix for call in self._calls.values())
+
+    @staticmethod
+    def _all_params(request: ModelInferRequest) -> list[tuple[str, Any]]:
+        found: list[tuple[str, Any]] = [("request", request.parameters)]
+        found += [(f"input {t.name!r}", t.parameters) for t in request.inputs]
+        found += [(f"output {t.name!r}", t.parameters) for t in request.outputs]
+        return found
+
+    def _resolve_regions(self, request: ModelInferRequest) -> list[str]:
+        """Stamp every tensor naming a region with where its bytes are; return
+        the region names used."""
+        used: list[str] = []
+        region_inputs: list[int] = []
+        tensors: list[tuple[str, Any]] = [(f"input {t.name!r}", t) for t in request.inputs]
+        tensors += [(f"output {t.name!r}", t) for t in request.outputs]
+        for index, (what, tensor) in enumerate(tensors):
+            params = tensor.parameters
+            if shm.REGION not in params:
+                continue
+            name = params[shm.REGION].string_param
+            if self.regions is None:
+                raise InvalidArgument(f"{what}: this server has no shared memory regions")
+            region = self.regions.resolve(name)
+            size = _int_param(params, shm.REGION_SIZE)
+            offset = _int_param(params, shm.REGION_OFFSET)
+            if offset < 0 or size < 0 or offset + size > region.byte_size:
+                raise InvalidArgument(
+                    f"{what}: offset {offset} + byte size {size} is beyond shared memory"
+                    f" region {name!r} of {region.byte_size} bytes"
+                )
+            shm.Ref(region.path, region.offset + offset, size).stamp(params)
+            used.append(name)
+            if index < len(request.inputs):
+                region_inputs.append(index)
+        if region_inputs:
+            _raw_for_every_input(request, set(region_inputs))
+        return used
+
+    def _local_candidates(self, meta: RequestMeta) -> bool:
+        return bool(self.registry.candidates(meta.query, meta.model_name, meta.visited, self.host))
+
+    def _require_local(self, meta: RequestMeta, regions: list[str]) -> None:
+        meta.host = self.host
+        if self._local_candidates(meta) or not self.registry.candidates(
+            meta.query, meta.model_name, meta.visited
+        ):
+            return  # a local replica, or none at all (the router says so)
+        raise InvalidArgument(
+            f"shared memory region {regions[0]!r} is on the API server's host, but no"
+            f" replica on this host serves {meta.describe()}"
+        )
+
+    def _place(self, request: ModelInferRequest, meta: RequestMeta, big: list[int]) -> CallSegments:
+        number = next(self._numbers)
+        call = CallSegments(number, outputs=f"{self._owner}-{next(self._numbers)}")
+        self._calls[number] = call
+        raw = request.raw_input_contents
+        try:
+            for index in big:
+                path = os.path.join(shm.SHM_DIR, f"{self._owner}-{number}-{index}")
+                size = shm.create(path, [raw[index]])
+                call.inputs.append(path)
+                shm.Ref(path, 0, size).stamp(request.inputs[index].parameters)
+                raw[index] = b""
+        except OSError as exc:  # /dev/shm full: undo, the bytes go the usual way
+            log.warning("request %s: inputs stay in the request: %s", meta.request_id, exc)
+            self.release(call)
+            raise
+        request.parameters[shm.OUTPUTS].string_param = call.outputs
+        request.parameters[shm.OUTPUTS_MIN].int64_param = self.threshold
+        meta.host = self.host
+        return call
+
+    # ------------------------------------------------------------- responses
+
+    def take_outputs(self, response: ModelInferResponse, call: CallSegments) -> None:
+        """Read the outputs the worker put in this call's segments back into
+        ``raw_output_contents`` (deleting the segments). Raises InvalidArgument
+        for a reference outside the call's segments."""
+        raw = response.raw_output_contents
+        for index, out in enumerate(response.outputs):
+            ref = shm.Ref.of(out.parameters)
+            if ref is None:
+                continue
+            name = os.path.basename(ref.path)
+            if os.path.dirname(ref.path) != shm.SHM_DIR or name != f"{call.outputs}-{index}":
+                raise InvalidArgument(f"output {out.name!r} names a segment of another call")
+            raw[index] = shm.take(ref.path, ref.size)
+            for key in (shm.PATH, shm.OFFSET, shm.SIZE):
+                del out.parameters[key]
+
+    def release(self, call: CallSegments) -> None:
+        """Delete every segment of ``call``; never raises."""
+        self._calls.pop(call.number, None)
+        paths = [*call.inputs, *shm.own_segments(call.outputs + "-")]
+        for path in paths:
+            try:
+                shm.unlink_quietly(path)
+            except OSError as exc:
+                log.warning("cannot delete shared memory segment %s: %s", path, exc)
+
+    def sweep(self) -> int:
+        """Delete segments of owners that are gone, and this server's own that
+        belong to no call in flight (an output a worker wrote after its call
+        was abandoned). Returns how many."""
+        removed = len(shm.sweep())
+        live = {f"{self._owner}-{n}" for n in self._calls}
+        live |= {call.outputs for call in self._calls.values()}
+        for path in shm.own_segments(self._owner + "-"):
+            name = os.path.basename(path)
+            if name.rsplit("-", 1)[0] not in live:
+                try:
+                    shm.unlink_quietly(path)
+                    removed += 1
+                except OSError:
+                    continue
+        return removed
+
+
+def _raw_for_every_input(request: ModelInferRequest, in_regions: set[int]) -> None:
+    """Triton's clients send no raw entry for an input in a region; anyserve
+    keeps one entry per input when any is raw (an empty one for those)."""
+    raw = request.raw_input_contents
+    if not raw or len(raw) == len(request.inputs):
+        return
+    if len(raw) != len(request.inputs) - len(in_regions):
+        raise InvalidArgument(
+            f"request has {len(raw)} raw_input_contents entries for"
+            f" {len(request.inputs) - len(in_regions)} inputs outside shared memory"
+        )
+    pending = iter(list(raw))
+    entries = [b"" if i in in_regions else next(pending) for i in range(len(request.inputs))]
+    del raw[:]
+    raw.extend(entries)
