@@ -15,6 +15,7 @@ from anyserve.api_server.registry import Registry
 from anyserve.api_server.registry_backend import RegistryBackend, make_backend
 from anyserve.api_server.router import Router
 from anyserve.api_server.sequences import Sequences
+from anyserve.api_server.shm_regions import RegionTable
 from anyserve.metrics.api import ApiMetrics
 
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
@@ -27,6 +28,7 @@ EXTENSIONS = [
     "model_repository",
     "parameters",
     "sequence",
+    "system_shared_memory",
 ]
 
 
@@ -54,6 +56,8 @@ class ApiState:
     router: Router = field(init=False)
     sequences: Sequences = field(init=False)
     metrics: ApiMetrics = field(init=False)
+    # Triton's system shared memory regions registered with this server.
+    shm: RegionTable = field(init=False, default_factory=RegionTable)
     grpc_port: int = 0  # the bound port, set by the server once it listens
     draining: bool = False  # set by stop(): not ready any more
     # Set by stop() when the shutdown grace ran out: requests still running end
