@@ -13,29 +13,20 @@ Every error a request can meet is one of these classes. Each has a wire name
     ├── Unavailable       unavailable         503   UNAVAILABLE         replica/worker lost
     ├── DeadlineExceeded  deadline_exceeded   504   DEADLINE_EXCEEDED   deadline passed
     ├── Unauthenticated   unauthenticated     401   UNAUTHENTICATED     missing/wrong token
+    ├── PermissionDenied  permission_denied   403   PERMISSION_DENIED   not from where it is
     └── HandlerError      handler_error       500   INTERNAL            the handler raised
 
 Handlers may raise these themselves to choose the status the client sees; any
 other exception from a handler becomes a ``HandlerError`` carrying its message.
 
-An error keeps its class and message through every hop. This module converts
-an :class:`AnyServeError` to and from each form it travels in:
-
-* a gRPC status: the status code and message, plus trailing metadata
-  ``anyserve-error: <error_type>`` (and ``retry-after`` when known), so
-  two classes that share a status code stay apart (:func:`abort`,
-  :func:`grpc_trailers`, :func:`from_grpc`, :func:`from_rpc_error`);
-* an HTTP answer: the status and a JSON body ``{"error": message, "type":
-  error_type, "code": gRPC status name}`` and ``Retry-After`` when known
-  (:func:`to_http`, :func:`from_http`); an SSE ``event: error`` carries the
-  same body (:func:`error_body`, :func:`from_error_body`);
-* a worker ``Error`` frame (:func:`to_frame`, :func:`from_frame`);
-* an in-band error on a ``ModelStreamInfer`` stream, Triton's convention:
-  ``error_message`` set, the type in the response parameter ``anyserve_error``
-  (:func:`to_stream_error`, :func:`from_stream_response`).
-
-Errors from peers that are not anyserve (no ``anyserve-error`` trailer, no
-``type`` in a body) are classified by their status code alone.
+An error keeps its class and message through every hop; this module converts it
+to and from each form (docs/protocol.md, "Errors"): a gRPC status with an
+``anyserve-error: <error_type>`` trailer (:func:`abort`, :func:`from_grpc`); an
+HTTP answer or SSE error event ``{"error", "type", "code"}`` (:func:`to_http`,
+:func:`from_http`, :func:`error_body`); a worker ``Error`` frame (:func:`to_frame`,
+:func:`from_frame`); an in-band stream error (:func:`to_stream_error`,
+:func:`from_stream_response`). A peer that is not anyserve is classified by its
+status code alone; ``retry-after`` travels with each form when known.
 """
 
 from __future__ import annotations
@@ -166,6 +157,14 @@ class Unauthenticated(AnyServeError):
     http_status = 401
 
 
+class PermissionDenied(AnyServeError):
+    """The caller may not do this from where it is (shared memory from another host)."""
+
+    error_type = "permission_denied"
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
 class HandlerError(AnyServeError):
     """The user's handler raised; the message is the exception's."""
 
@@ -196,6 +195,7 @@ ERROR_TYPES: dict[str, type[AnyServeError]] = {
         Unavailable,
         DeadlineExceeded,
         Unauthenticated,
+        PermissionDenied,
         HandlerError,
     )
 }
@@ -210,6 +210,7 @@ _BY_GRPC_CODE: dict[grpc.StatusCode, type[AnyServeError]] = {
     grpc.StatusCode.CANCELLED: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 _BY_HTTP_STATUS: dict[int, type[AnyServeError]] = {
     cls.http_status: cls for cls in ERROR_TYPES.values() if cls is not HandlerError

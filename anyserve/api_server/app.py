@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from anyserve import codec, rpc
-from anyserve.api_server import control, model_control, model_meta
+from anyserve.api_server import control, model_control, model_meta, shm_control
 from anyserve.api_server import openai as openai_api
 from anyserve.api_server.json_bodies import request_from_big_json
 from anyserve.api_server.limits import BigBodyGate
@@ -323,6 +323,7 @@ def build_app(state: ApiState) -> Starlette:
         Route("/v2/repository/models/{name}/load", bind(model_control.http_load), methods=post),
         Route("/v2/repository/models/{name}/unload", bind(model_control.http_unload), methods=post),
         Route("/infer/metadata", bind(model_meta.http_model_metadata), methods=get),
+        *shm_control.routes(state),
     ]
     app = Starlette(
         routes=routes,

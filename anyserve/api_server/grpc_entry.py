@@ -13,7 +13,8 @@ a failure of one request, routing errors included, is reported in-band
 the stream goes on.
 Server liveness, readiness, metadata and the repository index are answered
 here, model control goes to the replicas' admin service
-(:mod:`anyserve.api_server.model_control`); model readiness, metadata and
+(:mod:`anyserve.api_server.model_control`), shared memory regions to
+:mod:`anyserve.api_server.shm_control`; model readiness, metadata and
 config are forwarded to a replica serving the name (or the capability of
 ``x-capability-*`` metadata). The client's
 deadline travels to the replica.
@@ -35,7 +36,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from anyserve import rpc, tracing_servers
 from anyserve._proto import grpc_predict_v2_pb2 as pb
-from anyserve.api_server import model_control, model_meta
+from anyserve.api_server import model_control, model_meta, shm_control
 from anyserve.api_server.meta import RequestMeta, parse_meta
 from anyserve.api_server.state import ApiState
 from anyserve.errors import AnyServeError, InvalidArgument, NotFound, grpc_method, to_stream_error
@@ -87,6 +88,8 @@ class GrpcEntry:
             "RepositoryModelLoad": grpc.unary_unary_rpc_method_handler(self.model_load),
             "RepositoryModelUnload": grpc.unary_unary_rpc_method_handler(self.model_unload),
             "ModelStatistics": grpc.unary_unary_rpc_method_handler(self.model_statistics),
+            # SystemSharedMemory* and CudaSharedMemory*: answered by shm_control.
+            **shm_control.grpc_handlers(self._state),
         }
         return grpc.method_handlers_generic_handler(rpc.SERVICE, methods)
 

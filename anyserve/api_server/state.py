@@ -16,6 +16,7 @@ from anyserve.api_server.registry_backend import RegistryBackend, make_backend
 from anyserve.api_server.router import Router
 from anyserve.api_server.sequences import Sequences
 from anyserve.api_server.shared_memory import SharedMemory
+from anyserve.api_server.shm_regions import RegionTable
 from anyserve.metrics.api import ApiMetrics
 
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
@@ -28,6 +29,7 @@ EXTENSIONS = [
     "model_repository",
     "parameters",
     "sequence",
+    "system_shared_memory",
 ]
 
 
@@ -56,6 +58,8 @@ class ApiState:
     sequences: Sequences = field(init=False)
     shared_memory: SharedMemory = field(init=False)
     metrics: ApiMetrics = field(init=False)
+    # Triton's system shared memory regions registered with this server.
+    shm: RegionTable = field(init=False, default_factory=RegionTable)
     grpc_port: int = 0  # the bound port, set by the server once it listens
     draining: bool = False  # set by stop(): not ready any more
     # Set by stop() when the shutdown grace ran out: requests still running end
@@ -76,7 +80,7 @@ class ApiState:
             connect_timeout=cfg.connect_timeout,
         )
         self.sequences = Sequences(self.registry, cfg.sequence_idle_timeout)
-        self.shared_memory = SharedMemory(self.registry, cfg.shm_threshold, None)
+        self.shared_memory = SharedMemory(self.registry, cfg.shm_threshold, self.shm)
         self.metrics = ApiMetrics(self._census)
         self.router.on_decision = self.metrics.decision
 

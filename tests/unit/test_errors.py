@@ -63,6 +63,7 @@ EXPECTED = {
     "Unavailable": (503, grpc.StatusCode.UNAVAILABLE),
     "DeadlineExceeded": (504, grpc.StatusCode.DEADLINE_EXCEEDED),
     "Unauthenticated": (401, grpc.StatusCode.UNAUTHENTICATED),
+    "PermissionDenied": (403, grpc.StatusCode.PERMISSION_DENIED),
     "HandlerError": (500, grpc.StatusCode.INTERNAL),
 }
 
