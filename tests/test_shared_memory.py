@@ -214,3 +214,37 @@ async def test_an_api_server_killed_mid_call_leaves_no_segment() -> None:
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
+
+
+async def test_8_mib_through_a_registered_region_is_not_copied(cluster: Cluster) -> None:
+    """Triton's system shared memory: the client's region is read and written
+    by the worker in place; the gRPC messages stay small."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    client_shm = pytest.importorskip("tritonclient.utils.shared_memory")
+    x = np.arange(2 * MIB, dtype=np.float32)
+    key = f"/anyserve_test_{os.getpid()}"
+
+    def run() -> tuple[Any, np.ndarray[Any, Any]]:
+        client = grpcclient.InferenceServerClient(url=cluster.api.grpc_endpoint)
+        handle = client_shm.create_shared_memory_region("big", key, 2 * x.nbytes)
+        try:
+            client_shm.set_shared_memory_region(handle, [x])
+            client.register_system_shared_memory("big", key, 2 * x.nbytes)
+            tensor = grpcclient.InferInput("x", [x.size], "FP32")
+            tensor.set_shared_memory("big", x.nbytes)
+            outputs = [grpcclient.InferRequestedOutput(n) for n in ("y", "message_bytes", "view")]
+            outputs[0].set_shared_memory("big", x.nbytes, offset=x.nbytes)
+            result = client.infer("scale", [tensor], outputs=outputs)
+            y = client_shm.get_contents_as_numpy(handle, np.float32, [x.size], offset=x.nbytes)
+            client.unregister_system_shared_memory("big")
+            return result, y.copy()
+        finally:
+            client_shm.destroy_shared_memory_region(handle)
+            client.close()
+            assert not os.path.exists("/dev/shm" + key)
+
+    result, y = await anyio.to_thread.run_sync(run)
+    assert result.get_response().ByteSize() < 4096  # the answer did not carry y either
+    assert int(result.as_numpy("message_bytes")[0]) < 4096
+    assert bool(result.as_numpy("view")[0])
+    np.testing.assert_array_equal(y, x * 2)

@@ -14,7 +14,7 @@ from anyserve.proto import ModelInferRequest
 app = AnyServe("shm")
 
 
-@app.capability(type="scale")
+@app.capability(type="scale", model="scale")
 def scale(request: ModelInferRequest, context: Context) -> dict[str, Any]:
     """``y = 2 * x``, with the facts a test checks: the size of the message
     that reached the worker, whether ``x`` is a read-only view of memory the
