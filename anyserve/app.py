@@ -60,6 +60,8 @@ class HandlerInfo:
     max_memory_mib: float | None = None
     # The model version (Triton's) this handler serves of its capability's name.
     version: str = DEFAULT_VERSION
+    # Inputs that came through shared memory are not copied into the request.
+    zero_copy: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class HandlerInfo:
             "max_queue": self.max_queue,
             "max_memory_mib": self.max_memory_mib,
             "version": self.version,
+            "zero_copy": self.zero_copy,
         }
 
     @classmethod
@@ -102,6 +105,7 @@ class HandlerInfo:
                 None if data.get("max_memory_mib") is None else float(data["max_memory_mib"])
             ),
             version=str(data.get("version", DEFAULT_VERSION)),
+            zero_copy=bool(data.get("zero_copy", False)),
         )
 
 
@@ -161,6 +165,7 @@ class AnyServe:
         start_timeout: float | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
         max_memory_mib: float | None = None,
+        zero_copy: bool = False,
         **capability: str | int,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a handler for the capability given as keyword arguments.
@@ -184,6 +189,11 @@ class AnyServe:
         ``max_memory_mib``: resident memory one worker may hold; a worker over
         it takes no new calls and is replaced once its calls end (None: the
         replica's ``--max-memory-mib``, by default no limit).
+        ``zero_copy``: a big raw input the API server passed through shared
+        memory stays there: ``codec.decode_inputs`` gives a read-only numpy
+        view of it and its ``request.raw_input_contents`` entry is empty
+        (default False: its bytes are also copied into the request, so code
+        reading ``raw_input_contents`` sees them as if they came over gRPC).
 
         ``version`` (a capability key with a meaning): the model version
         (Triton's) this handler serves of its capability's name, default
@@ -223,6 +233,7 @@ class AnyServe:
             start_timeout=start_timeout,
             max_queue=max_queue,
             max_memory_mib=max_memory_mib,
+            zero_copy=zero_copy,
         )
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -253,6 +264,7 @@ class AnyServe:
                 start_timeout=options.start_timeout,
                 max_queue=options.max_queue,
                 max_memory_mib=options.max_memory_mib,
+                zero_copy=options.zero_copy,
                 version=cap.get(VERSION_KEY, DEFAULT_VERSION),
             )
             self._handlers[handler_name] = Handler(

@@ -47,6 +47,7 @@ OPTIONS = (
     "start_timeout",
     "max_queue",
     "max_memory_mib",
+    "zero_copy",
 )
 # The one option that takes a string: a string-valued key close to another
 # option is taken as the capability key it looks like (``input="image"``).
@@ -164,6 +165,7 @@ class Options:
     start_timeout: float | None
     max_queue: int
     max_memory_mib: float | None = None
+    zero_copy: bool = False
 
 
 def _is_int(value: Any) -> bool:
@@ -208,6 +210,7 @@ def check_options(
     start_timeout: Any,
     max_queue: Any,
     max_memory_mib: Any = None,
+    zero_copy: Any = False,
 ) -> Options:
     """Check every option of ``@app.capability``; ValueError naming the
     option, what it takes and the value given."""
@@ -233,6 +236,8 @@ def check_options(
         raise _bad("max_queue", max_queue, "an int >= 0 (calls waiting per worker)")
     if max_memory_mib is not None and (not _is_number(max_memory_mib) or max_memory_mib <= 0):
         raise _bad("max_memory_mib", max_memory_mib, "MiB > 0, or None for the replica's default")
+    if not isinstance(zero_copy, bool):
+        raise _bad("zero_copy", zero_copy, "True or False")
     try:
         declared_inputs, declared_outputs = tensors(inputs, "inputs"), tensors(outputs, "outputs")
     except ValueError as exc:
@@ -251,4 +256,5 @@ def check_options(
         start_timeout=None if start_timeout is None else float(start_timeout),
         max_queue=max_queue,
         max_memory_mib=None if max_memory_mib is None else float(max_memory_mib),
+        zero_copy=zero_copy,
     )

@@ -28,9 +28,14 @@ log = logging.getLogger("anyserve.shm")
 _OUTPUT_PREFIX = re.compile(r"anyserve-\d+-\d+-\d+")
 
 
-def input_buffers(request: ModelInferRequest) -> list[Any] | None:
+def input_buffers(request: ModelInferRequest, zero_copy: bool) -> list[Any] | None:
     """Each input's raw bytes when any input is in shared memory (mapped
     views for those, ``raw_input_contents`` entries for the others), else None.
+
+    Without ``zero_copy``, an input the API server placed in shared memory on
+    its own (not a client's region) is also copied into its empty
+    ``raw_input_contents`` entry, so the request looks as if it came over
+    gRPC to code that reads the protobuf itself.
 
     Raises InvalidArgument when another input is not raw (the API server
     makes it so) and NotFound when a segment is gone.
@@ -51,6 +56,9 @@ def input_buffers(request: ModelInferRequest) -> list[Any] | None:
                 raise InvalidArgument(
                     f"{what}: beside inputs in shared memory, the others must be raw"
                 )
+            buffers.append(raw[index])
+        elif not zero_copy and raw and shm.REGION not in tensor.parameters:
+            raw[index] = bytes(ref.map(what))
             buffers.append(raw[index])
         elif tensor.datatype == "BYTES":
             buffers.append(bytes(ref.map(what)))  # split into bytes objects anyway

@@ -108,6 +108,19 @@ async def test_json_answer_of_a_big_output_from_shared_memory(cluster: Cluster) 
     assert segments_of(os.getpid()) == []
 
 
+async def test_a_handler_reading_the_protobuf_gets_the_bytes(cluster: Cluster) -> None:
+    """Without zero_copy, an input that came through shared memory is copied
+    into raw_input_contents: code reading the message sees no difference."""
+    x = np.arange(2 * MIB, dtype=np.float32)
+    body, headers = binary_body(x)
+    headers["X-Capability-Type"] = "raw"
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        out = decode(await http.post("/infer", content=body, headers=headers))
+    assert int(out["length"][0]) == x.nbytes
+    assert float(out["total"][0]) == float(x.sum(dtype=np.float64))
+    assert segments_of(os.getpid()) == []
+
+
 async def test_small_inputs_stay_in_the_message(cluster: Cluster) -> None:
     x = np.ones(1024, dtype=np.float32)  # 4 KiB, under the 1 MiB threshold
     out = await scale(cluster.url, x)
@@ -121,6 +134,7 @@ async def test_with_the_threshold_at_zero_big_inputs_go_through_grpc(
     x = np.arange(2 * MIB, dtype=np.float32)
     out = await scale(cluster_no_shm.url, x)
     assert int(out["message_bytes"][0]) >= x.nbytes
+    assert not bool(out["view"][0])  # a view of the message's bytes, not of a mapping
     np.testing.assert_array_equal(out["y"], x * 2)
 
 

@@ -165,7 +165,7 @@ class WorkerServer:
         try:
             request = ModelInferRequest.FromString(payload)
             check_request(info.inputs, request)
-            shared = shm_tensors.input_buffers(request)  # inputs in shared memory, mapped
+            shared = shm_tensors.input_buffers(request, info.zero_copy)  # mapped shm inputs
         except AnyServeError as exc:
             self._error(call_id, exc)  # never reaches the handler (nor a batch)
             return
