@@ -128,9 +128,8 @@ async def _decode_big(
     segments = None
     if header is not None:
         # Raw tensor data: slicing it is a copy, not a parse; only the header is JSON.
-        body = bytes(holder.pop())
-        parsed = codec.request_from_binary(body, codec.parse_header_length(header), name)
-        del body
+        with memoryview(holder.pop()) as body:
+            parsed = codec.request_from_binary(body, codec.parse_header_length(header), name)
         meta.model_name = parsed.model_name
         segments = state.shared_memory.prepare(parsed, meta, place=place)
         payload = parsed.SerializeToString()

@@ -53,15 +53,19 @@ def parse_header_length(value: str) -> int:
         raise InvalidArgument(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
 
 
-def _header(body: bytes, header_length: int) -> dict[str, Any]:
+# A body: bytes, or a bytearray / memoryview of one read in pieces (no copy to bytes).
+Body = bytes | bytearray | memoryview
+
+
+def _header(body: Body, header_length: int) -> dict[str, Any]:
     if not 0 < header_length <= len(body):
         raise InvalidArgument(
             f"{HEADER_LENGTH} {header_length} is outside the {len(body)}-byte body"
         )
-    return load_object(body[:header_length], "JSON header")
+    return load_object(bytes(body[:header_length]), "JSON header")
 
 
-def _fill_raw(pending: list[Pending], raw: Any, body: bytes, offset: int, kind: str) -> None:
+def _fill_raw(pending: list[Pending], raw: Any, body: Body, offset: int, kind: str) -> None:
     """Fill ``raw`` (raw_*_contents) from the body after the header, or the
     typed contents when no tensor is binary."""
     if any(size is not None for _, _, size in pending):
@@ -76,7 +80,7 @@ def _fill_raw(pending: list[Pending], raw: Any, body: bytes, offset: int, kind: 
                     f"{what}: binary_data_size {size} runs past the end of the body"
                     f" ({len(body) - offset} bytes left)"
                 )
-            raw.append(body[offset : offset + size])
+            raw.append(bytes(body[offset : offset + size]))
             offset += size
     else:
         fill_typed(pending)
@@ -85,7 +89,7 @@ def _fill_raw(pending: list[Pending], raw: Any, body: bytes, offset: int, kind: 
 
 
 @client_text
-def request_from_binary(body: bytes, header_length: int, model_name: str = "") -> ModelInferRequest:
+def request_from_binary(body: Body, header_length: int, model_name: str = "") -> ModelInferRequest:
     """Parse a request using Triton's binary tensor data extension.
 
     ``body[:header_length]`` is the JSON header; the rest holds, in input order,
