@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from anyserve.api_server.limits import EdgeLimits
+from anyserve.api_server.responses import CONNECTION_KEY
 
 logger = logging.getLogger("anyserve.api_server")
 
@@ -120,6 +122,9 @@ class EdgeProtocolBase(_Protocol):
         self._header_deadline: float | None = None
         self._seen: object = None  # the request cycle whose headers were seen
         self._last_data = 0.0
+        # Called once when the connection is lost: requests in progress on it
+        # stop there (responses.unless_disconnected) without a watcher task each.
+        self.lost_callbacks: set[Callable[[], None]] = set()
 
     # -- lifecycle
 
@@ -143,6 +148,9 @@ class EdgeProtocolBase(_Protocol):
             return
         self.table.forget(self)
         super().connection_lost(exc)
+        callbacks, self.lost_callbacks = self.lost_callbacks, set()
+        for callback in callbacks:
+            callback()
 
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
@@ -150,6 +158,11 @@ class EdgeProtocolBase(_Protocol):
         self._last_data = self.loop.time()
         super().data_received(data)
         self._track()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()  # type: ignore[misc]
+        # The request's cycle holds this scope (uvicorn types it as a closed TypedDict).
+        self.scope[CONNECTION_KEY] = self  # type: ignore[literal-required]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

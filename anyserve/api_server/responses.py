@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
@@ -123,6 +123,25 @@ def shutting_down() -> Unavailable:
     return Unavailable("the API server is shutting down; retry the request")
 
 
+#: Scope key of the connection (api_server/connections.py) a request came on.
+CONNECTION_KEY = "anyserve.connection"
+
+
+class Expiry(asyncio.Event):
+    """Set when the server's shutdown grace runs out: streams wait on it, and
+    setting it stops every unary call :func:`unless_disconnected` is awaiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stops: set[Callable[[], None]] = set()
+
+    def set(self) -> None:
+        super().set()
+        stops, self.stops = self.stops, set()
+        for stop in stops:
+            stop()
+
+
 async def unless_disconnected(
     request: Request, call: Coroutine[Any, Any, _T], expired: asyncio.Event | None = None
 ) -> _T:
@@ -132,9 +151,55 @@ async def unless_disconnected(
     and also when ``expired`` is set first (the server's shutdown grace ran
     out), and whatever ``call`` raises otherwise.
 
-    An asyncio TaskGroup rather than anyio's: this runs for every unary
-    request, and anyio's costs about ten times as much to set up.
+    On the server's own connections (the scope names one) ``call`` runs in
+    this task, and the connection's loss or the expiry cancels it: no task
+    is created per request. Elsewhere (another ASGI server, test transports)
+    a watcher task reads ``http.disconnect``.
     """
+    conn = request.scope.get(CONNECTION_KEY)
+    if conn is None:
+        return await _watched(request, call, expired)
+    task = asyncio.current_task()
+    assert task is not None
+    why: list[Exception] = []
+
+    def stop(reason: Exception) -> None:
+        if not why:
+            why.append(reason)
+            task.cancel()
+
+    def lost() -> None:
+        stop(Unavailable("the client disconnected before the answer"))
+
+    def expire() -> None:
+        stop(shutting_down())
+
+    if conn.cycle is None or conn.cycle.disconnected:
+        call.close()
+        raise Unavailable("the client disconnected before the answer")
+    if expired is not None and expired.is_set():
+        call.close()
+        raise shutting_down()
+    conn.lost_callbacks.add(lost)
+    if isinstance(expired, Expiry):
+        expired.stops.add(expire)
+    try:
+        return await call
+    except asyncio.CancelledError:
+        if why and task.uncancel() == 0:  # our own cancel: answer why
+            raise why[0] from None
+        raise
+    finally:
+        conn.lost_callbacks.discard(lost)
+        if isinstance(expired, Expiry):
+            expired.stops.discard(expire)
+
+
+async def _watched(
+    request: Request, call: Coroutine[Any, Any, _T], expired: asyncio.Event | None
+) -> _T:
+    """:func:`unless_disconnected` with a watcher task (an asyncio TaskGroup
+    rather than anyio's: anyio's costs about ten times as much to set up)."""
     outcome: list[_T] = []
     failure: list[Exception] = []
 

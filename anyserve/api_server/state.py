@@ -13,6 +13,7 @@ from anyserve.api_server.channels import ChannelPool
 from anyserve.api_server.config import ApiServerConfig
 from anyserve.api_server.registry import Registry
 from anyserve.api_server.registry_backend import RegistryBackend, make_backend
+from anyserve.api_server.responses import Expiry
 from anyserve.api_server.router import Router
 from anyserve.api_server.sequences import Sequences
 from anyserve.api_server.shared_memory import SharedMemory
@@ -64,7 +65,7 @@ class ApiState:
     draining: bool = False  # set by stop(): not ready any more
     # Set by stop() when the shutdown grace ran out: requests still running end
     # with 503 (unary) or an error event (streams) instead of being cut.
-    expired: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    expired: asyncio.Event = field(init=False, default_factory=Expiry)
 
     def __post_init__(self) -> None:
         cfg = self.config
