@@ -101,13 +101,26 @@ async def _decode_infer(
     if _is_protobuf(request):
         return _protobuf_payload(state, body, name, meta), None, None
     header = request.headers.get(codec.HEADER_LENGTH)
+    segments = None
     if header is not None:
-        parsed = codec.request_from_binary(body, codec.parse_header_length(header), name)
+        parsed, segments = _from_binary(state, body, header, name, meta, place)
     else:
         parsed = codec.request_from_json(body, name)
-    meta.model_name = parsed.model_name
-    segments = state.shared_memory.prepare(parsed, meta, place=place)
+        meta.model_name = parsed.model_name
+        state.shared_memory.prepare(parsed, meta)
     return parsed.SerializeToString(), parsed, segments
+
+
+def _from_binary(
+    state: ApiState, body: codec.Body, header: str, name: str, meta: RequestMeta, place: bool
+) -> tuple[ModelInferRequest, CallSegments | None]:
+    """A binary-extension body parsed; with ``place``, its big inputs go
+    straight from the body into shared memory when a replica here can take it."""
+    minimum = state.shared_memory.threshold if place else 0
+    length = codec.parse_header_length(header)
+    parsed, aside = codec.request_from_binary_aside(body, length, name, minimum)
+    meta.model_name = parsed.model_name
+    return parsed, state.shared_memory.prepare(parsed, meta, aside)
 
 
 async def _decode_big(
@@ -128,10 +141,7 @@ async def _decode_big(
     segments = None
     if header is not None:
         # Raw tensor data: slicing it is a copy, not a parse; only the header is JSON.
-        with memoryview(holder.pop()) as body:
-            parsed = codec.request_from_binary(body, codec.parse_header_length(header), name)
-        meta.model_name = parsed.model_name
-        segments = state.shared_memory.prepare(parsed, meta, place=place)
+        parsed, segments = _from_binary(state, memoryview(holder.pop()), header, name, meta, place)
         payload = parsed.SerializeToString()
         parsed.ClearField("raw_input_contents")  # the answer is rendered without it
     else:
@@ -182,12 +192,11 @@ async def infer(state: ApiState, request: Request) -> Response:
         if parsed is None:
             return Response(raw, headers=headers, media_type=PROTOBUF)
         response = replica_message(ModelInferResponse, raw)
-        if segments is not None:
-            state.shared_memory.take_outputs(response, segments)
+        taken = None if segments is None else state.shared_memory.take_outputs(response, segments)
     finally:
         if segments is not None:
             state.shared_memory.release(segments)
-    body, header_length = codec.response_to_http(response, parsed)
+    body, header_length = codec.response_to_http(response, parsed, taken)
     if header_length is None:
         return Response(body, headers=headers, media_type="application/json")
     headers[codec.HEADER_LENGTH] = str(header_length)

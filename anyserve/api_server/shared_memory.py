@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -96,10 +97,18 @@ class SharedMemory:
     # ------------------------------------------------------------- requests
 
     def prepare(
-        self, request: ModelInferRequest, meta: RequestMeta, *, place: bool
+        self,
+        request: ModelInferRequest,
+        meta: RequestMeta,
+        aside: Mapping[int, memoryview] | None = None,
     ) -> CallSegments | None:
         """Check and rewrite ``request``'s shared-memory use in place (see the
         module docstring); the call's segments, or None when it placed none.
+
+        ``aside``: raw inputs of at least :attr:`threshold` bytes left out of
+        the request by index (``codec.request_from_binary_aside``; their
+        entries are empty). They go into segments when a replica on this host
+        can take the request, else back into the request.
 
         Raises InvalidArgument for a reserved parameter, a region used out of
         its bounds or where no replica on this host serves the request, and
@@ -109,12 +118,16 @@ class SharedMemory:
         regions = self._resolve_regions(request)
         if regions:
             self._require_local(meta, regions)
-        if not place or not self.threshold or not self.host:
+        if not aside:
             return None
-        big = [i for i, raw in enumerate(request.raw_input_contents) if len(raw) >= self.threshold]
-        if not big or not self._local_candidates(meta):
-            return None
-        return self._place(request, meta, big)
+        if self.host and self._local_candidates(meta):
+            placed = self._place(request, meta, aside)
+            if placed is not None:
+                return placed
+        raw = request.raw_input_contents
+        for index, view in aside.items():  # the usual way: in the message
+            raw[index] = bytes(view)
+        return None
 
     def rewrite(self, payload: bytes, meta: RequestMeta) -> bytes:
         """:meth:`prepare` (placing nothing) for a serialized request that is
@@ -132,7 +145,7 @@ class SharedMemory:
             for key in params
         ):
             return payload  # the words were in tensor data
-        self.prepare(request, meta, place=False)
+        self.prepare(request, meta)
         return request.SerializeToString()
 
     def check(self, request: ModelInferRequest, meta: RequestMeta) -> None:
@@ -215,22 +228,25 @@ class SharedMemory:
             f" replica on this host serves {meta.describe()}"
         )
 
-    def _place(self, request: ModelInferRequest, meta: RequestMeta, big: list[int]) -> CallSegments:
+    def _place(
+        self, request: ModelInferRequest, meta: RequestMeta, aside: Mapping[int, memoryview]
+    ) -> CallSegments | None:
         number = next(self._numbers)
         call = CallSegments(number, outputs=f"{self._owner}-{next(self._numbers)}")
         self._calls[number] = call
-        raw = request.raw_input_contents
         try:
-            for index in big:
+            for index, view in aside.items():
                 path = os.path.join(shm.SHM_DIR, f"{self._owner}-{number}-{index}")
-                size = shm.create(path, [raw[index]])
+                size = shm.create(path, [view])
                 call.inputs.append(path)
                 shm.Ref(path, 0, size).stamp(request.inputs[index].parameters)
-                raw[index] = b""
         except OSError as exc:  # /dev/shm full: undo, the bytes go the usual way
             log.warning("request %s: inputs stay in the request: %s", meta.request_id, exc)
             self.release(call)
-            raise
+            for index in aside:
+                for key in (shm.PATH, shm.OFFSET, shm.SIZE):
+                    request.inputs[index].parameters.pop(key, None)
+            return None
         request.parameters[shm.OUTPUTS].string_param = call.outputs
         request.parameters[shm.OUTPUTS_MIN].int64_param = self.threshold
         meta.host = self.host
@@ -238,11 +254,12 @@ class SharedMemory:
 
     # ------------------------------------------------------------- responses
 
-    def take_outputs(self, response: ModelInferResponse, call: CallSegments) -> None:
-        """Read the outputs the worker put in this call's segments back into
-        ``raw_output_contents`` (deleting the segments). Raises InvalidArgument
-        for a reference outside the call's segments."""
-        raw = response.raw_output_contents
+    def take_outputs(self, response: ModelInferResponse, call: CallSegments) -> dict[int, Any]:
+        """The outputs the worker put in this call's segments, by index, as
+        read-only mappings (their ``raw_output_contents`` entries stay empty;
+        see ``codec.response_to_http``); the files are deleted at once.
+        Raises InvalidArgument for a reference outside the call's segments."""
+        taken: dict[int, Any] = {}
         for index, out in enumerate(response.outputs):
             ref = shm.Ref.of(out.parameters)
             if ref is None:
@@ -250,9 +267,13 @@ class SharedMemory:
             name = os.path.basename(ref.path)
             if os.path.dirname(ref.path) != shm.SHM_DIR or name != f"{call.outputs}-{index}":
                 raise InvalidArgument(f"output {out.name!r} names a segment of another call")
-            raw[index] = shm.take(ref.path, ref.size)
+            try:
+                taken[index] = ref.map(f"output {out.name!r}")
+            finally:
+                shm.unlink_quietly(ref.path)  # the mapping outlives the name
             for key in (shm.PATH, shm.OFFSET, shm.SIZE):
                 del out.parameters[key]
+        return taken
 
     def release(self, call: CallSegments) -> None:
         """Delete every segment of ``call``; never raises."""

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from anyserve.codec.binary import (
     HEADER_LENGTH,
+    Body,
     binary_outputs_requested,
     parse_header_length,
     request_from_binary,
+    request_from_binary_aside,
     response_from_binary,
     response_to_http,
 )
@@ -48,6 +50,7 @@ from anyserve.codec.values import (
 __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
+    "Body",
     "attached_inputs",
     "binary_outputs_requested",
     "check_shape",
@@ -64,6 +67,7 @@ __all__ = [
     "pack_raw",
     "parse_header_length",
     "request_from_binary",
+    "request_from_binary_aside",
     "request_from_json",
     "response_from_binary",
     "response_from_json",

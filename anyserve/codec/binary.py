@@ -15,6 +15,7 @@ response that cannot be rendered or parsed raises
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from anyserve.codec.datatypes import pack_raw, spec
@@ -65,11 +66,20 @@ def _header(body: Body, header_length: int) -> dict[str, Any]:
     return load_object(bytes(body[:header_length]), "JSON header")
 
 
-def _fill_raw(pending: list[Pending], raw: Any, body: Body, offset: int, kind: str) -> None:
+def _fill_raw(
+    pending: list[Pending],
+    raw: Any,
+    body: Body,
+    offset: int,
+    kind: str,
+    aside: tuple[int, dict[int, memoryview]] | None = None,
+) -> None:
     """Fill ``raw`` (raw_*_contents) from the body after the header, or the
-    typed contents when no tensor is binary."""
+    typed contents when no tensor is binary. With ``aside`` ``(minimum,
+    found)``, binary data of at least ``minimum`` bytes is not copied: its
+    entry stays empty and ``found[index]`` is a view of it in the body."""
     if any(size is not None for _, _, size in pending):
-        for tensor, flat, size in pending:
+        for index, (tensor, flat, size) in enumerate(pending):
             what = f"{kind} {tensor.name!r}"
             if size is None:
                 assert flat is not None
@@ -80,7 +90,11 @@ def _fill_raw(pending: list[Pending], raw: Any, body: Body, offset: int, kind: s
                     f"{what}: binary_data_size {size} runs past the end of the body"
                     f" ({len(body) - offset} bytes left)"
                 )
-            raw.append(bytes(body[offset : offset + size]))
+            if aside is not None and size >= aside[0]:
+                aside[1][index] = memoryview(body)[offset : offset + size]
+                raw.append(b"")
+            else:
+                raw.append(bytes(body[offset : offset + size]))
             offset += size
     else:
         fill_typed(pending)
@@ -102,6 +116,21 @@ def request_from_binary(body: Body, header_length: int, model_name: str = "") ->
     request, pending = parse_request_doc(_header(body, header_length), model_name)
     _fill_raw(pending, request.raw_input_contents, body, header_length, "input")
     return request
+
+
+@client_text
+def request_from_binary_aside(
+    body: Body, header_length: int, model_name: str, minimum: int
+) -> tuple[ModelInferRequest, dict[int, memoryview]]:
+    """:func:`request_from_binary`, leaving binary inputs of at least
+    ``minimum`` bytes out of the message (their ``raw_input_contents`` entry
+    is empty): returned by input index as views of ``body`` (no copy), for
+    the caller to put where they go. ``minimum`` 0: nothing is left out."""
+    request, pending = parse_request_doc(_header(body, header_length), model_name)
+    found: dict[int, memoryview] = {}
+    aside = (minimum, found) if minimum > 0 else None
+    _fill_raw(pending, request.raw_input_contents, body, header_length, "input", aside)
+    return request, found
 
 
 def response_from_binary(body: bytes, header_length: int) -> ModelInferResponse:
@@ -149,7 +178,9 @@ def _output_blob(response: ModelInferResponse, index: int) -> bytes:
 
 
 def response_to_http(
-    response: ModelInferResponse, request: ModelInferRequest
+    response: ModelInferResponse,
+    request: ModelInferRequest,
+    blobs_by_index: Mapping[int, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """Render a response for the HTTP edge: ``(body, header_length or None)``.
 
@@ -157,18 +188,23 @@ def response_to_http(
     the ``binary_data_output`` request parameter) are sent after the JSON header
     with a ``binary_data_size`` parameter and no ``data``; the second element is
     then the header length (for ``Inference-Header-Content-Length``), else None
-    and the body is plain JSON. Raises HandlerError for a malformed response.
+    and the body is plain JSON. ``blobs_by_index``: outputs' raw bytes kept out
+    of the message (any buffer; their entries are empty). Raises HandlerError
+    for a malformed response.
     """
+    aside = blobs_by_index or {}
     check_raw_count(response)
     default, explicit = _binary_choice(request)
     doc = response_head(response)
     outputs: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
+    blobs: list[Any] = []
     for index, tensor in enumerate(response.outputs):
         if not explicit.get(tensor.name, default) or REGION in tensor.parameters:
+            if index in aside:  # JSON is built from the message
+                response.raw_output_contents[index] = bytes(aside[index])
             outputs.append(output_json(response, index))
             continue
-        blobs.append(_output_blob(response, index))
+        blobs.append(aside[index] if index in aside else _output_blob(response, index))
         params = params_json(tensor.parameters)
         params["binary_data_size"] = len(blobs[-1])
         outputs.append(
