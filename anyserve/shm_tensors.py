@@ -58,8 +58,9 @@ def input_buffers(request: ModelInferRequest, zero_copy: bool) -> list[Any] | No
                 )
             buffers.append(raw[index])
         elif not zero_copy and raw and shm.REGION not in tensor.parameters:
-            raw[index] = bytes(ref.map(what))
-            buffers.append(raw[index])
+            data = bytes(ref.map(what))
+            raw[index] = data
+            buffers.append(data)  # not raw[index]: reading an entry back copies it
         elif tensor.datatype == "BYTES":
             buffers.append(bytes(ref.map(what)))  # split into bytes objects anyway
         else:
@@ -97,22 +98,23 @@ def place_outputs(request: ModelInferRequest, response: ModelInferResponse) -> N
     use_raw_outputs(response)
     raw = response.raw_output_contents
     for index, out in enumerate(response.outputs):
+        data = raw[index]  # a copy each time an entry is read: read once
         if out.name in regions:
             ref, region = regions[out.name]
-            if len(raw[index]) > ref.size:
+            if len(data) > ref.size:
                 raise InvalidArgument(
                     f"shared memory size specified with the request for output"
                     f" {out.name!r} ({ref.size} bytes) should be at least"
-                    f" {len(raw[index])} bytes to hold the results"
+                    f" {len(data)} bytes to hold the results"
                 )
-            size = ref.write(raw[index], f"output {out.name!r}")
+            size = ref.write(data, f"output {out.name!r}")
             raw[index] = b""
             out.parameters[shm.REGION].string_param = region
             out.parameters[shm.REGION_SIZE].int64_param = size
-        elif prefix and len(raw[index]) >= minimum:
+        elif prefix and len(data) >= minimum:
             path = os.path.join(shm.SHM_DIR, f"{prefix}-{index}")
             try:
-                size = shm.create(path, [raw[index]])
+                size = shm.create(path, [data])
             except OSError as exc:  # /dev/shm full: the bytes go the usual way
                 log.warning("output %r stays in the answer: %s: %s", out.name, path, exc)
                 continue
