@@ -8,7 +8,9 @@ of each worker it forked, and each worker's exit code once it has reaped it.
 :class:`~anyserve.replica.spawning.WorkerProcess`): signalled through its
 pidfd, its ``wait`` answered by the fork server's exit report. When the fork
 server has ended its workers are *orphaned*: they keep running, and their
-end is seen when their pidfd turns readable, with no exit code.
+end is seen when their pidfd turns readable, with no exit code unless
+they were reparented to this process (PID 1 in a container): then it reaps
+them, exit code included.
 """
 
 from __future__ import annotations
@@ -87,7 +89,23 @@ class ForkedProcess:
         """Its fork server is gone (its exit code with it): it has exited
         when its pidfd turns readable."""
         if self._pidfd is not None:
-            asyncio.get_running_loop().add_reader(self._pidfd, self.exited, None)
+            asyncio.get_running_loop().add_reader(self._pidfd, self._orphan_exited)
+
+    def _orphan_exited(self) -> None:
+        # An orphan is reparented to the nearest subreaper, else PID 1, which
+        # is this replica in a container started as `anyserve start`: then it
+        # is this process's child now, and must be reaped here (its exit code
+        # comes with it). Anyone else's child: its exit code is not ours to know.
+        code = None
+        try:
+            assert self._pidfd is not None
+            found = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+        except OSError:
+            found = None
+        if found is not None:
+            status = found.si_status
+            code = status if found.si_code == os.CLD_EXITED else -status
+        self.exited(code)
 
 
 class ForkServer:

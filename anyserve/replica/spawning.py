@@ -15,7 +15,8 @@ A forked worker is the fork server's child, not the replica's: its exit code
 comes from the fork server (which reaps it), and it is signalled through a
 pidfd (so a signal can never reach another process that got its pid). When
 the fork server dies its workers keep serving; their ends are then seen
-through their pidfds, with no exit code (``returncode`` None), and a new fork
+through their pidfds, with no exit code (``returncode`` None) unless they were
+reparented to the replica (PID 1 in a container), which then reaps them, and a new fork
 server starts after a backoff (:class:`~anyserve.replica.supervisor.CrashHistory`:
 0.1 s doubling to 5 s; five deaths within 60 s and workers start as new
 interpreters from then on).

@@ -13,11 +13,16 @@ tests/test_fork_server.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 
+import anyio
 import pytest
 
 from anyserve.replica import forkserver, spawning
@@ -82,6 +87,36 @@ async def test_an_exited_forked_process_cannot_be_signalled() -> None:
     for send in (proc.terminate, proc.kill):
         with pytest.raises(ProcessLookupError):
             send()
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    """A child of this process that waits to be killed. Not an asyncio one: no
+    child watcher may reap it behind the test's back."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def gone(pid: int) -> bool:
+    """No process ``pid``, not even a zombie."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+async def test_an_orphan_that_became_this_processs_child_is_reaped_with_its_code() -> None:
+    # What happens to a forked worker whose fork server died while the replica
+    # is PID 1 (a container): it is reparented to the replica. A child of this
+    # process stands in for it.
+    child = sleeper()
+    try:
+        proc = ForkedProcess(child.pid, os.pidfd_open(child.pid))
+        proc.orphaned()
+        proc.kill()
+        with anyio.fail_after(10):
+            assert await proc.wait() == -signal.SIGKILL
+        assert gone(child.pid)  # reaped here: no zombie left
+    finally:
+        if child.returncode is None:
+            child.kill()
+        with contextlib.suppress(ChildProcessError):
+            child.wait()
 
 
 class FailingServer(ForkServer):
