@@ -95,6 +95,7 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
 
 
 def close_all(fds: list[int]) -> None:
+    """Close every descriptor of ``fds`` (received ones are the receiver's)."""
     for fd in fds:
         os.close(fd)
 
