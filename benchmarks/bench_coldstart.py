@@ -3,13 +3,17 @@
 A replica runs in this process (its workers are real processes) serving the
 trivial ``type=coldstart`` handler defined below. Each repetition stops the
 handler's worker through the manager, then times one request from the moment
-it is sent until its answer arrives: the replica starts a fresh worker process
-(interpreter, imports, the app, hello on the socket), waits for it, and runs
-the call. Warm requests to the running worker are timed alongside.
+it is sent until its answer arrives: the replica starts a new worker process,
+waits for its hello, and runs the call. Warm requests to the running worker
+are timed alongside.
 
-For context, the last row times what no framework can avoid: a fresh
-interpreter importing the worker module (``python -c "import
-anyserve.replica.worker"``).
+It runs twice: with the replica's fork server (the default on Linux: the
+worker is a fork of a process that has anyserve imported, so only the app's
+import and the hello remain; timed once the fork server is ready), and with
+``fork_server=False`` (``anyserve start --no-fork-server``: a new interpreter
+and all its imports per worker). The last row times what that second way
+cannot avoid: a fresh interpreter importing the worker module (``python -c
+"import anyserve.replica.worker"``).
 
 ``ANYSERVE_BENCH_COLDSTART_REPEATS`` (default 5) sets the cold repetitions;
 the median is the figure to quote.
@@ -56,7 +60,7 @@ def _row(metric: str, samples_ms: list[float], note: str = "") -> dict[str, Any]
     }
 
 
-async def _measure(repeats: int) -> tuple[list[float], list[float]]:
+async def _measure(repeats: int, fork_server: bool) -> tuple[list[float], list[float]]:
     from anyserve import codec
     from anyserve.replica.slot import State
     from anyserve.testing import GrpcClient, start_replica
@@ -65,9 +69,13 @@ async def _measure(repeats: int) -> tuple[list[float], list[float]]:
     capability = {"type": "coldstart"}
     cold: list[float] = []
     warm: list[float] = []
-    async with start_replica(APP, log_level="warning") as replica:
+    options = {"log_level": "warning", "fork_server": fork_server}
+    async with start_replica(APP, **options) as replica:
         manager = replica.manager
-        assert manager is not None
+        # The replica reports started before its fork server is ready (it
+        # starts beside the workers): the first request would wait for it.
+        if fork_server and await manager.spawner.ready() is None:
+            raise RuntimeError("the fork server did not start (see the log)")
         async with GrpcClient(replica.endpoint) as client:
             for _ in range(repeats):
                 for slot in manager.slots[HANDLER]:
@@ -100,21 +108,27 @@ def run() -> list[dict[str, Any]]:
     """Measure; one row each for cold, warm and the bare interpreter import."""
     import anyio
 
+    from anyserve.replica.spawning import FORK_SERVER_SUPPORTED
     from anyserve.replica.worker import event_loop_options
 
     # The floor first: before gRPC has threads running in this process.
     floor = _interpreter_import_ms(REPEATS)
-    cold, warm = anyio.run(_measure, REPEATS, backend_options=event_loop_options())
-    overhead = statistics.median(cold) - statistics.median(warm)
-    return [
-        _row(
-            "cold: request sent -> answer (worker started on demand)",
-            cold,
-            f"start cost ~{overhead:.0f} ms over warm",
-        ),
-        _row("warm: request sent -> answer", warm),
-        _row("floor: fresh interpreter importing the worker module", floor, "no serving"),
-    ]
+    rows = []
+    for fork_server in (True, False) if FORK_SERVER_SUPPORTED else (False,):
+        how = "forked by the fork server" if fork_server else "a new interpreter"
+        options = event_loop_options()
+        cold, warm = anyio.run(_measure, REPEATS, fork_server, backend_options=options)
+        overhead = statistics.median(cold) - statistics.median(warm)
+        rows += [
+            _row(
+                f"cold: request sent -> answer (worker started on demand, {how})",
+                cold,
+                f"start cost ~{overhead:.0f} ms over warm",
+            ),
+            _row(f"warm: request sent -> answer ({how})", warm),
+        ]
+    floor_row = _row("floor: fresh interpreter importing the worker module", floor, "no serving")
+    return [*rows, floor_row]
 
 
 if __name__ == "__main__":

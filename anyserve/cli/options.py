@@ -151,6 +151,16 @@ MaxMemoryMib = Annotated[
     ),
 ]
 
+ForkServer = Annotated[
+    bool,
+    typer.Option(
+        "--fork-server/--no-fork-server",
+        help="Start workers as forks of a fork server that has anyserve imported (a"
+        " preload=False handler's first answer in hundredths of a second); off: each"
+        " worker is a new interpreter. On by default where it works (Linux).",
+    ),
+]
+
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
 # Libraries whose own debug/info lines drown anyserve's: warnings only, unless

@@ -15,6 +15,7 @@ import typer
 from anyserve.cli.options import (
     BigBodySlots,
     BodyTimeout,
+    ForkServer,
     Grace,
     GrpcPort,
     HeaderTimeout,
@@ -45,6 +46,7 @@ from anyserve.cli.options import (
 )
 from anyserve.errors import InvalidArgument, StartupError
 from anyserve.replica.processes import DEFAULT_START_TIMEOUT, STUCK_CALL_GRACE
+from anyserve.replica.spawning import FORK_SERVER_SUPPORTED
 
 
 def start(
@@ -95,6 +97,7 @@ def start(
         int | None,
         typer.Option(help="Serve GET /metrics (Prometheus) on this port of --host; 0: any."),
     ] = None,
+    fork_server: ForkServer = FORK_SERVER_SUPPORTED,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
@@ -122,6 +125,7 @@ def start(
         max_memory_mib=max_memory_mib,
         log_level=log_level,
         metrics_port=metrics_port,
+        fork_server=fork_server,
     )
     _run_until_signal(Replica(config).run)
 
@@ -301,6 +305,7 @@ def run(
         str | None, typer.Option(help="What each replica has, e.g. gpu=1.")
     ] = None,
     start_timeout: StartTimeout = DEFAULT_START_TIMEOUT,
+    fork_server: ForkServer = FORK_SERVER_SUPPORTED,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
@@ -315,6 +320,7 @@ def run(
         "log_level": log_level,
         "start_timeout": start_timeout,
         "grace": grace,
+        "fork_server": fork_server,
         "metrics_port": 0,  # each replica's /metrics on a free port (printed)
     }
     if resources:

@@ -31,6 +31,7 @@ from anyserve.replica.processes import WorkerConfig, WorkerLauncher, seconds
 from anyserve.replica.recycling import Watchdog
 from anyserve.replica.resources import ResourceBudget
 from anyserve.replica.slot import Slot, State
+from anyserve.replica.spawning import Spawner
 from anyserve.replica.supervisor import Supervisor
 
 log = logging.getLogger("anyserve.manager")
@@ -63,8 +64,10 @@ class Manager:
         self.on_change = on_change or (lambda: None)
         self.slots: dict[str, list[Slot]] = {h.name: [] for h in handlers}
         self.budget = ResourceBudget(resources or {}, self.slots)
+        #: Starts the worker processes (forked by a fork server when the config says).
+        self.spawner = Spawner(config.python, fork_server=config.fork_server)
         self.supervisor = Supervisor(
-            WorkerLauncher(config, self.on_change), on_change=self.on_change
+            WorkerLauncher(config, self.on_change, self.spawner), on_change=self.on_change
         )
         self.watchdog = Watchdog(
             self.all_slots,
@@ -94,33 +97,45 @@ class Manager:
         preloaded workers load (Ctrl-C during a long model load) ends it at once.
         """
         with anyio.CancelScope(shield=True) as shield:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                tg.start_soon(self.watchdog.run, name="watchdog")
-                preload = []
-                for handler in self.handlers.values():
-                    if not handler.preload or handler.workers == 0:
-                        continue
-                    if self.budget.fits(handler, count=handler.workers):
-                        self.start_handler(handler.name)
-                        preload.append(handler)
-                    else:
-                        log.warning(
-                            "not preloading %s: it needs %s per worker and the replica has %s free",
-                            handler.name,
-                            dict(handler.resources),
-                            self.budget.free(),
-                        )
-                shield.shield = False
+            async with anyio.create_task_group() as spawning:
+                # Outside the workers' task group: it reports their exits until
+                # the last one has been reaped, cancelled or not.
+                await spawning.start(self.spawner.run, name="spawner")
                 try:
-                    await self._wait_preloaded(preload)
+                    async with anyio.create_task_group() as tg:
+                        self._tg = tg
+                        tg.start_soon(self.watchdog.run, name="watchdog")
+                        preload = self._start_preloaded()
+                        shield.shield = False
+                        try:
+                            await self._wait_preloaded(preload)
+                        finally:
+                            shield.shield = True
+                        task_status.started()
+                        await self._stopping.wait()
+                        for slot in self.all_slots():
+                            slot.shutdown()
+                        tg.cancel_scope.cancel()
                 finally:
-                    shield.shield = True
-                task_status.started()
-                await self._stopping.wait()
-                for slot in self.all_slots():
-                    slot.shutdown()
-                tg.cancel_scope.cancel()
+                    self.spawner.close()
+
+    def _start_preloaded(self) -> list[HandlerInfo]:
+        """Start the preloaded handlers' workers that fit; return those handlers."""
+        preload = []
+        for handler in self.handlers.values():
+            if not handler.preload or handler.workers == 0:
+                continue
+            if self.budget.fits(handler, count=handler.workers):
+                self.start_handler(handler.name)
+                preload.append(handler)
+            else:
+                log.warning(
+                    "not preloading %s: it needs %s per worker and the replica has %s free",
+                    handler.name,
+                    dict(handler.resources),
+                    self.budget.free(),
+                )
+        return preload
 
     async def _wait_preloaded(self, preload: list[HandlerInfo]) -> None:
         """Wait while the preloaded handlers' workers start (restarts included),

@@ -2,9 +2,12 @@
 process for a slot, reaping, exit reasons.
 
 Dispatcher and worker talk over a Unix socketpair created per process and
-inherited by the child (no socket files, so nothing to clean up and nothing
-another user could connect to). A worker that dies fails its in-flight calls at
-once with UNAVAILABLE naming its exit code.
+handed to the child (no socket files, so nothing to clean up and nothing
+another user could connect to). How the process is started — forked by the
+replica's fork server, or a new interpreter — is
+:mod:`anyserve.replica.spawning`'s business; here it is a
+:class:`~anyserve.replica.spawning.WorkerProcess` either way. A worker that
+dies fails its in-flight calls at once with UNAVAILABLE naming its exit code.
 
 A worker is *starting* until it says hello (its app imported, its model
 loaded). It gets its handler's ``start_timeout`` for that, else the replica's
@@ -26,8 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from anyserve import wire
 from anyserve.app import HandlerInfo
 from anyserve.errors import AnyServeError, StartupError, Unavailable
 from anyserve.replica.slot import Slot
-from anyserve.replica.worker import EXIT_BAD_APP
+from anyserve.replica.spawning import Spawner, WorkerProcess, exit_text
 
 log = logging.getLogger("anyserve.manager")
 
@@ -90,6 +91,9 @@ class WorkerConfig:
     stuck_call_grace: float = STUCK_CALL_GRACE
     max_memory_mib: float | None = None
     watch_interval: float = WATCH_INTERVAL
+    # Fork workers from a fork server (anyserve.replica.spawning) rather than
+    # start each as a new interpreter. Off here; a replica's config turns it on.
+    fork_server: bool = False
 
     def start_timeout_for(self, handler: HandlerInfo) -> float:
         """Seconds a worker of ``handler`` may take to start: the handler's own
@@ -107,27 +111,9 @@ def seconds(value: float) -> str:
     return f"{round(value, 1):g}"
 
 
-def exit_text(code: int | None, *, started: bool = True) -> str:
-    """How a worker process ended, for operators (``was killed by SIGKILL ...``).
-
-    Code 3 means "could not import the app" only for a worker that never said
-    hello (``started`` False): after start-up it is whatever the handler's
-    code made of it."""
-    if code is None:
-        return "exited"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} (exit code {code})"
-    if code == EXIT_BAD_APP and not started:
-        return f"exited with code {code} (could not import the app or find its handler)"
-    return f"exited with code {code}"
-
-
-async def reap(proc: asyncio.subprocess.Process, grace: float = REAP_GRACE) -> int | None:
-    """Wait for the process; terminate, then kill it if it lingers."""
+async def reap(proc: WorkerProcess, grace: float = REAP_GRACE) -> int | None:
+    """Wait for the process; terminate, then kill it if it lingers. Its exit
+    code (None: unknown, or it outlived the kill's grace too)."""
     for action in (None, proc.terminate, proc.kill):
         if action is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -172,7 +158,10 @@ async def describe_app(
 
 
 def worker_command(config: WorkerConfig, slot: Slot, fd: int) -> list[str]:
-    """The command line of a worker process for ``slot`` talking over ``fd``."""
+    """The command line of a worker process for ``slot`` talking over ``fd``.
+    The fork server runs the same options (what follows ``-m
+    anyserve.replica.worker``) in a fork, so this is the one description of a
+    worker either way."""
     cmd = [
         config.python,
         "-m",
@@ -210,9 +199,15 @@ class WorkerLauncher:
     connection ends (or the slot's stop is requested) reap the process and
     fail the calls it still had."""
 
-    def __init__(self, config: WorkerConfig, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        on_change: Callable[[], None],
+        spawner: Spawner | None = None,
+    ) -> None:
         self.config = config
         self.on_change = on_change
+        self.spawner = spawner or Spawner(config.python)
 
     async def __call__(self, slot: Slot) -> str:
         """Run one worker process for ``slot``; return why it ended."""
@@ -267,10 +262,11 @@ class WorkerLauncher:
             slot.disconnect()
             writer.close()
             with anyio.CancelScope(shield=True):
-                code = None
+                code, exited = None, False
                 with anyio.move_on_after(EXIT_WAIT):
                     code = await proc.wait()
-                if code is None:
+                    exited = True
+                if not exited:
                     # It closed its end but lingers (a handler ignoring its
                     # cancellation, a hung exit): its calls fail now, not after
                     # the reap's grace.
@@ -291,26 +287,20 @@ class WorkerLauncher:
 
     async def _spawn(
         self, slot: Slot
-    ) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader, asyncio.StreamWriter]:
+    ) -> tuple[WorkerProcess, asyncio.StreamReader, asyncio.StreamWriter]:
         """Start a worker process on a new socketpair; raises OSError (every
         socket closed, no process left behind) when it cannot be started."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        proc: asyncio.subprocess.Process | None = None
+        proc, parent = await self.spawner.spawn(
+            lambda fd: worker_command(self.config, slot, fd),
+            {**os.environ, **self.config.env},
+            slot.id,
+        )
         try:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *worker_command(self.config, slot, child.fileno()),
-                    pass_fds=(child.fileno(),),
-                    env={**os.environ, **self.config.env},
-                )
-            finally:
-                child.close()
             reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
         except BaseException:
             parent.close()
-            if proc is not None:
-                with anyio.CancelScope(shield=True):
-                    await reap(proc, REAP_GRACE_STARTING)
+            with anyio.CancelScope(shield=True):
+                await reap(proc, REAP_GRACE_STARTING)
             raise
         return proc, reader, writer
 

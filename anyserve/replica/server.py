@@ -51,6 +51,7 @@ from anyserve.replica.processes import (
 )
 from anyserve.replica.registration import Registration
 from anyserve.replica.servicer import InferenceServicer
+from anyserve.replica.spawning import FORK_SERVER_SUPPORTED
 
 log = logging.getLogger("anyserve.replica")
 
@@ -89,6 +90,9 @@ class ReplicaConfig:
     watch_interval: float = WATCH_INTERVAL
     # Port of GET /metrics on ``host`` (0: any free one; None: no metrics).
     metrics_port: int | None = None
+    # Fork workers from a fork server (anyserve.replica.spawning; Linux) instead
+    # of starting each as a new interpreter.
+    fork_server: bool = FORK_SERVER_SUPPORTED
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,7 @@ class Replica:
             stuck_call_grace=cfg.stuck_call_grace,
             max_memory_mib=cfg.max_memory_mib,
             watch_interval=cfg.watch_interval,
+            fork_server=cfg.fork_server,
             env={
                 OBJECT_SOURCE_ENV: endpoint,
                 **({"ANYSERVE_TOKEN": cfg.token} if cfg.token else {}),

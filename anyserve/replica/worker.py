@@ -1,8 +1,10 @@
 """The worker process: imports the user's app and runs one handler's calls.
 
-Started by the replica's manager as ``python -m anyserve.replica.worker`` (a
-fresh interpreter, never a fork of the gRPC-holding replica). It inherits one end
-of a Unix socketpair from the manager, says Hello on it, then serves Call frames
+Started by the replica's manager as ``python -m anyserve.replica.worker``, or
+forked with the same options by the replica's fork server
+(:mod:`anyserve.replica.forkserver`, which has imported this module but no
+app, and never the gRPC-holding replica itself). It gets one end of a Unix
+socketpair from the manager, says Hello on it, then serves Call frames
 concurrently until the connection closes — so a worker never outlives its replica.
 
 Around each call the worker applies the declared signature (:mod:`anyserve.signature`):

@@ -31,3 +31,22 @@ def test_start_passes_the_object_flags_to_the_replica(monkeypatch: pytest.Monkey
     assert config.object_ttl == 5.0 and config.object_sweep_interval == 0.5
     bad = CliRunner().invoke(app, [*args, "--object-sweep-interval", "0"])
     assert bad.exit_code != 0
+
+
+def test_start_turns_the_fork_server_off_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anyserve.replica.spawning import FORK_SERVER_SUPPORTED
+
+    built: list[Any] = []
+
+    class Recorded:
+        def __init__(self, config: Any) -> None:
+            built.append(config)
+            self.run = None  # never run: _run_until_signal is replaced
+
+    monkeypatch.setattr(replica_server, "Replica", Recorded)
+    monkeypatch.setattr(serving, "_run_until_signal", lambda serve, stop=None: None)
+    for flags in ([], ["--no-fork-server"], ["--fork-server"]):
+        args = ["start", "--app", "examples.chat_app:app", *flags]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    assert [config.fork_server for config in built] == [FORK_SERVER_SUPPORTED, False, True]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from anyserve.replica.processes import exit_text
+from anyserve.replica.spawning import exit_text
 
 
 def test_code_3_blames_the_app_import_only_before_hello() -> None:
