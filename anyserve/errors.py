@@ -44,12 +44,11 @@ import functools
 import json
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, ClassVar, NoReturn, TypeVar
-
-import grpc
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.proto import InferParameter, ModelInferResponse, ModelStreamInferResponse
+from anyserve.rpc import LazyStatusCode
 
 #: gRPC trailing-metadata key carrying an error's ``error_type``.
 TRAILER = "anyserve-error"
@@ -60,12 +59,15 @@ STREAM_PARAM = "anyserve_error"
 #: Response parameter of an in-band error carrying its retry delay.
 STREAM_RETRY_PARAM = "anyserve_retry_after"
 
+if TYPE_CHECKING:
+    import grpc
+
 
 class AnyServeError(Exception):
     """Base class. ``message`` is what the client sees."""
 
     error_type: ClassVar[str] = "internal"
-    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    grpc_code = LazyStatusCode("INTERNAL")
     http_status: ClassVar[int] = 500
     #: Seconds after which a retry may succeed (Overloaded, Unavailable); None: not said.
     retry_after: float | None = None
@@ -79,7 +81,7 @@ class InvalidArgument(AnyServeError):
     """The request (body, tensor, header or object reference) is malformed."""
 
     error_type = "invalid_argument"
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    grpc_code = LazyStatusCode("INVALID_ARGUMENT")
     http_status = 400
 
 
@@ -87,7 +89,7 @@ class NotFound(AnyServeError):
     """No replica, handler or object answers to what was asked for."""
 
     error_type = "not_found"
-    grpc_code = grpc.StatusCode.NOT_FOUND
+    grpc_code = LazyStatusCode("NOT_FOUND")
     http_status = 404
 
 
@@ -115,7 +117,7 @@ class PayloadTooLarge(AnyServeError):
     """
 
     error_type = "payload_too_large"
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    grpc_code = LazyStatusCode("RESOURCE_EXHAUSTED")
     http_status = 413
 
     def __init__(self, message: str) -> None:
@@ -128,7 +130,7 @@ class Overloaded(AnyServeError):
     """Too many requests in flight; retry after ``retry_after`` seconds."""
 
     error_type = "overloaded"
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    grpc_code = LazyStatusCode("RESOURCE_EXHAUSTED")
     http_status = 429
 
     retry_after: float
@@ -142,7 +144,7 @@ class Unavailable(AnyServeError):
     """A replica or worker is unreachable, was lost, or is down (``retry_after``: how long)."""
 
     error_type = "unavailable"
-    grpc_code = grpc.StatusCode.UNAVAILABLE
+    grpc_code = LazyStatusCode("UNAVAILABLE")
     http_status = 503
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
@@ -154,7 +156,7 @@ class DeadlineExceeded(AnyServeError):
     """The request's deadline passed before it was answered."""
 
     error_type = "deadline_exceeded"
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    grpc_code = LazyStatusCode("DEADLINE_EXCEEDED")
     http_status = 504
 
 
@@ -162,7 +164,7 @@ class Unauthenticated(AnyServeError):
     """A token is required and was missing or wrong."""
 
     error_type = "unauthenticated"
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    grpc_code = LazyStatusCode("UNAUTHENTICATED")
     http_status = 401
 
 
@@ -200,16 +202,16 @@ ERROR_TYPES: dict[str, type[AnyServeError]] = {
     )
 }
 
-# Peers that are not anyserve: the class a bare status stands for.
-_BY_GRPC_CODE: dict[grpc.StatusCode, type[AnyServeError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
+# Peers that are not anyserve: the class a bare status (by name) stands for.
+_BY_GRPC_CODE: dict[str, type[AnyServeError]] = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "NOT_FOUND": NotFound,
+    "RESOURCE_EXHAUSTED": Overloaded,
+    "UNAVAILABLE": Unavailable,
     # A call cancelled under us (the peer went away) is a lost peer to our caller.
-    grpc.StatusCode.CANCELLED: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    "CANCELLED": Unavailable,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "UNAUTHENTICATED": Unauthenticated,
 }
 _BY_HTTP_STATUS: dict[int, type[AnyServeError]] = {
     cls.http_status: cls for cls in ERROR_TYPES.values() if cls is not HandlerError
@@ -266,10 +268,10 @@ def from_grpc(
             retry_after = _seconds(value)
     cls = ERROR_TYPES.get(error_type or "")
     if cls is None:
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in message:
+        if code.name == "RESOURCE_EXHAUSTED" and "larger than" in message:
             cls = PayloadTooLarge
         else:
-            cls = _BY_GRPC_CODE.get(code, AnyServeError)
+            cls = _BY_GRPC_CODE.get(code.name, AnyServeError)
     return _build(cls, message or code.name, retry_after)
 
 
@@ -332,8 +334,7 @@ def from_error_body(doc: object, status: int | None = None) -> AnyServeError:
     message = str(doc.get("error") or "")
     cls = ERROR_TYPES.get(str(doc.get("type") or ""))
     if cls is None:
-        code = grpc.StatusCode.__members__.get(str(doc.get("code")))
-        cls = None if code is None else _BY_GRPC_CODE.get(code)
+        cls = _BY_GRPC_CODE.get(str(doc.get("code")))
     if cls is None:
         cls = _BY_HTTP_STATUS.get(status or 500, AnyServeError)
     return _build(cls, message or f"HTTP {status}", _seconds(doc.get("retry_after", "")))
