@@ -14,6 +14,7 @@ The public API::
 from __future__ import annotations
 
 import os as _os
+import sys as _sys
 from typing import TYPE_CHECKING, Any
 
 # Replicas start worker processes with fork+exec while gRPC threads run. gRPC's
@@ -30,13 +31,20 @@ from anyserve.context import Context, Stream, StreamClosed, call, current
 from anyserve.objects import ObjectStore, ObjRef
 from anyserve.signature import Tensor
 
+# httpx imports its own command line (rich and pygments: ~5 MiB resident) whenever
+# they are installed, and typer installs them. No anyserve process runs it (the
+# `httpx` script is a process of its own), and nothing above imports httpx: skip it,
+# so a replica's registration client costs what an HTTP client does. `httpx.main`
+# is then httpx's stub saying the command line's dependencies are missing.
+_sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
 if TYPE_CHECKING:
     from anyserve.client import Client
 
 
 def __getattr__(name: str) -> Any:
-    # Client pulls in httpx (and, through httpx, click and rich): loaded on first
-    # use, so a worker process that never uses it does not pay for it at start.
+    # Client pulls in httpx: loaded on first use, so a worker process that never
+    # uses it does not pay for it at start.
     if name == "Client":
         from anyserve.client import Client
 
