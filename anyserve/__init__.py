@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # Client pulls in httpx (and, through httpx, click and rich): loaded on first
-    # use, so a worker process that never uses it does not pay for it at start.
+    # Client pulls in httpx: loaded on first use, so a worker process that never
+    # uses it does not pay for it at start.
     if name == "Client":
         from anyserve.client import Client
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from typing import Any
-
-import grpc
-import grpc.aio
+from typing import TYPE_CHECKING, Any
 
 from anyserve import codec, rpc, tracing
 from anyserve.capability import Capability, query_to_metadata
@@ -28,6 +25,9 @@ from anyserve.errors import (
 from anyserve.objects.peers import OBJECT_SOURCE, PeerFetcher
 from anyserve.objects.store import ObjectStore
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
+
+if TYPE_CHECKING:
+    import grpc.aio
 
 log = logging.getLogger("anyserve.calls")
 
@@ -53,6 +53,8 @@ class ApiChannel:
         return self._endpoint() is not None
 
     async def _get(self) -> grpc.aio.Channel:
+        import grpc.aio  # here: a worker loads gRPC at its first context.call
+
         target = self._endpoint()
         if target is None:
             raise Unavailable("the API server's gRPC endpoint is not known yet")
@@ -77,6 +79,8 @@ class ApiChannel:
     ) -> bytes:
         """ModelInfer through the API server (``timeout``: seconds, None: no
         deadline); raises the anyserve error it answered."""
+        import grpc.aio
+
         method = (await self._get()).unary_unary(rpc.MODEL_INFER)
         try:
             response: bytes = await method(
@@ -91,6 +95,8 @@ class ApiChannel:
     ) -> AsyncGenerator[bytes, None]:
         """ModelStreamInfer with one request; yields serialized stream responses
         (in-band errors included, untouched). Leaving early cancels the call."""
+        import grpc.aio
+
         method = (await self._get()).stream_stream(rpc.MODEL_STREAM_INFER)
         call = method(iter([payload]), metadata=self._metadata(metadata), timeout=timeout)
         try:

@@ -16,8 +16,8 @@ Every error a request can meet is one of these classes. Each has a wire name
     ├── PermissionDenied  permission_denied   403   PERMISSION_DENIED   not from where it is
     └── HandlerError      handler_error       500   INTERNAL            the handler raised
 
-Handlers may raise these themselves to choose the status the client sees; any
-other exception from a handler becomes a ``HandlerError`` carrying its message.
+Handlers may raise these to choose the status the client sees; any other exception
+from a handler becomes a ``HandlerError`` carrying its message.
 
 An error keeps its class and message through every hop; this module converts it
 to and from each form (docs/protocol.md, "Errors"): a gRPC status with an
@@ -35,12 +35,11 @@ import functools
 import json
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, ClassVar, NoReturn, TypeVar
-
-import grpc
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.proto import InferParameter, ModelInferResponse, ModelStreamInferResponse
+from anyserve.rpc import LazyStatusCode
 
 #: gRPC trailing-metadata key carrying an error's ``error_type``.
 TRAILER = "anyserve-error"
@@ -51,12 +50,15 @@ STREAM_PARAM = "anyserve_error"
 #: Response parameter of an in-band error carrying its retry delay.
 STREAM_RETRY_PARAM = "anyserve_retry_after"
 
+if TYPE_CHECKING:
+    import grpc
+
 
 class AnyServeError(Exception):
     """Base class. ``message`` is what the client sees."""
 
     error_type: ClassVar[str] = "internal"
-    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    grpc_code = LazyStatusCode("INTERNAL")
     http_status: ClassVar[int] = 500
     #: Seconds after which a retry may succeed (Overloaded, Unavailable); None: not said.
     retry_after: float | None = None
@@ -70,7 +72,7 @@ class InvalidArgument(AnyServeError):
     """The request (body, tensor, header or object reference) is malformed."""
 
     error_type = "invalid_argument"
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    grpc_code = LazyStatusCode("INVALID_ARGUMENT")
     http_status = 400
 
 
@@ -78,7 +80,7 @@ class NotFound(AnyServeError):
     """No replica, handler or object answers to what was asked for."""
 
     error_type = "not_found"
-    grpc_code = grpc.StatusCode.NOT_FOUND
+    grpc_code = LazyStatusCode("NOT_FOUND")
     http_status = 404
 
 
@@ -106,7 +108,7 @@ class PayloadTooLarge(AnyServeError):
     """
 
     error_type = "payload_too_large"
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    grpc_code = LazyStatusCode("RESOURCE_EXHAUSTED")
     http_status = 413
 
     def __init__(self, message: str) -> None:
@@ -119,7 +121,7 @@ class Overloaded(AnyServeError):
     """Too many requests in flight; retry after ``retry_after`` seconds."""
 
     error_type = "overloaded"
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    grpc_code = LazyStatusCode("RESOURCE_EXHAUSTED")
     http_status = 429
 
     retry_after: float
@@ -133,7 +135,7 @@ class Unavailable(AnyServeError):
     """A replica or worker is unreachable, was lost, or is down (``retry_after``: how long)."""
 
     error_type = "unavailable"
-    grpc_code = grpc.StatusCode.UNAVAILABLE
+    grpc_code = LazyStatusCode("UNAVAILABLE")
     http_status = 503
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
@@ -145,7 +147,7 @@ class DeadlineExceeded(AnyServeError):
     """The request's deadline passed before it was answered."""
 
     error_type = "deadline_exceeded"
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    grpc_code = LazyStatusCode("DEADLINE_EXCEEDED")
     http_status = 504
 
 
@@ -153,7 +155,7 @@ class Unauthenticated(AnyServeError):
     """A token is required and was missing or wrong."""
 
     error_type = "unauthenticated"
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    grpc_code = LazyStatusCode("UNAUTHENTICATED")
     http_status = 401
 
 
@@ -161,7 +163,7 @@ class PermissionDenied(AnyServeError):
     """The caller may not do this from where it is (shared memory from another host)."""
 
     error_type = "permission_denied"
-    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    grpc_code = LazyStatusCode("PERMISSION_DENIED")
     http_status = 403
 
 
@@ -200,17 +202,17 @@ ERROR_TYPES: dict[str, type[AnyServeError]] = {
     )
 }
 
-# Peers that are not anyserve: the class a bare status stands for.
-_BY_GRPC_CODE: dict[grpc.StatusCode, type[AnyServeError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
+# Peers that are not anyserve: the class a bare status (by name) stands for.
+_BY_GRPC_CODE: dict[str, type[AnyServeError]] = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "NOT_FOUND": NotFound,
+    "RESOURCE_EXHAUSTED": Overloaded,
+    "UNAVAILABLE": Unavailable,
     # A call cancelled under us (the peer went away) is a lost peer to our caller.
-    grpc.StatusCode.CANCELLED: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    "CANCELLED": Unavailable,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
 }
 _BY_HTTP_STATUS: dict[int, type[AnyServeError]] = {
     cls.http_status: cls for cls in ERROR_TYPES.values() if cls is not HandlerError
@@ -267,10 +269,10 @@ def from_grpc(
             retry_after = _seconds(value)
     cls = ERROR_TYPES.get(error_type or "")
     if cls is None:
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in message:
+        if code.name == "RESOURCE_EXHAUSTED" and "larger than" in message:
             cls = PayloadTooLarge
         else:
-            cls = _BY_GRPC_CODE.get(code, AnyServeError)
+            cls = _BY_GRPC_CODE.get(code.name, AnyServeError)
     return _build(cls, message or code.name, retry_after)
 
 
@@ -306,11 +308,8 @@ def error_body(exc: AnyServeError) -> dict[str, Any]:
     """``{"error": message, "type": error_type, "code": gRPC status name}``, plus
     ``retry_after`` when the error has one: the JSON of an HTTP error and of an SSE
     ``event: error``."""
-    body: dict[str, Any] = {
-        "error": exc.message,
-        "type": exc.error_type,
-        "code": exc.grpc_code.name,
-    }
+    body: dict[str, Any] = {"error": exc.message, "type": exc.error_type}
+    body["code"] = exc.grpc_code.name
     if exc.retry_after is not None:
         body["retry_after"] = exc.retry_after
     return body
@@ -333,8 +332,7 @@ def from_error_body(doc: object, status: int | None = None) -> AnyServeError:
     message = str(doc.get("error") or "")
     cls = ERROR_TYPES.get(str(doc.get("type") or ""))
     if cls is None:
-        code = grpc.StatusCode.__members__.get(str(doc.get("code")))
-        cls = None if code is None else _BY_GRPC_CODE.get(code)
+        cls = _BY_GRPC_CODE.get(str(doc.get("code")))
     if cls is None:
         cls = _BY_HTTP_STATUS.get(status or 500, AnyServeError)
     return _build(cls, message or f"HTTP {status}", _seconds(doc.get("retry_after", "")))

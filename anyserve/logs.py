@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -141,6 +142,8 @@ def _trace_id(traceparent: str) -> str:
 def current_trace_id() -> str:
     """The trace id (32 hex digits) of the OpenTelemetry span current in this
     context, or "" when there is none (tracing off: no SDK, or not sampled)."""
+    if "opentelemetry.trace" not in sys.modules:
+        return ""  # never imported: no span can be current (and none is loaded here)
     try:
         from opentelemetry import trace
     except ImportError:  # pragma: no cover - opentelemetry-api is a dependency

@@ -24,6 +24,19 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 128 * 1024
 
 
+def skip_httpx_cli() -> None:
+    """Keep httpx from importing its own command line in this process.
+
+    httpx imports it (rich and pygments: ~5 MiB resident) whenever they are
+    installed, and typer installs them. anyserve's server processes never run
+    it (the ``httpx`` script is a process of its own), so their HTTP clients
+    cost what an HTTP client does; ``httpx.main`` is then httpx's stub saying
+    the command line's dependencies are missing. Called at a process's start,
+    before httpx is imported; a library import of anyserve leaves httpx alone.
+    """
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+
 def return_big_blocks() -> bool:
     """Make glibc return every freed allocation of :data:`MMAP_THRESHOLD`
     bytes or more to the system at once (a fixed mmap threshold). Returns

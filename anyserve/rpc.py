@@ -9,6 +9,10 @@ replica and the client agree on them.
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
 
 # Triton's service name: tritonclient dials these paths.
 SERVICE = "inference.GRPCInferenceService"
@@ -45,6 +49,20 @@ SERVED_BY = "anyserve_served_by"
 
 # gRPC message size limit on every hop (requests carry tensors).
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class LazyStatusCode:
+    """A class attribute that reads as ``grpc.StatusCode[name]``, looked up when read,
+    so that declaring one (``errors``' classes) does not load grpc: a worker process
+    never does unless it calls out (about 10 MiB less resident)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> grpc.StatusCode:
+        import grpc
+
+        return grpc.StatusCode[self.name]
 
 
 def grpc_options(max_message: int = DEFAULT_MAX_MESSAGE) -> list[tuple[str, int]]:

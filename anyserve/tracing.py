@@ -17,8 +17,9 @@ or ``OTEL_TRACES_EXPORTER``; the SDK itself reads ``OTEL_SERVICE_NAME``,
 looks once at the tracer provider. Without a real one (no SDK, nothing
 configured) :data:`ENABLED` stays False: the server wrappers are not installed
 at all and every per-request hook returns at its first line, so tracing costs
-nothing. A provider the embedding program (or the user's app, in a worker) set
-up itself is used as it is.
+nothing; OpenTelemetry itself is not even imported then (unless the program
+imported it). A provider the embedding program (or the user's app, in a worker)
+set up itself is used as it is.
 
 The server spans (ASGI, gRPC, a worker's handler) are :mod:`anyserve.tracing_servers`'s.
 """
@@ -26,18 +27,19 @@ The server spans (ASGI, gRPC, a worker's handler) are :mod:`anyserve.tracing_ser
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
-from typing import Any
-
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from typing import TYPE_CHECKING, Any
 
 from anyserve.capability import query_from_headers
+
+if TYPE_CHECKING:
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("anyserve.tracing")
 
@@ -59,7 +61,7 @@ ATTR_REQUEST_ID = "anyserve.request_id"
 #: True once :func:`setup` found a real tracer provider; read by every hook.
 ENABLED = False
 _configured = False
-_tracer: trace.Tracer = trace.NoOpTracer()
+_tracer: trace.Tracer | None = None
 _EXPORTERS = "opentelemetry_traces_exporter"  # the SDK's entry-point group
 
 
@@ -76,6 +78,10 @@ def setup(service_name: str) -> bool:
     if _configured:
         return ENABLED
     _configured = True
+    if not _may_trace():
+        return False
+    from opentelemetry import trace
+
     provider = trace.get_tracer_provider()
     if _is_noop(provider) and _requested():
         _install_sdk(service_name)
@@ -89,7 +95,20 @@ def setup(service_name: str) -> bool:
     return ENABLED
 
 
+def _may_trace() -> bool:
+    # Without the variables asking for traces, only a provider the program set
+    # (importing the API to do so) or named (OTEL_PYTHON_TRACER_PROVIDER) can trace:
+    # otherwise tracing is off without importing OpenTelemetry (memory, start time).
+    return (
+        _requested()
+        or "opentelemetry.trace" in sys.modules
+        or "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+    )
+
+
 def _is_noop(provider: trace.TracerProvider) -> bool:
+    from opentelemetry import trace
+
     return isinstance(provider, trace.NoOpTracerProvider | trace.ProxyTracerProvider)
 
 
@@ -119,6 +138,8 @@ def _service_name(default: str) -> str:
 
 
 def _install_sdk(service_name: str) -> None:
+    from opentelemetry import trace
+
     try:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -154,6 +175,8 @@ def _exporter(name: str) -> Any:
     """An exporter of the SDK's entry-point group by its ``OTEL_TRACES_EXPORTER``
     name (``otlp`` picks by ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``), or None
     (warned) when its package is not installed."""
+    import importlib.metadata
+
     package = f"an exporter named {name!r}"
     if name == "otlp":
         env = os.environ
@@ -176,6 +199,8 @@ def flush(timeout: float = 5.0) -> None:
     """Export the spans still batched (blocking, at most ``timeout`` seconds):
     called when a process shuts down. A no-op when tracing is off."""
     if ENABLED:
+        from opentelemetry import trace
+
         force_flush = getattr(trace.get_tracer_provider(), "force_flush", None)
         if force_flush is not None:
             force_flush(int(timeout * 1000))
@@ -191,6 +216,10 @@ async def aflush(timeout: float = 5.0) -> None:
 
 def tracer() -> trace.Tracer:
     """anyserve's tracer (a no-op one while tracing is off)."""
+    if _tracer is None:
+        from opentelemetry import trace
+
+        return trace.NoOpTracer()
     return _tracer
 
 
@@ -210,6 +239,8 @@ def current_trace_id() -> str:
     line written while a request is served), "" when not tracing."""
     if not ENABLED:
         return ""
+    from opentelemetry import trace
+
     found = trace.get_current_span().get_span_context()
     return f"{found.trace_id:032x}" if found.is_valid else ""
 
@@ -217,6 +248,8 @@ def current_trace_id() -> str:
 def extract(carrier: Mapping[str, str]) -> otel_context.Context:
     """The trace context a request carried (``traceparent``...; the configured
     propagators decide), or an empty one: a new trace starts."""
+    from opentelemetry import propagate
+
     return propagate.extract(carrier)
 
 
@@ -228,6 +261,8 @@ def routed(
     replica's gRPC metadata."""
     if not ENABLED:
         return
+    from opentelemetry import propagate, trace
+
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attribute(ATTR_REPLICA, replica)
@@ -256,12 +291,14 @@ def to_worker(
     ``metadata`` itself when tracing is off."""
     if not ENABLED:
         return metadata
+    from opentelemetry import propagate, trace
+
     current = trace.get_current_span()
     if current.is_recording():
         current.set_attribute(ATTR_HANDLER, handler)
         current.set_attribute(ATTR_WORKER, worker)
     attributes = {ATTR_HANDLER: handler, ATTR_WORKER: worker}
-    _tracer.start_span("queue wait", start_time=queued_since or None, attributes=attributes).end()
+    tracer().start_span("queue wait", start_time=queued_since or None, attributes=attributes).end()
     carrier = dict(metadata)
     propagate.inject(carrier)
     return carrier
@@ -298,6 +335,9 @@ def _outgoing(
     parent: otel_context.Context | None,
     attributes: Mapping[str, str],
 ) -> Iterator[object]:
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind, StatusCode
+
     spans_attributes = dict(attributes)
     query = query_from_headers(metadata.items())
     if query:
@@ -305,7 +345,7 @@ def _outgoing(
         wanted = ",".join(f"{k}={v}" for k, v in sorted(query.items()))
         spans_attributes[ATTR_CAPABILITY] = wanted
         name = f"{name} {wanted}"
-    span = _tracer.start_span(
+    span = tracer().start_span(
         name, context=parent, kind=SpanKind.CLIENT, attributes=spans_attributes
     )
     propagate.inject(metadata, context=trace.set_span_in_context(span, parent))

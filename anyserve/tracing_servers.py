@@ -8,24 +8,22 @@ request's span continues the ``traceparent`` it carried (a new trace
 without one), is current while the request is served (the router and the
 dispatcher add to it and pass it on), and, where ``respond`` is asked for, its
 ``traceparent`` goes back to the client: an HTTP response header, gRPC initial
-metadata.
+metadata. Nothing here imports OpenTelemetry or gRPC before tracing is on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, TypeVar
-
-import grpc
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, StatusCode
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from anyserve import rpc, tracing
 from anyserve.app import Handler
 from anyserve.context import Context, StreamClosed
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: HTTP paths never traced: the control plane (heartbeats every few seconds)
 #: and probes would drown the requests in spans.
@@ -45,6 +43,10 @@ def asgi(app: ASGIApp, untraced: Collection[str] = UNTRACED_PATHS) -> ASGIApp:
     itself when tracing is off."""
     if not tracing.ENABLED:
         return app
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind, StatusCode
+
     tracer = tracing.tracer()
 
     async def traced(scope: Scope, receive: Receive, send: Send) -> None:
@@ -106,6 +108,11 @@ def grpc_method(
     as initial metadata first. ``behavior`` itself when tracing is off."""
     if not tracing.ENABLED:
         return behavior
+    import grpc
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
     tracer = tracing.tracer()
     method = name.rsplit("/", 1)[-1]
 
@@ -142,6 +149,9 @@ def grpc_method(
 
 
 def _grpc_failed(span: Span, context: Any, exc: BaseException) -> None:
+    import grpc
+    from opentelemetry.trace import StatusCode
+
     # An AnyServeError was turned into context.abort(...) by errors.grpc_method:
     # the status is the context's, the exception only says the call ended.
     code = context.code()
@@ -163,6 +173,8 @@ def worker_handler(handler: Handler) -> Handler:
     of their own trace covering the batch. The provider flushes at exit."""
     if not tracing.setup(tracing.WORKER_SERVICE):
         return handler
+    from opentelemetry import context as otel_context
+
     run, run_batch, name = handler.run, handler.run_batch, handler.info.name
 
     async def traced_run(request: Any, context: Context, emit: Any) -> None:
@@ -196,6 +208,9 @@ def worker_handler(handler: Handler) -> Handler:
 
 
 def _handler_span(name: str, context: Context) -> Span:
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
     attributes = {tracing.ATTR_HANDLER: name, tracing.ATTR_REQUEST_ID: context.request_id}
     span = tracing.tracer().start_span(
         f"handler {name}",
@@ -212,6 +227,8 @@ def _handler_span(name: str, context: Context) -> Span:
 def _handler_failed(span: Span, exc: BaseException) -> None:
     # Cancellation and a caller that went away (StreamClosed) are not the
     # handler's failures.
+    from opentelemetry.trace import StatusCode
+
     if isinstance(exc, Exception) and not isinstance(exc, StreamClosed):
         span.record_exception(exc)
         span.set_status(StatusCode.ERROR, str(exc))

@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
-import numpy as np
-
 from anyserve import rpc
 from anyserve.codec.datatypes import pack_raw, spec
 from anyserve.codec.json_tensors import jtype, load_object, parse_shape, unicode_problem
@@ -202,6 +200,8 @@ def _numbers_text(body: bytearray, pos: int, end: int) -> tuple[bytes, int]:
 
 async def _numbers_blob(body: bytearray, region: _Region, datatype: str, what: str) -> bytearray:
     """A number array in Triton's raw layout of ``datatype``."""
+    import numpy as np  # here: an API server loads numpy at its first big body only
+
     parse_as, store_as, bounds = _NUMERIC[datatype]
     out = bytearray()
     pos, end, depth = region.start, region.end, 0
@@ -234,6 +234,12 @@ async def _numbers_blob(body: bytearray, region: _Region, datatype: str, what: s
             out += values.astype(store_as).tobytes()
         await asyncio.sleep(0)
     return out
+
+
+def _itemsize(datatype: str) -> int:
+    import numpy as np
+
+    return int(np.dtype(_NUMERIC[datatype][1]).itemsize)
 
 
 async def _checked_text(body: bytearray, start: int, end: int, what: str) -> None:
@@ -297,7 +303,7 @@ async def _convert(body: bytearray, item: dict[str, Any], region: _Region) -> by
     shape = parse_shape(item.get("shape"), what)
     if region.kind == "numbers" and datatype in _NUMERIC:
         blob = await _numbers_blob(body, region, datatype, what)
-        count = len(blob) // np.dtype(_NUMERIC[datatype][1]).itemsize
+        count = len(blob) // _itemsize(datatype)
     elif region.kind == "strings" and datatype == "BYTES":
         blob, count = await _strings_blob(body, region, what)
     else:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import typer
+from anyserve import __version__, memory
 
-from anyserve import __version__
-from anyserve.cli import client, serving, workers
-from anyserve.cli.options import run_command
+memory.skip_httpx_cli()  # before typer and the commands import anything of httpx's
+
+import typer  # noqa: E402
+
+from anyserve.cli import client, serving, workers  # noqa: E402
+from anyserve.cli.options import run_command  # noqa: E402
 
 app = typer.Typer(
     name="anyserve",

@@ -22,19 +22,17 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-import grpc
-import grpc.aio
 
 from anyserve import rpc
-from anyserve._proto import objects_pb2 as opb
 from anyserve.errors import DeadlineExceeded, NotFound, Unavailable, from_rpc_error
 from anyserve.objects.ref import ObjRef, RefLike
-from anyserve.objects.service import FETCH
 from anyserve.objects.store import ObjectStore
-from anyserve.objects.transfer import receive
+
+if TYPE_CHECKING:
+    import grpc.aio
 
 __all__ = [
     "OBJECT_SOURCE",
@@ -151,6 +149,13 @@ class PeerFetcher:
         return False
 
     async def _fetch_from(self, endpoint: str, store: ObjectStore, ref: ObjRef) -> int:
+        # Here, not at import: a worker loads gRPC only once it misses an object.
+        import grpc.aio
+
+        from anyserve._proto import objects_pb2 as opb
+        from anyserve.objects.service import FETCH
+        from anyserve.objects.transfer import receive
+
         channel = self._channels.get(endpoint)
         if channel is None:
             channel = self._channels[endpoint] = grpc.aio.insecure_channel(

@@ -3,7 +3,8 @@
 
 The store is one directory (``/tmp/anyserve-objects`` by default; a shared NFS/NAS mount
 when replicas run on several machines). File I/O goes through aiofiles, so the event loop
-never blocks on the disk.
+never blocks on the disk (imported at the first file operation: a process that never
+touches an object does not load it).
 
 Atomic writes
     ``create`` writes ``<root>/.tmp-obj-<hex>-<8 hex>`` (created exclusively, mode 0o600,
@@ -51,8 +52,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiofiles
-import aiofiles.os
 import anyio
 import anyio.to_thread
 
@@ -227,12 +226,16 @@ class ObjectStore:
 
     async def _ensure_root(self) -> None:
         if not self._root_ready:
+            import aiofiles.os
+
             await aiofiles.os.makedirs(self._root, mode=0o700, exist_ok=True)
             self._root_ready = True
 
     async def _write(
         self, ref: ObjRef, header: bytes, payload: bytes | bytearray | memoryview
     ) -> None:
+        import aiofiles.os
+
         tmp = self._root / f"{_TMP_PREFIX}{ref.id}-{secrets.token_hex(4)}"
         try:
             f = await aiofiles.open(tmp, "xb", opener=_open_new)
@@ -294,6 +297,8 @@ class ObjectStore:
 
     async def _open(self, r: ObjRef) -> Any:
         """The object's file opened for reading, or None when it does not exist."""
+        import aiofiles
+
         try:
             return await aiofiles.open(r.path, "rb", buffering=0, opener=_open_existing)
         except FileNotFoundError:
@@ -325,6 +330,8 @@ class ObjectStore:
         st = await self._lstat(r)
         if st is None:
             return False
+        import aiofiles.os
+
         try:
             await aiofiles.os.unlink(r.path)
         except FileNotFoundError:
@@ -332,6 +339,8 @@ class ObjectStore:
         return not self._expired(st.st_mtime, time.time())
 
     async def _lstat(self, r: ObjRef) -> os.stat_result | None:
+        import aiofiles.os
+
         try:
             st = await aiofiles.os.stat(r.path, follow_symlinks=False)
         except FileNotFoundError:

@@ -22,8 +22,6 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 
-import aiofiles
-import aiofiles.os
 import anyio
 
 from anyserve._proto import objects_pb2 as opb
@@ -55,6 +53,8 @@ async def send_chunks(
     object file is a symlink or not a regular file, ``NotFound`` when the object is
     missing or expired, ``AnyServeError`` when the file changes size while being read.
     """
+    import aiofiles  # here, as in the store: only a fetch needs it
+
     r = _ref_under(store.root, oid)  # ObjRef re-checks the id: InvalidArgument
     try:
         f = await aiofiles.open(r.path, "rb", buffering=0, opener=_open_existing)
@@ -112,6 +112,8 @@ async def receive(
     if size < HEADER_LEN:
         raise AnyServeError(f"object {ref.id} from {source} is corrupt: {size} bytes")
     await store._ensure_root()
+    import aiofiles.os
+
     tmp = store.root / f"{_TMP_PREFIX}{ref.id}-{secrets.token_hex(4)}"
     try:
         f = await aiofiles.open(tmp, "xb", opener=_open_new)

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import AsyncExitStack, aclosing
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from anyserve import rpc, tracing, versions, wire
 from anyserve.app import HandlerInfo
@@ -29,13 +29,16 @@ from anyserve.errors import (
     from_frame,
     from_stream_response,
 )
-from anyserve.metrics.replica import SlotObserver
 from anyserve.proto import ModelStreamInferResponse
 from anyserve.replica.admission import Admission
 from anyserve.replica.manager import Manager
 from anyserve.replica.sequences import DEFAULT_IDLE_TIMEOUT, SequenceSlots
 from anyserve.replica.slot import Slot
 from anyserve.sequence import SequenceFlags, peek_request
+
+if TYPE_CHECKING:
+    # Types only: prometheus_client loads only with --metrics-port.
+    from anyserve.metrics.replica import SlotObserver
 
 log = logging.getLogger("anyserve.dispatcher")
 

@@ -20,19 +20,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
 from anyserve.app import HandlerInfo
 from anyserve.errors import NotFound, Overloaded, Unavailable
-from anyserve.metrics.replica import SlotObserver
 from anyserve.replica.processes import WorkerConfig, WorkerLauncher, seconds
 from anyserve.replica.recycling import Watchdog
 from anyserve.replica.resources import ResourceBudget
 from anyserve.replica.slot import Slot, State
 from anyserve.replica.spawning import Spawner
 from anyserve.replica.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    # Types only: prometheus_client loads only with --metrics-port.
+    from anyserve.metrics.replica import SlotObserver
 
 log = logging.getLogger("anyserve.manager")
 

@@ -20,7 +20,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import grpc
@@ -30,8 +30,6 @@ from anyserve import memory, rpc, shm, tracing, wire
 from anyserve.app import HandlerInfo
 from anyserve.calls import ApiChannel, ApiDelegator
 from anyserve.errors import StartupError
-from anyserve.metrics.endpoint import serve_metrics
-from anyserve.metrics.replica import ReplicaMetrics, WorkerRow
 from anyserve.objects import ObjectStore
 from anyserve.objects.directory import prepare_root
 from anyserve.objects.peers import OBJECT_SOURCE_ENV
@@ -52,6 +50,10 @@ from anyserve.replica.processes import (
 from anyserve.replica.registration import Registration
 from anyserve.replica.servicer import InferenceServicer
 from anyserve.replica.spawning import FORK_SERVER_SUPPORTED
+
+if TYPE_CHECKING:
+    # Loaded with --metrics-port only: prometheus_client is not needed without it.
+    from anyserve.metrics.replica import ReplicaMetrics, WorkerRow
 
 log = logging.getLogger("anyserve.replica")
 
@@ -234,6 +236,8 @@ class Replica:
         )
         metrics = None
         if cfg.metrics_port is not None:
+            from anyserve.metrics.replica import ReplicaMetrics
+
             metrics = ReplicaMetrics(
                 lambda: _worker_rows(manager), {h.name: str(h.capability) for h in handlers}
             )
@@ -308,6 +312,8 @@ class Replica:
                 self.endpoint,
             )
             if running.metrics is not None:
+                from anyserve.metrics.endpoint import serve_metrics
+
                 self.metrics_port = await services.start(
                     serve_metrics,
                     running.metrics.registry,
@@ -344,6 +350,8 @@ class Replica:
 
 def _worker_rows(manager: Manager) -> list[WorkerRow]:
     """Every worker slot, as the replica's /metrics shows it (at scrape time)."""
+    from anyserve.metrics.replica import WorkerRow
+
     return [
         WorkerRow(
             slot.handler.name,
