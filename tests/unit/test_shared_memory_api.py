@@ -136,3 +136,36 @@ def test_outputs_are_taken_only_from_the_calls_own_segments(ours: list[str]) -> 
             memory.take_outputs(response, call)
     finally:
         memory.release(call)
+
+
+class _Regions:
+    """One region, as api_server/shm_regions.RegionTable resolves it."""
+
+    def __init__(self, path: str, byte_size: int) -> None:
+        self.region = type("R", (), {"path": path, "offset": 0, "byte_size": byte_size})()
+
+    def resolve(self, name: str) -> object:
+        return self.region
+
+
+def region_request(size: int, offset: int = 0) -> ModelInferRequest:
+    request = ModelInferRequest()
+    tensor = request.inputs.add(name="x", datatype="UINT8", shape=[size])
+    tensor.parameters[shm.REGION].string_param = "r"
+    tensor.parameters[shm.REGION_SIZE].int64_param = size
+    tensor.parameters[shm.REGION_OFFSET].int64_param = offset
+    return request
+
+
+def test_a_region_is_served_only_by_a_replica_on_this_host() -> None:
+    regions = _Regions("/dev/shm/client-segment", 64)
+    here = SharedMemory(registry_with(shm.host_id()), THRESHOLD, regions)  # type: ignore[arg-type]
+    request, routing = region_request(32, offset=16), meta()
+    assert here.prepare(request, routing) is None  # nothing of ours to delete
+    assert routing.host == shm.host_id()
+    assert shm.Ref.of(request.inputs[0].parameters) == shm.Ref("/dev/shm/client-segment", 16, 32)
+    elsewhere = SharedMemory(registry_with("another-host"), THRESHOLD, regions)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="no replica on this host serves"):
+        elsewhere.prepare(region_request(32), meta())
+    with pytest.raises(InvalidArgument, match="is beyond shared memory region 'r' of 64 bytes"):
+        here.prepare(region_request(32, offset=40), meta())
