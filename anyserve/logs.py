@@ -19,6 +19,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from anyserve import memory
+
+_PR_SET_NAME = 15  # prctl option, from linux/prctl.h
+
 #: The access-log logger (INFO: one line per request or call).
 access = logging.getLogger("anyserve.access")
 
@@ -32,6 +36,15 @@ _worker = ""
 
 # LogRecord attributes that are not a caller's extra fields.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "fields"}
+
+
+def name_process(name: str) -> None:
+    """Name this process as ``ps``, ``top`` and ``/proc/<pid>/comm`` show it
+    (at most 15 bytes; Linux only): a forked worker's command line is its
+    fork server's, so this is what tells the workers apart. Never raises."""
+    prctl = getattr(memory.libc(), "prctl", None)
+    if prctl is not None:
+        prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def set_worker(worker_id: str) -> None:

@@ -12,9 +12,9 @@ run and 180 MiB after another). Fixing the threshold turns that off.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
+from functools import cache
 
 log = logging.getLogger("anyserve.memory")
 
@@ -37,16 +37,24 @@ def skip_httpx_cli() -> None:
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 
+@cache
+def libc() -> ctypes.CDLL | None:
+    """The C library this process runs on (its own symbols: no library search,
+    which would run ``ldconfig``), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def return_big_blocks() -> bool:
     """Make glibc return every freed allocation of :data:`MMAP_THRESHOLD`
     bytes or more to the system at once (a fixed mmap threshold). Returns
     whether it applied; never raises (other C libraries keep their own policy)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = getattr(libc(), "mallopt", None)
+    if mallopt is None:  # not Linux, or not glibc (musl has no mallopt)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -78,6 +78,11 @@ async def ask(client: GrpcClient, kind: str) -> Any:
     return json.loads(text) if text.startswith("{") else text
 
 
+def comm_of(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
 def fork_server_pid(replica: Replica) -> int:
     server = replica.manager.spawner.current
     assert server is not None, "no fork server is running"
@@ -95,6 +100,15 @@ async def test_workers_are_forked_by_the_fork_server_and_serve() -> None:
     assert preloaded["handler_at_import"] == "preloaded"
     assert lazy["handler_at_import"] == "lazy"
     assert not alive(server)  # the replica's end closed: it exited and was reaped
+
+
+async def test_each_worker_process_is_named_after_its_worker_id() -> None:
+    """A forked worker's command line is its fork server's: ps and top tell
+    workers apart by the name each gives its process."""
+    async with start_replica(APP) as replica, GrpcClient(replica.endpoint) as client:
+        await ask(client, "facts")
+        named = {slot.id: comm_of(slot.pid) for slot in replica.manager.all_slots() if slot.pid}
+    assert named and all(comm == worker_id[:15] for worker_id, comm in named.items())
 
 
 async def test_a_forked_worker_sees_what_a_new_interpreter_would(

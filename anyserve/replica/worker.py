@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level=args.log_level.upper(), format=fmt)
     memory.return_big_blocks()  # a handler's tensors come and go: keep the RSS flat
     memory.skip_httpx_cli()  # context.call's client, without httpx's command line
+    logs.name_process(args.worker_id or f"anyserve {args.handler}")
     # One line per context.call's discovery request is noise for an operator.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Ctrl-C in a terminal reaches the whole process group; the replica decides
