@@ -180,10 +180,13 @@ def _cpu_children() -> float:
 # -- CPU time of server processes, from /proc ---------------------------------
 
 
-def _label(cmdline: list[str]) -> str:
+def _label(cmdline: list[str], comm: str) -> str:
     if "anyserve.replica.worker" in cmdline:
         handler = cmdline[cmdline.index("--handler") + 1] if "--handler" in cmdline else "?"
         return f"worker {handler}"
+    if "anyserve.replica.forkserver" in cmdline:
+        # A worker it forked has the fork server's command line and its own name.
+        return "fork server" if comm.startswith("python") else f"worker {comm}"
     if "benchmarks.cluster_proc" in cmdline:
         mode = cmdline[cmdline.index("benchmarks.cluster_proc") + 1]
         return {"all": "api server + replica", "api": "api server"}.get(mode, mode)
@@ -211,10 +214,12 @@ def cpu_by_process(pgids: tuple[int, ...]) -> dict[str, float]:
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
         seconds = (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
-        label = _label(cmdline)
+        label = _label(cmdline, comm)
         found[label] = found.get(label, 0.0) + seconds
     return found
 

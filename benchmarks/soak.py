@@ -262,10 +262,15 @@ def _children(pid: int) -> list[int]:
 
 
 def _worker_name(pid: int) -> str:
+    """``worker <id>``: a worker names its process after its id (a forked one
+    has its fork server's command line); ``fork server``; else ``pid N``."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return f"pid {pid}"
+    if b"anyserve.replica.forkserver" in args:
+        return "fork server" if comm.startswith("python") else f"worker {comm}"
     if b"--handler" in args:
         return "worker " + args[args.index(b"--handler") + 1].decode()
     return f"pid {pid}"
@@ -288,6 +293,8 @@ def processes_of(api_pid: int, replica_pid: int) -> dict[str, int]:
     found = {"api server": api_pid, "replica": replica_pid}
     for pid in _children(replica_pid):
         found[_worker_name(pid)] = pid
+        for forked in _children(pid):  # workers a fork server made
+            found[_worker_name(forked)] = forked
     return found
 
 
