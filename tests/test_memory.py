@@ -43,3 +43,40 @@ def test_freed_big_buffers_leave_no_resident_growth() -> None:
     applied, growth = done.stdout.split()
     assert applied == "True", done.stdout
     assert float(growth) < 2.0, f"{growth} MiB still resident after the burst was freed"
+
+
+TRIM_CHILD = textwrap.dedent(
+    """
+    import os
+    import anyio
+    from anyserve import memory
+
+    memory.return_big_blocks()
+
+    def rss_mib():
+        pages = int(open("/proc/self/statm").read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    # 100 MiB of mid-sized blocks (malloc'd, under the mmap threshold), then one
+    # kept at the heap's top: freeing the rest leaves free pages glibc keeps.
+    blocks = [bytes(64 * 1024) for _ in range(1600)]
+    top = bytes(64 * 1024)
+    del blocks
+    before = rss_mib()
+
+    async def one_pass():
+        with anyio.move_on_after(0.3):
+            await memory.trim_forever(0.05)
+
+    anyio.run(one_pass)
+    print(before - rss_mib())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim, Linux only")
+def test_trimming_gives_the_heaps_free_pages_back() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", TRIM_CHILD], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert float(done.stdout) > 50.0, f"only {done.stdout.strip()} MiB given back"

@@ -304,6 +304,7 @@ class Replica:
                 services.start_soon(running.registration.run)
             # Segments of an API server killed mid-call would outlive it otherwise.
             services.start_soon(shm.sweep_forever)
+            services.start_soon(memory.trim_forever)  # the heap's free pages, back
             log.info(
                 "replica %s (app %s) serving %s on %s",
                 running.replica_id,
