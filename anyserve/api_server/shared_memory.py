@@ -159,19 +159,27 @@ class SharedMemory:
                 )
 
     def _refuse_reserved(self, request: ModelInferRequest, meta: RequestMeta) -> None:
-        own = {path for call in self._calls.values() for path in call.inputs}
         for what, params in self._all_params(request):
+            if shm.REGION in params:
+                continue  # where its bytes are is stamped again from the region
             for key in params:
-                if not key.startswith(shm.RESERVED):
-                    continue
-                if meta.delegated_from and key == shm.PATH and params[key].string_param in own:
-                    meta.host = self.host  # an input this server placed: stays on this host
-                    continue
-                if meta.delegated_from and key in (shm.OFFSET, shm.SIZE, shm.OUTPUTS_MIN):
-                    continue
-                if meta.delegated_from and key == shm.OUTPUTS and self._owns(params[key]):
-                    continue
-                raise InvalidArgument(f"{what}: parameter {key!r} is reserved for anyserve")
+                if key.startswith(shm.RESERVED) and not self._ours(key, params, meta):
+                    raise InvalidArgument(f"{what}: parameter {key!r} is reserved for anyserve")
+
+    def _ours(self, key: str, params: Any, meta: RequestMeta) -> bool:
+        """Whether a delegated request's internal parameter names what this
+        server placed (its reference stays valid: the request stays here)."""
+        if not meta.delegated_from:
+            return False
+        if key == shm.PATH:
+            own = {path for call in self._calls.values() for path in call.inputs}
+            if params[key].string_param not in own:
+                return False
+            meta.host = self.host
+            return True
+        if key == shm.OUTPUTS:
+            return self._owns(params[key])
+        return key in (shm.OFFSET, shm.SIZE, shm.OUTPUTS_MIN)
 
     def _owns(self, value: Any) -> bool:
         prefix: str = value.string_param

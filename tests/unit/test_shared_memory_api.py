@@ -169,3 +169,17 @@ def test_a_region_is_served_only_by_a_replica_on_this_host() -> None:
         elsewhere.prepare(region_request(32), meta())
     with pytest.raises(InvalidArgument, match="is beyond shared memory region 'r' of 64 bytes"):
         here.prepare(region_request(32, offset=40), meta())
+
+
+def test_a_tensor_naming_a_region_is_stamped_again_whatever_it_carried() -> None:
+    """A request with a region comes back delegated with the references this
+    server stamped, or from a client with forged ones: both are replaced."""
+    regions = _Regions("/dev/shm/client-segment", 64)
+    here = SharedMemory(registry_with(shm.host_id()), THRESHOLD, regions)  # type: ignore[arg-type]
+    request = region_request(32)
+    shm.Ref("/dev/shm/somebody-else", 0, 64).stamp(request.inputs[0].parameters)
+    delegated = meta()
+    delegated.delegated_from = "replica-a"
+    for routing in (meta(), delegated):
+        here.prepare(request, routing)
+        assert shm.Ref.of(request.inputs[0].parameters) == shm.Ref("/dev/shm/client-segment", 0, 32)
