@@ -311,6 +311,7 @@ async def soak(
     begun = time.monotonic()
     clients.until = begun + WARMUP + args.duration
     before: dict[str, tuple[float, int]] = {}
+    after: dict[str, tuple[float, int]] = {}  # stay empty with --url: no processes to read
     clients.connect(args.concurrency)
     try:
         async with anyio.create_task_group() as tg:
