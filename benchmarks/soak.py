@@ -103,14 +103,14 @@ class Clients:
         ("big_binary", 5),
     )
 
-    def __init__(self, url: str, tally: Tally) -> None:
+    def __init__(self, url: str, tally: Tally, skip: frozenset[str] = frozenset()) -> None:
         self.url = url
         self.tally = tally
         values = [float(i % 1000) for i in range(BIG_VALUES)]
         self.big_sum = float(sum(values))
         self.json_body = _big_json(values)
         self.binary_body, self.binary_header = _big_binary(values)
-        kinds, weights = zip(*self.MIX, strict=True)
+        kinds, weights = zip(*[m for m in self.MIX if m[0] not in skip], strict=True)
         self.kinds, self.weights = list(kinds), list(weights)
         # Cleared while the processes are measured: every client waits, idle.
         self.going = asyncio.Event()
@@ -307,7 +307,7 @@ async def soak(
     """Run the load; ``procs`` names the processes to watch (looked up at each
     measurement: a recycled worker is the same name with a new pid)."""
     tally = Tally()
-    clients = Clients(url, tally)
+    clients = Clients(url, tally, frozenset(args.skip.split(",")) if args.skip else frozenset())
     begun = time.monotonic()
     clients.until = begun + WARMUP + args.duration
     before: dict[str, tuple[float, int]] = {}
@@ -374,6 +374,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--duration", type=float, default=300.0, help="seconds after warm-up")
     parser.add_argument("--concurrency", type=int, default=64, help="clients at once")
     parser.add_argument("--url", help="an API server already running (no process figures)")
+    kinds = ", ".join(kind for kind, _ in Clients.MIX)
+    parser.add_argument("--skip", default="", help=f"kinds left out, comma-separated: {kinds}")
     args = parser.parse_args(argv)
     if args.url:
         return anyio.run(soak, args.url, None, args)
