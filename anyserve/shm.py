@@ -28,7 +28,6 @@ every replica run it periodically.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import mmap
@@ -63,7 +62,6 @@ __all__ = [
     "segment_owner",
     "sweep",
     "sweep_forever",
-    "take",
     "unlink_quietly",
 ]
 
@@ -206,24 +204,6 @@ def create(path: str, pieces: list[Any]) -> int:
         raise
     os.close(fd)
     return total
-
-
-def take(path: str, size: int) -> bytes:
-    """Read a whole segment the worker wrote for this process, then delete it.
-    Raises InvalidArgument when it is missing or not ``size`` bytes."""
-    try:
-        with open(path, "rb", buffering=0) as f:
-            data = f.read(size + 1)
-    except OSError as exc:
-        raise InvalidArgument(f"output segment {path} cannot be read: {exc.strerror}") from None
-    finally:
-        # A file that cannot be deleted is swept once this process is gone;
-        # the answer matters more.
-        with contextlib.suppress(OSError):
-            unlink_quietly(path)
-    if len(data) != size:
-        raise InvalidArgument(f"output segment {path} holds {len(data)} bytes, not {size}")
-    return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from anyserve import shm
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry
-from anyserve.errors import InvalidArgument
+from anyserve.errors import AnyServeError, InvalidArgument
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 
 __all__ = ["CallSegments", "Regions", "SharedMemory"]
@@ -266,7 +266,8 @@ class SharedMemory:
         """The outputs the worker put in this call's segments, by index, as
         read-only mappings (their ``raw_output_contents`` entries stay empty;
         see ``codec.response_to_http``); the files are deleted at once.
-        Raises InvalidArgument for a reference outside the call's segments."""
+        Raises AnyServeError (internal: the replica broke the protocol) for a
+        reference outside the call's segments."""
         taken: dict[int, Any] = {}
         for index, out in enumerate(response.outputs):
             ref = shm.Ref.of(out.parameters)
@@ -274,7 +275,7 @@ class SharedMemory:
                 continue
             name = os.path.basename(ref.path)
             if os.path.dirname(ref.path) != shm.SHM_DIR or name != f"{call.outputs}-{index}":
-                raise InvalidArgument(f"output {out.name!r} names a segment of another call")
+                raise AnyServeError(f"output {out.name!r} names a segment of another call")
             try:
                 taken[index] = ref.map(f"output {out.name!r}")
             finally:

@@ -14,7 +14,7 @@ from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry
 from anyserve.api_server.shared_memory import SharedMemory
 from anyserve.capability import Capability
-from anyserve.errors import InvalidArgument
+from anyserve.errors import AnyServeError, InvalidArgument
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 
 THRESHOLD = 1024
@@ -132,7 +132,7 @@ def test_outputs_are_taken_only_from_the_calls_own_segments(ours: list[str]) -> 
         assert header_length is None  # JSON: the bytes went into the message
         assert json.loads(rendered)["outputs"][0]["data"] == [ord("z")] * 3000
         shm.Ref("/dev/shm/not-this-call-0", 0, 1).stamp(response.outputs[0].parameters)
-        with pytest.raises(InvalidArgument, match="names a segment of another call"):
+        with pytest.raises(AnyServeError, match="names a segment of another call"):
             memory.take_outputs(response, call)
     finally:
         memory.release(call)
