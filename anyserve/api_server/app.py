@@ -331,7 +331,7 @@ def build_app(state: ApiState) -> Starlette:
         Route("/v2/repository/models/{name}/load", bind(model_control.http_load), methods=post),
         Route("/v2/repository/models/{name}/unload", bind(model_control.http_unload), methods=post),
         Route("/infer/metadata", bind(model_meta.http_model_metadata), methods=get),
-        *shm_control.routes(state),
+        *(Route(path, bind(ep), methods=methods) for path, ep, methods in shm_control.ROUTES),
     ]
     app = Starlette(
         routes=routes,

@@ -29,7 +29,6 @@ from urllib.parse import unquote
 import grpc
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.api_server.guard import is_loopback
@@ -155,32 +154,24 @@ async def http_cuda_refused(state: ApiState, request: Request) -> Response:
     raise InvalidArgument(f"failed to {action} CUDA shared memory{target}: {NO_CUDA}")
 
 
-def routes(state: ApiState) -> list[Route]:
-    """Triton's shared memory routes, bound to ``state``."""
+_GET, _POST = ["GET"], ["POST"]
+_SYSTEM, _CUDA = "/v2/systemsharedmemory", "/v2/cudasharedmemory"
 
-    def bind(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
-        async def call(request: Request) -> Response:
-            return await endpoint(state, request)
-
-        call.__name__ = endpoint.__name__
-        return call
-
-    get, post = ["GET"], ["POST"]
-    system, cuda = "/v2/systemsharedmemory", "/v2/cudasharedmemory"
-    return [
-        Route(f"{system}/status", bind(http_status), methods=get),
-        Route(f"{system}/region/{{name}}/status", bind(http_status), methods=get),
-        Route(f"{system}/register", bind(http_register), methods=post),
-        Route(f"{system}/region/{{name}}/register", bind(http_register), methods=post),
-        Route(f"{system}/unregister", bind(http_unregister), methods=post),
-        Route(f"{system}/region/{{name}}/unregister", bind(http_unregister), methods=post),
-        Route(f"{cuda}/status", bind(http_cuda_status), methods=get),
-        Route(f"{cuda}/region/{{name}}/status", bind(http_cuda_status), methods=get),
-        Route(f"{cuda}/register", bind(http_cuda_refused), methods=post),
-        Route(f"{cuda}/region/{{name}}/register", bind(http_cuda_refused), methods=post),
-        Route(f"{cuda}/unregister", bind(http_cuda_refused), methods=post),
-        Route(f"{cuda}/region/{{name}}/unregister", bind(http_cuda_refused), methods=post),
-    ]
+#: Triton's shared memory routes: ``(path, endpoint, methods)``, for app.py to bind.
+ROUTES: list[tuple[str, Endpoint, list[str]]] = [
+    (f"{_SYSTEM}/status", http_status, _GET),
+    (f"{_SYSTEM}/region/{{name}}/status", http_status, _GET),
+    (f"{_SYSTEM}/register", http_register, _POST),
+    (f"{_SYSTEM}/region/{{name}}/register", http_register, _POST),
+    (f"{_SYSTEM}/unregister", http_unregister, _POST),
+    (f"{_SYSTEM}/region/{{name}}/unregister", http_unregister, _POST),
+    (f"{_CUDA}/status", http_cuda_status, _GET),
+    (f"{_CUDA}/region/{{name}}/status", http_cuda_status, _GET),
+    (f"{_CUDA}/register", http_cuda_refused, _POST),
+    (f"{_CUDA}/region/{{name}}/register", http_cuda_refused, _POST),
+    (f"{_CUDA}/unregister", http_cuda_refused, _POST),
+    (f"{_CUDA}/region/{{name}}/unregister", http_cuda_refused, _POST),
+]
 
 
 # --------------------------------------------------------------------------- gRPC
