@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -141,8 +141,8 @@ class SharedMemory:
             return payload
         if not any(
             key.startswith(shm.RESERVED) or key == shm.REGION
-            for _, params in self._all_params(request)
-            for key in params
+            for _, message in _tensors(request)
+            for key in message.parameters
         ):
             return payload  # the words were in tensor data
         self.prepare(request, meta)
@@ -152,18 +152,21 @@ class SharedMemory:
         """For a request already serialized without this module (a big JSON
         body): InvalidArgument if it uses shared memory at all."""
         self._refuse_reserved(request, meta)
-        for what, params in self._all_params(request):
-            if shm.REGION in params:
+        for kind, message in _tensors(request):
+            if shm.REGION in message.parameters:
                 raise InvalidArgument(
-                    f"{what}: shared memory regions cannot be used in a JSON body over 1 MiB"
+                    f"{_what(kind, message)}: shared memory regions cannot be used in a JSON"
+                    " body over 1 MiB"
                 )
 
     def _refuse_reserved(self, request: ModelInferRequest, meta: RequestMeta) -> None:
-        for what, params in self._all_params(request):
+        for kind, message in _tensors(request):
+            params = message.parameters
             if shm.REGION in params:
                 continue  # where its bytes are is stamped again from the region
             for key in params:
                 if key.startswith(shm.RESERVED) and not self._ours(key, params, meta):
+                    what = _what(kind, message)
                     raise InvalidArgument(f"{what}: parameter {key!r} is reserved for anyserve")
 
     def _ours(self, key: str, params: Any, meta: RequestMeta) -> bool:
@@ -185,24 +188,16 @@ class SharedMemory:
         prefix: str = value.string_param
         return any(call.outputs == prefix for call in self._calls.values())
 
-    @staticmethod
-    def _all_params(request: ModelInferRequest) -> list[tuple[str, Any]]:
-        found: list[tuple[str, Any]] = [("request", request.parameters)]
-        found += [(f"input {t.name!r}", t.parameters) for t in request.inputs]
-        found += [(f"output {t.name!r}", t.parameters) for t in request.outputs]
-        return found
-
     def _resolve_regions(self, request: ModelInferRequest) -> list[str]:
         """Stamp every tensor naming a region with where its bytes are; return
         the region names used."""
         used: list[str] = []
         region_inputs: list[int] = []
-        tensors: list[tuple[str, Any]] = [(f"input {t.name!r}", t) for t in request.inputs]
-        tensors += [(f"output {t.name!r}", t) for t in request.outputs]
-        for index, (what, tensor) in enumerate(tensors):
+        for index, (kind, tensor) in enumerate(_tensors(request, with_request=False)):
             params = tensor.parameters
             if shm.REGION not in params:
                 continue
+            what = _what(kind, tensor)
             name = params[shm.REGION].string_param
             if self.regions is None:
                 raise InvalidArgument(f"{what}: this server has no shared memory regions")
@@ -310,6 +305,22 @@ class SharedMemory:
                 except OSError:
                     continue
         return removed
+
+
+def _tensors(request: ModelInferRequest, with_request: bool = True) -> Iterator[tuple[str, Any]]:
+    """``(kind, message)`` of the request (unless not ``with_request``), then
+    each input and requested output: every message with ``parameters``."""
+    if with_request:
+        yield "request", request
+    for tensor in request.inputs:
+        yield "input", tensor
+    for output in request.outputs:
+        yield "output", output
+
+
+def _what(kind: str, message: Any) -> str:
+    """How an error names a message of :func:`_tensors` (formatted only then)."""
+    return kind if kind == "request" else f"{kind} {message.name!r}"
 
 
 def _raw_for_every_input(request: ModelInferRequest, in_regions: set[int]) -> None:
