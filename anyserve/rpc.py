@@ -43,6 +43,12 @@ BATCH = "x-anyserve-batch"
 # one that could take it: the replica then answers "overloaded" itself rather
 # than delegating the call back. Per hop; never forwarded.
 SOLE_CANDIDATE = "x-anyserve-sole-candidate"
+# The API server's name for one call to a replica (its random per-process
+# prefix and a counter), which CANCEL takes to end the call without a gRPC
+# cancellation (anyserve/replica/in_flight.py). Per hop; never forwarded.
+CALL_ID = "x-anyserve-call"
+CALLS_SERVICE = "anyserve.calls.Calls"
+CANCEL = f"/{CALLS_SERVICE}/Cancel"
 
 # Response parameter naming the replica that served a request.
 SERVED_BY = "anyserve_served_by"
@@ -198,6 +204,7 @@ def forwardable(metadata: object) -> dict[str, str]:
             key.startswith("x-")
             and not key.endswith("-bin")
             and key != BATCH
+            and key != CALL_ID
             and isinstance(value, str)
         ):
             out[key] = value

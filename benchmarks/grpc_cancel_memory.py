@@ -8,12 +8,15 @@ and prints how much the resident size grew:
 * ``plain``: calls that complete;
 * ``cancel``: calls cancelled while the server still runs them (``call.cancel()``),
   as the API server cancels a replica call when its HTTP client goes away;
-* ``task``: the same through cancelling the task awaiting the call.
+* ``task``: the same through cancelling the task awaiting the call;
+* ``core``: the call cancelled in gRPC's core only (its task left to finish).
 
 On grpcio 1.85.3 (and 1.70) ``plain`` grows by ~0.1 MiB and ``cancel`` by
 tens of MiB (~1-3 KB a call), which matches a soak of client disconnects
 (``python -m benchmarks.soak --skip ...`` leaving only ``unary_left``)
-growing the API server, not the replica. Not part of ``make bench``.
+growing the API server. ``core`` still grows here: the server side of a
+cancelled call leaks too, which is why the API server asks replicas to end
+calls instead (anyserve/api_server/abandoned.py). Not part of ``make bench``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sys
 import grpc
 import grpc.aio
 
-MODES = ("plain", "cancel", "task")
+MODES = ("plain", "cancel", "task", "core")
 
 
 def _rss_mib() -> float:
@@ -62,6 +65,12 @@ async def probe(mode: str, n: int) -> float:
                     await asyncio.sleep(0)
                     call.cancel()
                     # Our own cancel of that call (this task is not cancelled).
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await call
+                elif mode == "core":
+                    call = call_m(b"slow", timeout=5)
+                    await asyncio.sleep(0)
+                    grpc.aio._call.Call.cancel(call)
                     with contextlib.suppress(asyncio.CancelledError):
                         await call
                 else:

@@ -9,14 +9,20 @@ sent over a connection that is up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import grpc
 import grpc.aio
 
 from anyserve import rpc
+from anyserve.errors import HandlerError, from_rpc_error
+
+if TYPE_CHECKING:
+    from anyserve.api_server.registry import ReplicaEntry
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,94 @@ class Connection:
                 if state == _READY:
                     return True
         return False
+
+
+class ReplicaStream:
+    """The responses of one request sent on a replica's ``ModelStreamInfer``.
+
+    With ``spawn`` (:meth:`anyserve.api_server.abandoned.Abandoned.spawn`), a
+    task that may outlive the request reads the call and hands each message
+    over: a reader cancelled while it waits (its client went away) leaves the
+    gRPC read alone, since cancelling a pending grpc.aio read leaks native
+    memory (abandoned.py). :meth:`stop` makes that task drop whatever still
+    comes until the call ends. Without ``spawn`` the call is read directly.
+    """
+
+    def __init__(
+        self,
+        call: grpc.aio.StreamStreamCall,
+        replica: ReplicaEntry,
+        batched: bool = False,
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], bool] | None = None,
+    ) -> None:
+        self._call = call
+        self.replica = replica
+        self.batched = batched
+        self._stopped = False
+        self._final: bytes | grpc.aio.AioRpcError | None = b""  # b"": not yet
+        # Two messages read ahead at most: gRPC's flow control holds the rest.
+        self._inbox: asyncio.Queue[bytes | grpc.aio.AioRpcError | None] | None = (
+            asyncio.Queue(2) if spawn is not None else None
+        )
+        if spawn is not None and not spawn(self._read_ahead):
+            self._inbox = None
+
+    async def _read_ahead(self) -> None:
+        inbox = self._inbox
+        assert inbox is not None
+        while True:
+            item: bytes | grpc.aio.AioRpcError | None
+            try:
+                message = await self._call.read()
+            except grpc.aio.AioRpcError as exc:
+                item = exc
+            else:
+                # Anything but bytes is grpc.aio.EOF (absent from the type stubs).
+                item = message if isinstance(message, bytes) else None
+            if not self._stopped:
+                await inbox.put(item)
+            if not isinstance(item, bytes):
+                return
+
+    def stop(self) -> None:
+        """Nobody reads any more: what the replica still sends is dropped."""
+        self._stopped = True
+        if self._inbox is not None:
+            while not self._inbox.empty():  # unblocks a read-ahead waiting for room
+                self._inbox.get_nowait()
+
+    async def read(self) -> bytes | None:
+        """The next serialized ModelStreamInferResponse, or None at the clean end.
+
+        Raises the anyserve error matching the status the replica ended with.
+        """
+        inbox = self._inbox
+        if inbox is None:
+            try:
+                message = await self._call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+            return message if isinstance(message, bytes) else None
+        item = self._final if self._final != b"" else await inbox.get()
+        if isinstance(item, bytes):
+            return item
+        self._final = item  # the reader has ended: every later read says so
+        if item is None:
+            return None
+        raise from_rpc_error(item) from None
+
+    async def read_batch(self) -> list[bytes] | None:
+        """The next responses (several when the stream was opened ``batched``),
+        or None at the clean end. Raises like :meth:`read`."""
+        message = await self.read()
+        if message is None:
+            return None
+        if not self.batched:
+            return [message]
+        try:
+            return rpc.unpack_batch(message)
+        except ValueError as exc:
+            raise HandlerError(f"replica sent a malformed stream batch: {exc}") from None
 
 
 class ChannelPool:

@@ -35,13 +35,13 @@ import anyio
 import grpc.aio
 
 from anyserve import rpc, tracing, versions
-from anyserve.api_server.channels import Connections, ReplicaConnection
+from anyserve.api_server.abandoned import Abandoned, answer, new_call_id
+from anyserve.api_server.channels import Connections, ReplicaConnection, ReplicaStream
 from anyserve.api_server.config import NoMatchPolicy
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry, ReplicaEntry
 from anyserve.errors import (
     DeadlineExceeded,
-    HandlerError,
     LoopDetected,
     NotFound,
     Overloaded,
@@ -64,6 +64,7 @@ class Lease:
     conn: ReplicaConnection
     metadata: list[tuple[str, str]]
     deadline: float  # anyio.current_time() by which the call must end
+    call_id: str  # names the call to the replica's Cancel (api_server/abandoned.py)
 
     def remaining(self) -> float:
         """Seconds left; raises DeadlineExceeded when none are."""
@@ -96,42 +97,6 @@ class _NotSent(Exception):
     """A call failed before it left (see ``_never_sent``): try another replica."""
 
 
-class ReplicaStream:
-    """The responses of one request sent on a replica's ``ModelStreamInfer``."""
-
-    def __init__(
-        self, call: grpc.aio.StreamStreamCall, replica: ReplicaEntry, batched: bool = False
-    ) -> None:
-        self._call = call
-        self.replica = replica
-        self.batched = batched
-
-    async def read(self) -> bytes | None:
-        """The next serialized ModelStreamInferResponse, or None at the clean end.
-
-        Raises the anyserve error matching the status the replica ended with.
-        """
-        try:
-            message = await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        # Anything but bytes is grpc.aio.EOF (absent from the type stubs).
-        return message if isinstance(message, bytes) else None
-
-    async def read_batch(self) -> list[bytes] | None:
-        """The next responses (several when the stream was opened ``batched``),
-        or None at the clean end. Raises like :meth:`read`."""
-        message = await self.read()
-        if message is None:
-            return None
-        if not self.batched:
-            return [message]
-        try:
-            return rpc.unpack_batch(message)
-        except ValueError as exc:
-            raise HandlerError(f"replica sent a malformed stream batch: {exc}") from None
-
-
 class Router:
     """Picks replicas and forwards requests; see the module docstring."""
 
@@ -151,6 +116,9 @@ class Router:
         self.hop_limit = hop_limit
         self.max_inflight = max_inflight
         self.connect_timeout = connect_timeout
+        #: Ends the calls whose requests stopped waiting; its run() is a task
+        #: of the API server.
+        self.abandoned = Abandoned()
         #: Told each routing decision ("chosen", "no_match", "delegated",
         #: "retried"): the server's metrics (anyserve.metrics.api) hook in here.
         self.on_decision: Callable[[str], None] = lambda decision: None
@@ -174,13 +142,14 @@ class Router:
                         wait_for_ready=False,
                     )
                     try:
-                        response = await call
+                        response = await answer(call)
                     except grpc.aio.AioRpcError as exc:
                         if _never_sent(exc.code(), exc.details()):
                             raise _NotSent from None
                         raise from_rpc_error(exc) from None
-                    finally:
-                        call.cancel()  # no-op once done; stops the replica if we were cancelled
+                    except asyncio.CancelledError:
+                        self.abandoned.add(lease.conn, call, lease.call_id)
+                        raise
                     assert isinstance(response, bytes)
                     return response
             except _NotSent:
@@ -208,12 +177,15 @@ class Router:
                         metadata=metadata,
                         wait_for_ready=False,
                     )
+                    stream = ReplicaStream(call, lease.replica, batched, self.abandoned.spawn)
                     try:
                         await self._send_one(call, body)
-                        yield ReplicaStream(call, lease.replica, batched)
+                        yield stream
                         return
                     finally:
-                        call.cancel()
+                        # Still running: the client went away (abandoned.py).
+                        stream.stop()
+                        self.abandoned.add(lease.conn, call, lease.call_id)
             except _NotSent:
                 continue  # lease() marked the replica unreachable
 
@@ -274,6 +246,8 @@ class Router:
                 if await conn.connect(min(self.connect_timeout, max(left, 0.0))):
                     try:
                         metadata = meta.metadata()
+                        call_id = new_call_id()
+                        metadata.append((rpc.CALL_ID, call_id))
                         if not others:
                             metadata.append((rpc.SOLE_CANDIDATE, "1"))
                         if tracing.ENABLED:  # names the replica on the span, passes it on
@@ -282,7 +256,7 @@ class Router:
                             )
                         if meta.pin is not None:
                             meta.pin.chose(replica)
-                        yield Lease(replica, conn, metadata, deadline)
+                        yield Lease(replica, conn, metadata, deadline, call_id)
                     except _NotSent:
                         logger.warning(
                             "request %s: connection to replica %s at %s failed before the"

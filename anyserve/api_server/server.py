@@ -155,6 +155,7 @@ class ApiServer:
             self._tg.start_soon(self._sweep)
             self._tg.start_soon(self._sweep_shm)
             self._tg.start_soon(memory.trim_forever)
+            self._tg.start_soon(self.state.router.abandoned.run)
             # The registry backend keeps the view in step with other API servers'.
             await self._tg.start(self.state.backend.run)
             # uvicorn offers no event for "listening"; its start-up is a few ticks.

@@ -36,9 +36,10 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from anyserve.api_server.channels import ReplicaStream
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import error_response, replica_message, shutting_down
-from anyserve.api_server.router import ReplicaStream, Router
+from anyserve.api_server.router import Router
 from anyserve.api_server.sequences import Sequences
 from anyserve.errors import (
     AnyServeError,

@@ -37,6 +37,7 @@ from anyserve.objects.service import ObjectsServicer
 from anyserve.replica import status
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
+from anyserve.replica.in_flight import InFlight
 from anyserve.replica.manager import Manager
 from anyserve.replica.processes import (
     DEFAULT_START_TIMEOUT,
@@ -244,9 +245,12 @@ class Replica:
             manager.observer = metrics
         dispatcher = Dispatcher(handlers, manager, delegator, max_message=cfg.max_message)
         dispatcher.observer = metrics
-        servicer = InferenceServicer(handlers, manager, dispatcher)
+        in_flight = InFlight()
+        servicer = InferenceServicer(handlers, manager, dispatcher, in_flight)
         admin = AdminServicer(manager, replica_id, cfg.token)
-        server.add_generic_rpc_handlers((servicer.generic_handler(), admin.generic_handler()))
+        server.add_generic_rpc_handlers(
+            (servicer.generic_handler(), admin.generic_handler(), in_flight.generic_handler())
+        )
         if store is not None:  # peers without a shared directory fetch objects here
             server.add_generic_rpc_handlers((ObjectsServicer(store, cfg.token).generic_handler(),))
         self._running = Running(

@@ -37,6 +37,7 @@ from anyserve.errors import (
 )
 from anyserve.logs import access, call_line
 from anyserve.replica.dispatcher import Dispatcher
+from anyserve.replica.in_flight import CANCELLED_DETAILS, CancelledByCaller, InFlight
 from anyserve.replica.manager import Manager
 from anyserve.replica.slot import State
 from anyserve.replica.status import model_config, repository_index, tensor_metadata
@@ -46,11 +47,16 @@ class InferenceServicer:
     """gRPC method handlers; payloads stay bytes on the inference path."""
 
     def __init__(
-        self, handlers: list[HandlerInfo], manager: Manager, dispatcher: Dispatcher
+        self,
+        handlers: list[HandlerInfo],
+        manager: Manager,
+        dispatcher: Dispatcher,
+        in_flight: InFlight | None = None,
     ) -> None:
         self.handlers = handlers
         self.manager = manager
         self.dispatcher = dispatcher
+        self.in_flight = in_flight if in_flight is not None else InFlight()
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         def typed(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler:
@@ -83,12 +89,18 @@ class InferenceServicer:
 
     @grpc_method
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        metadata = rpc.forwardable(context.invocation_metadata())
+        pairs = context.invocation_metadata()
+        metadata = rpc.forwardable(pairs)
         start, outcome = time.perf_counter(), "cancelled"
         try:
-            answer = await self.dispatcher.unary(request, metadata, _time_left(context))
+            answer = await self.in_flight.run(
+                _call_id(pairs), self.dispatcher.unary(request, metadata, _time_left(context))
+            )
             outcome = "ok"
             return answer
+        except CancelledByCaller:
+            await context.abort(grpc.StatusCode.CANCELLED, CANCELLED_DETAILS)
+            raise  # abort raised already
         except AnyServeError as exc:
             outcome = exc.error_type
             raise
@@ -99,10 +111,9 @@ class InferenceServicer:
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
-        metadata = rpc.forwardable(context.invocation_metadata())
-        batched = any(
-            key == rpc.BATCH and value == "1" for key, value in context.invocation_metadata() or ()
-        )
+        pairs = context.invocation_metadata()
+        metadata = rpc.forwardable(pairs)
+        batched = any(key == rpc.BATCH and value == "1" for key, value in pairs or ())
         # asyncio.Lock: an uncontended acquire does not yield to the loop (one
         # loop cycle saved per streamed chunk compared with anyio.Lock).
         lock = asyncio.Lock()
@@ -131,9 +142,15 @@ class InferenceServicer:
                 if access.isEnabledFor(logging.INFO):
                     call_line("ModelStreamInfer", metadata, outcome, time.perf_counter() - start)
 
-        async with anyio.create_task_group() as tg:
-            async for payload in requests:
-                tg.start_soon(serve_one, payload)
+        async def serve_all() -> None:
+            async with anyio.create_task_group() as tg:
+                async for payload in requests:
+                    tg.start_soon(serve_one, payload)
+
+        try:
+            await self.in_flight.run(_call_id(pairs), serve_all())
+        except CancelledByCaller:
+            await context.abort(grpc.StatusCode.CANCELLED, CANCELLED_DETAILS)
 
     async def server_live(
         self, request: pb.ServerLiveRequest, context: Any
@@ -216,6 +233,14 @@ class InferenceServicer:
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
         return repository_index(self.manager, ready_only=request.ready)
+
+
+def _call_id(pairs: object) -> str | None:
+    """The API server's name for this call (in_flight.py), when it gave one."""
+    for key, value in pairs or ():  # type: ignore[attr-defined]
+        if key == rpc.CALL_ID:
+            return str(value)
+    return None
 
 
 def _peek_id(payload: bytes) -> str:

@@ -65,6 +65,9 @@ class FakeConnection:
             def cancel(self) -> bool:
                 return False
 
+            def done(self) -> bool:  # its answer is ready when awaited
+                return True
+
         def call(body: bytes, *, timeout: float, metadata: Any, wait_for_ready: bool) -> _Call:
             return _Call(body, list(metadata))
 
