@@ -13,8 +13,13 @@ the servers'. ``ANYSERVE_BENCH_HTTP_CLIENT`` forces one (``wrk`` or
 * :func:`sse_load`: one SSE request at a time (aiohttp, whatever the unary
   client): events until ``event: done``, events/s and time to first event,
   medians over the timed requests.
+* :func:`sse_concurrent_load`: ``streams`` SSE requests at once from one
+  aiohttp session (one connection each) and one event loop, round after round:
+  every stream's time to its first event, and the aggregate events/s of all
+  streams together (each round timed from its start until its last stream
+  ends).
 
-Both report the CPU seconds the client itself used while measuring
+Each reports the CPU seconds the client itself used while measuring
 (``client_cpu``), so a run can tell whether the client, not the server, was
 the limit, and the growth of a caller's ``probe`` (e.g. the servers' CPU
 seconds by process, read from ``/proc``) over the same window.
@@ -114,6 +119,25 @@ class StreamResult:
         return statistics.median(self.firsts_ms)
 
 
+@dataclass(frozen=True)
+class ConcurrentStreamResult:
+    """Rounds of streams sent at once: each timed stream's time to its first
+    event (ms, from when the stream was sent); ``events`` of all timed rounds
+    and the ``seconds`` they took (each round from its start until its last
+    stream ended); ``client_cpu`` and ``probed`` as in UnaryResult."""
+
+    firsts_ms: list[float]
+    events: int
+    seconds: float
+    client_cpu: float
+    probed: dict[str, float]
+
+    @property
+    def events_per_s(self) -> float:
+        """Aggregate: all streams' events per second of wall time."""
+        return self.events / self.seconds if self.seconds else float("nan")
+
+
 def client_name() -> str:
     """``wrk`` or ``aiohttp``: what :func:`unary_load` uses in this run."""
     wanted = os.environ.get(CLIENT_ENV, "auto").strip().lower() or "auto"
@@ -162,6 +186,16 @@ def sse_load(
     return _run(_sse_load, request, expect, repeats, probe)
 
 
+def sse_concurrent_load(
+    request: Request, *, streams: int, expect: int, repeats: int, probe: Probe = _no_probe
+) -> ConcurrentStreamResult:
+    """``repeats`` timed rounds (after one warm-up round) of ``streams`` SSE
+    requests sent at once, each over its own connection; every stream must bring
+    ``expect`` data events and then ``event: done``. ``probe`` is called before
+    the first and after the last timed round."""
+    return _run(_sse_concurrent_load, request, streams, expect, repeats, probe)
+
+
 def _run(func: Callable[..., Awaitable[T]], *args: object) -> T:
     """Run ``func(*args)`` in a fresh event loop (uvloop when installed)."""
     return anyio.run(functools.partial(func, *args), backend_options=procs.event_loop_options())
@@ -193,7 +227,7 @@ def _label(cmdline: list[str], comm: str) -> str:
     if "benchmarks.bare_chain" in cmdline:
         rest = cmdline[cmdline.index("benchmarks.bare_chain") + 1 :]
         return f"chain {rest[0] if rest else 'gateway'}"
-    if "benchmarks.bare_http" in cmdline:
+    if "benchmarks.bare_http" in cmdline or "benchmarks.bare_echo" in cmdline:
         return "bare"
     return os.path.basename(cmdline[0]) if cmdline else "?"
 
@@ -357,6 +391,44 @@ async def _sse_load(request: Request, expect: int, repeats: int, probe: Probe) -
         cpu_end, probe_end = _cpu_self(), probe()
     return StreamResult(
         rates, firsts, expect * repeats, cpu_end - cpu_start, _delta(probe_end, probe_start)
+    )
+
+
+async def _sse_concurrent_load(
+    request: Request, streams: int, expect: int, repeats: int, probe: Probe
+) -> ConcurrentStreamResult:
+    firsts: list[float] = []
+    events = 0
+    seconds = 0.0
+    clock = time.perf_counter
+    async with _session(streams) as session:
+        cpu_start, probe_start = 0.0, {}
+        for attempt in range(repeats + 1):
+            if attempt == 1:
+                cpu_start, probe_start = _cpu_self(), probe()
+            started = clock()
+            tasks = [asyncio.ensure_future(_sse_once(session, request)) for _ in range(streams)]
+            try:
+                results = await asyncio.gather(*tasks)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise LoadFailed(f"POST {request.url} failed: {exc!r}") from None
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            elapsed = clock() - started
+            counts = [count for count, _, _ in results]
+            if any(count != expect for count in counts):
+                raise LoadFailed(
+                    f"streams from {request.url} brought {counts} events, not {expect} each"
+                )
+            if attempt:  # the first round warms up (and opens the connections)
+                events += sum(counts)
+                seconds += elapsed
+                firsts.extend(first * 1000 for _, _, first in results)
+        cpu_end, probe_end = _cpu_self(), probe()
+    return ConcurrentStreamResult(
+        firsts, events, seconds, cpu_end - cpu_start, _delta(probe_end, probe_start)
     )
 
 

@@ -2,15 +2,19 @@
 
 The client never (de)serializes messages on the measured path, so it costs the
 same whichever server answers; differences in the results are the servers'.
+:func:`unary_load` can also report the CPU seconds the client used while
+measuring and the growth of a caller's ``probe`` (e.g. the servers' CPU seconds
+by process, :func:`benchmarks.http_load.cpu_by_process`) over the same window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
@@ -21,6 +25,7 @@ from anyserve.proto import ModelStreamInferResponse
 CALL_TIMEOUT = 10.0
 
 Metadata = Sequence[tuple[str, str]]
+Probe = Callable[[], dict[str, float]]
 
 
 class LoadFailed(RuntimeError):
@@ -30,10 +35,14 @@ class LoadFailed(RuntimeError):
 @dataclass(frozen=True)
 class UnaryResult:
     """Latencies (seconds, sorted) of the calls that finished in ``seconds`` of
-    measuring; results of several windows :meth:`merge` into one."""
+    measuring; ``client_cpu``: this process's CPU seconds in that window, and
+    ``probed``: how much the caller's probe grew in it (0 and empty without a
+    probe). Results of several windows :meth:`merge` into one."""
 
     latencies: list[float]
     seconds: float
+    client_cpu: float = 0.0
+    probed: dict[str, float] = field(default_factory=dict)
 
     @property
     def requests(self) -> int:
@@ -54,7 +63,16 @@ class UnaryResult:
     @staticmethod
     def merge(results: Sequence[UnaryResult]) -> UnaryResult:
         latencies = sorted(x for r in results for x in r.latencies)
-        return UnaryResult(latencies, sum(r.seconds for r in results))
+        probed: dict[str, float] = {}
+        for r in results:
+            for key, value in r.probed.items():
+                probed[key] = probed.get(key, 0.0) + value
+        return UnaryResult(
+            latencies,
+            sum(r.seconds for r in results),
+            sum(r.client_cpu for r in results),
+            probed,
+        )
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,11 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[rank]
 
 
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _failed(endpoint: str, what: str, exc: grpc.aio.AioRpcError) -> LoadFailed:
     return LoadFailed(f"{what} on {endpoint} failed: {exc.code().name}: {exc.details()}")
 
@@ -99,10 +122,12 @@ async def unary_load(
     concurrency: int,
     duration: float,
     warmup: float,
+    probe: Probe | None = None,
 ) -> UnaryResult:
     """Run ``concurrency`` back-to-back ModelInfer loops for ``warmup`` then
     ``duration`` seconds; count and time the calls that finish in the measured
-    window. Raises LoadFailed on the first failed call."""
+    window. With a ``probe``, it and the client's CPU time are read as the
+    window opens and closes. Raises LoadFailed on the first failed call."""
     async with grpc.aio.insecure_channel(endpoint, options=rpc.grpc_options()) as channel:
         infer = channel.unary_unary(rpc.MODEL_INFER)  # bytes in, bytes out
         meta = tuple(metadata)
@@ -115,6 +140,7 @@ async def unary_load(
         end = begin + duration
         latencies: list[float] = []
         record = latencies.append
+        marks: list[tuple[float, dict[str, float]]] = []
 
         async def loop() -> None:
             while True:
@@ -126,7 +152,15 @@ async def unary_load(
                 if begin <= finished <= end:
                     record(finished - started)
 
+        async def mark(probe: Probe) -> None:
+            await asyncio.sleep(max(0.0, begin - clock()))
+            marks.append((_cpu_self(), probe()))
+            await asyncio.sleep(max(0.0, end - clock()))
+            marks.append((_cpu_self(), probe()))
+
         tasks = [asyncio.ensure_future(loop()) for _ in range(concurrency)]
+        if probe is not None:
+            tasks.append(asyncio.ensure_future(mark(probe)))
         try:
             await asyncio.gather(*tasks)
         except grpc.aio.AioRpcError as exc:
@@ -136,7 +170,11 @@ async def unary_load(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     latencies.sort()
-    return UnaryResult(latencies, duration)
+    if not marks:
+        return UnaryResult(latencies, duration)
+    (cpu0, probe0), (cpu1, probe1) = marks
+    probed = {key: value - probe0.get(key, 0.0) for key, value in probe1.items()}
+    return UnaryResult(latencies, duration, cpu1 - cpu0, probed)
 
 
 async def _stream_once(
