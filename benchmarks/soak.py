@@ -138,11 +138,13 @@ class Clients:
             kind = rng.choices(self.kinds, self.weights)[0]
             self.busy += 1
             self.quiet.clear()
+            began = time.monotonic()
             try:
                 await getattr(self, kind)(http, rng)
                 self.tally.done[kind] += 1
             except (aiohttp.ClientError, TimeoutError, AssertionError, ValueError) as exc:
-                self.tally.error(kind, f"{type(exc).__name__}: {exc}")
+                took = time.monotonic() - began
+                self.tally.error(kind, f"{type(exc).__name__} after {took:.1f} s: {exc}")
             finally:
                 self.busy -= 1
                 if not self.busy:

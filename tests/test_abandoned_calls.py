@@ -14,7 +14,10 @@ import httpx
 import pytest
 
 from anyserve import rpc
+from anyserve.api_server.abandoned import Abandoned
+from anyserve.api_server.channels import ReplicaStream
 from anyserve.api_server.server import ApiServer
+from anyserve.errors import Unavailable
 from anyserve.replica.in_flight import CancelledByCaller, InFlight
 from anyserve.testing import start_replica
 from tests.api_calls import CHAT, EMPTY, text_body
@@ -102,6 +105,54 @@ async def test_one_cancel_rpc_names_several_calls() -> None:
                 await task
     finally:
         await server.stop(None)
+
+
+# --------------------------------------------------------------------------- read-ahead
+
+
+class _CancelledUnderneath:
+    """A stream call that grpc.aio cancelled locally: read() raises a stray
+    CancelledError, as grpc.aio does."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def read(self) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            return b"first"
+        raise asyncio.CancelledError()
+
+    def done(self) -> bool:
+        return True
+
+
+async def test_a_stream_cancelled_underneath_ends_its_reader_not_the_shared_group() -> None:
+    abandoned = Abandoned()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(abandoned.run)
+
+        async def noop() -> None:
+            pass
+
+        await eventually(lambda: abandoned.spawn(noop), what="Abandoned runs")
+        stream = ReplicaStream(_CancelledUnderneath(), replica=None, spawn=abandoned.spawn)  # type: ignore[arg-type]
+        with anyio.fail_after(5):  # a lost read-ahead would leave these waiting
+            assert await stream.read() == b"first"
+            with pytest.raises(Unavailable, match="cancelled"):
+                await stream.read()
+            with pytest.raises(Unavailable):  # and again: the end is remembered
+                await stream.read()
+        # The group every read-ahead shares is still alive.
+        ran = anyio.Event()
+
+        async def probe() -> None:
+            ran.set()
+
+        assert abandoned.spawn(probe)
+        with anyio.fail_after(5):
+            await ran.wait()
+        tg.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------- end to end

@@ -66,6 +66,15 @@ async def answer(call: grpc.aio.UnaryUnaryCall) -> object:
     return await call
 
 
+async def _contained(task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    # A task of the shared group must not end the others: anyio cancels a
+    # whole group when one task fails (or raises a stray CancelledError).
+    try:
+        await task()
+    except Exception:
+        logger.exception("a task reading a replica call failed")
+
+
 class Abandoned:
     """Ends abandoned calls (module docstring); :meth:`run` is its task.
 
@@ -90,7 +99,7 @@ class Abandoned:
         that starts it); False when :meth:`run` is not running."""
         if self._tg is None:
             return False
-        self._tg.start_soon(task)
+        self._tg.start_soon(_contained, task)
         return True
 
     def add(self, conn: ReplicaConnection, call: grpc.aio.Call, call_id: str) -> None:
@@ -134,9 +143,14 @@ class Abandoned:
             # gRPC's own deadline, not a cancel scope: cancelling this call
             # would leak like the ones it ends.
             await conn.unary(rpc.CANCEL)(names, timeout=self.grace)
-        except grpc.aio.AioRpcError as exc:
+        except Exception as exc:  # AioRpcError; UsageError once the channel closed
             self._sent(conn)
-            logger.debug("Cancel of %d calls on %s failed: %s", len(calls), conn.endpoint, exc)
+            logger.info(
+                "Cancel of %d calls on %s failed (%s); cancelling them in gRPC",
+                len(calls),
+                conn.endpoint,
+                exc,
+            )
             for call, _ in calls:
                 conn.calls -= 1
                 if not call.done():

@@ -10,16 +10,17 @@ sent over a connection that is up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import anyio
 import grpc
 import grpc.aio
 
 from anyserve import rpc
-from anyserve.errors import HandlerError, from_rpc_error
+from anyserve.errors import AnyServeError, HandlerError, Unavailable, from_rpc_error
 
 if TYPE_CHECKING:
     from anyserve.api_server.registry import ReplicaEntry
@@ -112,6 +113,11 @@ class Connection:
         return False
 
 
+# What a stream's read-ahead hands over: a message, None at the clean end, or
+# how it ended otherwise.
+_Item: TypeAlias = bytes | grpc.aio.AioRpcError | AnyServeError | None
+
+
 class ReplicaStream:
     """The responses of one request sent on a replica's ``ModelStreamInfer``.
 
@@ -134,30 +140,44 @@ class ReplicaStream:
         self.replica = replica
         self.batched = batched
         self._stopped = False
-        self._final: bytes | grpc.aio.AioRpcError | None = b""  # b"": not yet
+        self._final: _Item | bytes = b""  # b"": not yet
         # Two messages read ahead at most: gRPC's flow control holds the rest.
-        self._inbox: asyncio.Queue[bytes | grpc.aio.AioRpcError | None] | None = (
-            asyncio.Queue(2) if spawn is not None else None
-        )
+        self._inbox: asyncio.Queue[_Item] | None = asyncio.Queue(2) if spawn else None
         if spawn is not None and not spawn(self._read_ahead):
             self._inbox = None
 
     async def _read_ahead(self) -> None:
         inbox = self._inbox
         assert inbox is not None
-        while True:
-            item: bytes | grpc.aio.AioRpcError | None
-            try:
-                message = await self._call.read()
-            except grpc.aio.AioRpcError as exc:
-                item = exc
-            else:
-                # Anything but bytes is grpc.aio.EOF (absent from the type stubs).
-                item = message if isinstance(message, bytes) else None
-            if not self._stopped:
-                await inbox.put(item)
-            if not isinstance(item, bytes):
-                return
+        ended = False
+        try:
+            while not ended:
+                item = await self._next()
+                ended = not isinstance(item, bytes)
+                if not self._stopped:
+                    await inbox.put(item)
+        finally:
+            if not ended and not self._stopped:
+                # Cancelled (the server stops) before the end came: the
+                # reader must not wait for ever. Room is certain when it waits.
+                with contextlib.suppress(asyncio.QueueFull):
+                    inbox.put_nowait(Unavailable("the API server stopped reading the stream"))
+
+    async def _next(self) -> _Item:
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            ended: _Item = exc
+            return ended
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task's own cancellation
+            # grpc.aio raises CancelledError for a call cancelled underneath
+            # (abandoned.py's fallback): an end, not this task's cancellation.
+            return Unavailable("the call to the replica was cancelled")
+        # Anything but bytes is grpc.aio.EOF (absent from the type stubs).
+        return message if isinstance(message, bytes) else None
 
     def stop(self) -> None:
         """Nobody reads any more: what the replica still sends is dropped."""
@@ -181,9 +201,11 @@ class ReplicaStream:
         item = self._final if self._final != b"" else await inbox.get()
         if isinstance(item, bytes):
             return item
-        self._final = item  # the reader has ended: every later read says so
+        self._final = item  # the read-ahead has ended: every later read says so
         if item is None:
             return None
+        if isinstance(item, AnyServeError):
+            raise item
         raise from_rpc_error(item) from None
 
     async def read_batch(self) -> list[bytes] | None:

@@ -177,14 +177,19 @@ class Router:
                         metadata=metadata,
                         wait_for_ready=False,
                     )
-                    stream = ReplicaStream(call, lease.replica, batched, self.abandoned.spawn)
+                    stream: ReplicaStream | None = None
                     try:
                         await self._send_one(call, body)
+                        # Reading starts once the request is out: a read
+                        # that begins while gRPC still sends the headers can
+                        # leave the write waiting for them forever.
+                        stream = ReplicaStream(call, lease.replica, batched, self.abandoned.spawn)
                         yield stream
                         return
                     finally:
                         # Still running: the client went away (abandoned.py).
-                        stream.stop()
+                        if stream is not None:
+                            stream.stop()
                         self.abandoned.add(lease.conn, call, lease.call_id)
             except _NotSent:
                 continue  # lease() marked the replica unreachable

@@ -203,10 +203,13 @@ class StreamRelay(Response):
         ``scope`` is cancelled when the server's shutdown grace runs out."""
         framing = self._framing
         async with events:
-            with scope:
-                await self._pump_batches(stream, batch, events)
-            if scope.cancelled_caught:
-                await events.send(framing.error(shutting_down()))
+            try:
+                with scope:
+                    await self._pump_batches(stream, batch, events)
+                if scope.cancelled_caught:
+                    await events.send(framing.error(shutting_down()))
+            except anyio.BrokenResourceError:
+                pass  # the client left: the response stopped taking events
 
     async def _pump_batches(
         self,
