@@ -29,7 +29,12 @@ from anyserve.codec.json_tensors import (
     output_json,
     params_json,
 )
-from anyserve.codec.v2json import parse_request_doc, parse_response_doc, response_head
+from anyserve.codec.v2json import (
+    parse_request_doc,
+    parse_response_doc,
+    response_head,
+    response_to_json,
+)
 from anyserve.errors import HandlerError, InvalidArgument
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 from anyserve.shm import REGION
@@ -193,8 +198,10 @@ def response_to_http(
     for a malformed response.
     """
     aside = blobs_by_index or {}
-    check_raw_count(response)
     default, explicit = _binary_choice(request)
+    if not aside and not default and not any(explicit.values()):
+        return response_to_json(response), None  # plain JSON (text answers: built directly)
+    check_raw_count(response)
     doc = response_head(response)
     outputs: list[dict[str, Any]] = []
     blobs: list[Any] = []

@@ -14,6 +14,7 @@ server bug) raises :class:`~anyserve.errors.HandlerError`.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from anyserve.codec.json_tensors import (
@@ -110,10 +111,64 @@ def response_to_json(response: ModelInferResponse) -> bytes:
     UTF-8 strings, or base64 with ``"content_encoding": "base64"`` when any
     element is not UTF-8. Raises HandlerError for a malformed response.
     """
+    fast = _text_response_json(response)
+    if fast is not None:
+        return fast
     check_raw_count(response)
     doc = response_head(response)
     doc["outputs"] = [output_json(response, index) for index in range(len(response.outputs))]
     return encode_json(doc).encode("utf-8")
+
+
+# The generic encoder's string form (ensure_ascii, C-accelerated).
+_string = json.encoder.encode_basestring_ascii
+_BOOL = {True: "true", False: "false"}
+
+
+def _text_response_json(response: ModelInferResponse) -> bytes | None:
+    """What :func:`response_to_json` makes, built directly as text for the
+    commonest answer (every output BYTES of UTF-8 text in typed contents, no
+    tensor parameters, response parameters of strings, integers or booleans:
+    a token of a stream, an echo), byte for byte the generic encoder's; None
+    for any other response. A streamed token then costs no dicts and no
+    generic encoder walk (a third of the API server's time on a stream)."""
+    if response.raw_output_contents:
+        return None
+    parts = ['{"model_name":', _string(response.model_name)]
+    if response.model_version:
+        parts += [',"model_version":', _string(response.model_version)]
+    parts += [',"id":', _string(response.id)]
+    if response.parameters:
+        fields = []
+        for key, param in response.parameters.items():
+            choice = param.WhichOneof("parameter_choice")
+            if choice is None:
+                continue
+            value = getattr(param, choice)
+            if choice == "string_param":
+                text = _string(value)
+            elif choice == "bool_param":
+                text = _BOOL[value]
+            elif choice == "double_param":
+                return None  # NaN, infinities and float forms: the generic encoder's
+            else:
+                text = str(value)
+            fields.append(f"{_string(key)}:{text}")
+        parts += [',"parameters":{', ",".join(fields), "}"]
+    sep = ',"outputs":['
+    for tensor in response.outputs:
+        if tensor.datatype != "BYTES" or tensor.parameters:
+            return None
+        try:
+            items = [_string(item.decode("utf-8")) for item in tensor.contents.bytes_contents]
+        except UnicodeDecodeError:
+            return None  # base64, flagged by a parameter: the generic path
+        shape = ",".join([str(d) for d in tensor.shape])
+        parts += [sep, '{"name":', _string(tensor.name), ',"datatype":"BYTES","shape":[', shape]
+        parts += ['],"data":[', ",".join(items), "]}"]
+        sep = ","
+    parts.append("]}" if sep == "," else ',"outputs":[]}')
+    return "".join(parts).encode("ascii")
 
 
 def parse_response_doc(doc: dict[str, Any]) -> tuple[ModelInferResponse, list[Pending]]:
