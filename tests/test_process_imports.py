@@ -50,6 +50,17 @@ WORKER = (
 )
 
 
+def _mapped(pid: int, library: str) -> bool:
+    """Whether process ``pid`` has a shared object of ``library`` mapped."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
+        return library in f.read()
+
+
+def _argv(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")
+
+
 def imported(importtime: str) -> set[str]:
     """The top-level packages named in ``-X importtime`` output."""
     found = set()
@@ -125,6 +136,12 @@ async def test_each_process_imports_only_what_it_uses(tmp_path: Path) -> None:
                 return True
 
             await eventually(served, timeout=60)
+            # Parsing the command line loaded typer, click and pydantic; the
+            # servers were then exec'd into interpreters without them.
+            for proc in (api, replica):
+                assert not _mapped(proc.pid, "pydantic_core"), "a server still holds pydantic"
+                argv = _argv(proc.pid)
+                assert b"anyserve.launch" in argv and b"--" in argv, argv
     worker_modules = {name.split(".")[0] for name in answer["text_output"].split("\n")}
     api_modules, replica_modules = imported(api_log.read_text()), imported(replica_log.read_text())
     assert "anyserve" in api_modules and "grpc" in replica_modules, "no importtime output?"

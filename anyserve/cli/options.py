@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -163,9 +162,6 @@ ForkServer = Annotated[
 
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
-# Libraries whose own debug/info lines drown anyserve's: warnings only, unless
-# --log-level trace. (httpx alone would log every heartbeat at INFO.)
-_LIBRARIES = ("httpx", "httpcore", "grpc", "hpack", "asyncio", "multipart", "sse_starlette")
 
 
 def setup_logging(level: str, log_format: str = "text") -> str:
@@ -174,6 +170,7 @@ def setup_logging(level: str, log_format: str = "text") -> str:
     level to hand to child processes (``trace`` is ``debug`` with the
     libraries' lines). Raises typer.BadParameter for an unknown level or format."""
     from anyserve import logs
+    from anyserve.launch import configure_logging
 
     level = level.lower()
     if level not in LOG_LEVELS:
@@ -184,11 +181,7 @@ def setup_logging(level: str, log_format: str = "text") -> str:
         raise typer.BadParameter(
             f"--log-format must be one of {', '.join(logs.FORMATS)}, not {log_format!r}"
         )
-    effective = "debug" if level == "trace" else level
-    logs.configure(effective.upper(), log_format)
-    for name in _LIBRARIES:
-        logging.getLogger(name).setLevel(logging.NOTSET if level == "trace" else logging.WARNING)
-    return effective
+    return configure_logging(level, log_format)
 
 
 def parse_resources(text: str | None) -> dict[str, float]:

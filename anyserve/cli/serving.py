@@ -4,12 +4,9 @@ gracefully."""
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-import anyio
 import typer
 
 from anyserve.cli.options import (
@@ -40,11 +37,10 @@ from anyserve.cli.options import (
     StartTimeout,
     StuckCallGrace,
     Token,
-    event_loop_options,
     parse_resources,
     setup_logging,
 )
-from anyserve.errors import InvalidArgument, StartupError
+from anyserve.launch import Plan, launch
 from anyserve.replica.processes import DEFAULT_START_TIMEOUT, STUCK_CALL_GRACE
 from anyserve.replica.spawning import FORK_SERVER_SUPPORTED
 
@@ -102,9 +98,9 @@ def start(
     log_format: LogFormat = "text",
 ) -> None:
     """Start one replica: a KServe v2 gRPC server and its worker processes."""
-    from anyserve.replica.server import Replica, ReplicaConfig
+    from anyserve.replica.server import ReplicaConfig
 
-    log_level = setup_logging(log_level, log_format)
+    effective = setup_logging(log_level, log_format)
     config = ReplicaConfig(
         app=app_spec,
         port=port,
@@ -123,68 +119,11 @@ def start(
         start_timeout=start_timeout,
         stuck_call_grace=stuck_call_grace,
         max_memory_mib=max_memory_mib,
-        log_level=log_level,
+        log_level=effective,
         metrics_port=metrics_port,
         fork_server=fork_server,
     )
-    _run_until_signal(Replica(config).run)
-
-
-def _run_until_signal(
-    serve: Callable[..., Coroutine[Any, Any, Any]], stop: anyio.Event | None = None
-) -> None:
-    """Run ``serve`` (an anyio task function) until SIGINT/SIGTERM, then let it
-    shut down gracefully: by setting ``stop`` when given (``serve`` returns
-    once its in-flight work is done; a second signal cuts it short), else by
-    cancelling it (a replica's shutdown is shielded)."""
-    import signal
-
-    async def main() -> None:
-        log = logging.getLogger("anyserve")
-        async with anyio.create_task_group() as tg:
-
-            async def run_serve(*, task_status: anyio.abc.TaskStatus[Any]) -> None:
-                await serve(task_status=task_status)
-                tg.cancel_scope.cancel()  # it drained and returned: stop listening
-
-            await tg.start(run_serve)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    if stop is not None and not stop.is_set():
-                        log.info(
-                            "received %s, draining (again to stop at once)",
-                            signal.Signals(signum).name,
-                        )
-                        stop.set()
-                        continue
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    break
-            tg.cancel_scope.cancel()
-
-    try:
-        anyio.run(main, backend_options=event_loop_options())
-    except Exception as exc:
-        # Task groups wrap a start-up failure in exception groups: find it.
-        expected = _expected_failure(exc)
-        if expected is None:
-            raise  # a bug: the whole traceback helps
-        typer.echo(f"anyserve: {expected}", err=True)
-        if isinstance(expected, StartupError) and expected.detail:
-            typer.echo(expected.detail, err=True)
-        raise typer.Exit(2 if isinstance(expected, InvalidArgument) else 1) from None
-
-
-def _expected_failure(exc: BaseException) -> StartupError | InvalidArgument | None:
-    """The start-up failure or bad setting inside ``exc`` (possibly nested in
-    exception groups), or None when ``exc`` is something else."""
-    if isinstance(exc, StartupError | InvalidArgument):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _expected_failure(inner)
-            if found is not None:
-                return found
-    return None
+    launch(Plan("replica", config, log_level.lower(), log_format))
 
 
 # The API server options `api-server` and `run` share (Typer has no option groups).
@@ -254,9 +193,8 @@ def api_server(
 ) -> None:
     """Start the API server alone (`python -m anyserve.api_server` is the same command)."""
     from anyserve.api_server.limits import EdgeLimits
-    from anyserve.api_server.server import ApiServer
 
-    log_level = setup_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     config = _api_config(locals())
     try:
         config.edge = EdgeLimits(
@@ -268,15 +206,7 @@ def api_server(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-
-    stop = anyio.Event()
-
-    async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with ApiServer(config):  # leaving it drains in-flight requests (--grace)
-            task_status.started()
-            await stop.wait()
-
-    _run_until_signal(serve, stop)
+    launch(Plan("api", config, log_level.lower(), log_format))
 
 
 def run(
@@ -310,14 +240,12 @@ def run(
     log_format: LogFormat = "text",
 ) -> None:
     """Run a whole local system: an API server plus one replica per app."""
-    from anyserve.cluster import start_cluster
-
-    log_level = setup_logging(log_level, log_format)
+    effective = setup_logging(log_level, log_format)
     config = _api_config(locals())
     options: dict[str, Any] = {
         "host": host,
         "app_dir": os.getcwd(),
-        "log_level": log_level,
+        "log_level": effective,
         "start_timeout": start_timeout,
         "grace": grace,
         "fork_server": fork_server,
@@ -326,16 +254,5 @@ def run(
     if resources:
         options["resources"] = parse_resources(resources)
 
-    stop = anyio.Event()
-
-    async def serve(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with start_cluster(
-            apps, api=config, object_store=object_store, replica_options=options
-        ) as cluster:
-            typer.echo(cluster.describe())
-            typer.echo(cluster.workers_hint())
-            typer.echo("anyserve is running; press Ctrl-C to stop.")
-            task_status.started()
-            await stop.wait()  # leaving the block drains replicas, then the API server
-
-    _run_until_signal(serve, stop)
+    plan = Plan("run", config, log_level.lower(), log_format, apps, object_store, options)
+    launch(plan)

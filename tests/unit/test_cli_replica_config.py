@@ -8,7 +8,6 @@ import pytest
 from typer.testing import CliRunner
 
 import anyserve.cli.serving as serving
-import anyserve.replica.server as replica_server
 from anyserve.cli import app
 
 
@@ -19,11 +18,10 @@ def test_start_passes_the_object_flags_to_the_replica(monkeypatch: pytest.Monkey
         def __init__(self, config: Any) -> None:
             built.append(config)
 
-        async def run(self) -> None:  # never started: _run_until_signal is replaced
+        async def run(self) -> None:  # never started: launch is replaced
             raise AssertionError("not run")
 
-    monkeypatch.setattr(replica_server, "Replica", Recorded)
-    monkeypatch.setattr(serving, "_run_until_signal", lambda serve, stop=None: None)
+    monkeypatch.setattr(serving, "launch", lambda plan: Recorded(plan.config))
     args = ["start", "--app", "examples.chat_app:app", "--object-ttl", "5"]
     result = CliRunner().invoke(app, [*args, "--object-sweep-interval", "0.5"])
     assert result.exit_code == 0, result.output
@@ -41,10 +39,9 @@ def test_start_turns_the_fork_server_off_on_request(monkeypatch: pytest.MonkeyPa
     class Recorded:
         def __init__(self, config: Any) -> None:
             built.append(config)
-            self.run = None  # never run: _run_until_signal is replaced
+            self.run = None  # never run: launch is replaced
 
-    monkeypatch.setattr(replica_server, "Replica", Recorded)
-    monkeypatch.setattr(serving, "_run_until_signal", lambda serve, stop=None: None)
+    monkeypatch.setattr(serving, "launch", lambda plan: Recorded(plan.config))
     for flags in ([], ["--no-fork-server"], ["--fork-server"]):
         args = ["start", "--app", "examples.chat_app:app", *flags]
         result = CliRunner().invoke(app, args)
