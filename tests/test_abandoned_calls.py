@@ -1,6 +1,7 @@
 """A client that goes away ends its replica call through the replica's Cancel
 RPC, not a gRPC cancellation (which leaks native memory in grpcio: see
-anyserve/api_server/abandoned.py), with an old-style replica still cancelled."""
+anyserve/api_server/abandoned.py). A replica without Cancel still has the call
+cancelled: tests/test_api_server.py's fakes have none."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from anyserve.api_server.server import ApiServer
 from anyserve.errors import Unavailable
 from anyserve.replica.in_flight import CancelledByCaller, InFlight
 from anyserve.testing import start_replica
-from tests.api_calls import CHAT, EMPTY, text_body
-from tests.fake_replica import FakeReplica, register, running_api
+from tests.api_calls import text_body
+from tests.fake_replica import running_api
 from tests.support import eventually, sse_events
 
 pytestmark = pytest.mark.anyio
@@ -207,21 +208,3 @@ async def test_a_stream_left_by_its_client_is_ended_by_cancel(tmp_path: Path) ->
 
             await eventually(stream_ended, what="the stream ended")
         assert abandoned.cancelled == 0
-
-
-async def test_a_replica_without_cancel_still_has_its_call_cancelled() -> None:
-    async with (
-        running_api() as api,
-        httpx.AsyncClient(base_url=api.url) as http,
-        FakeReplica("old", [{"type": "chat"}], chunks=1000, chunk_delay=0.05) as old,
-    ):
-        await register(http, old)
-        async with http.stream("POST", "/infer/stream", headers=CHAT, json=EMPTY) as response:
-            events = sse_events(response)
-            await anext(events)
-            await events.aclose()
-        with anyio.fail_after(2):  # Cancel is unknown there: cancelled in gRPC at once
-            await old.cancelled.wait()
-        abandoned = api.state.router.abandoned
-        await eventually(lambda: abandoned.cancelled == 1, what="the fallback cancel")
-        assert abandoned.ended == 0

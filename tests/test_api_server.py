@@ -444,6 +444,11 @@ async def test_sse_disconnect_cancels_the_replica_call() -> None:
             await events.aclose()
         with anyio.fail_after(1):
             await a.cancelled.wait()
+        # These fakes have no Cancel RPC (api_server/abandoned.py): the call
+        # was cancelled in gRPC instead, at once.
+        abandoned = api.state.router.abandoned
+        await eventually(lambda: abandoned.cancelled == 1, what="the fallback cancel")
+        assert abandoned.ended == 0
 
         # Gone before the first response: the call is cancelled too.
         async def leave_early() -> None:
