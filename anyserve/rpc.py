@@ -9,7 +9,7 @@ replica and the client agree on them.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import grpc
@@ -194,21 +194,32 @@ def peek_string_field(buf: bytes | memoryview, field: int) -> str:
     return found
 
 
-def forwardable(metadata: object) -> dict[str, str]:
-    """The request metadata that travels with a request to the next hop: every
-    ``x-*`` key (capability query, request id, hop list, call chain). grpc
-    internals, binary (``-bin``) values and credentials stay behind."""
-    out: dict[str, str] = {}
+class Hop(NamedTuple):
+    """A replica's reading of the metadata of one call to it (:func:`read_hop`)."""
+
+    forward: dict[str, str]  # what travels on to the next hop
+    call_id: str | None  # CALL_ID: the API server's name for the call
+    batched: bool  # BATCH "1": stream responses packed (pack_batch)
+
+
+def read_hop(metadata: object) -> Hop:
+    """One pass over a call's metadata: what travels with the request to the
+    next hop (every ``x-*`` key: capability query, request id, hop list, call
+    chain; grpc internals, binary ``-bin`` values, credentials and the per-hop
+    keys stay behind), and the per-hop keys BATCH and CALL_ID."""
+    forward: dict[str, str] = {}
+    call_id: str | None = None
+    batched = False
     for key, value in metadata or ():  # type: ignore[attr-defined]
-        if (
-            key.startswith("x-")
-            and not key.endswith("-bin")
-            and key != BATCH
-            and key != CALL_ID
-            and isinstance(value, str)
-        ):
-            out[key] = value
-    return out
+        if not key.startswith("x-") or key.endswith("-bin") or not isinstance(value, str):
+            continue
+        if key == CALL_ID:
+            call_id = value
+        elif key == BATCH:
+            batched = value == "1"
+        else:
+            forward[key] = value
+    return Hop(forward, call_id, batched)
 
 
 def bind_problem(host: str, port: int) -> str | None:

@@ -140,7 +140,7 @@ class ReplicaStream:
         self.replica = replica
         self.batched = batched
         self._stopped = False
-        self._final: _Item | bytes = b""  # b"": not yet
+        self._end: tuple[_Item] | None = None  # how the stream ended, once read
         # Two messages read ahead at most: gRPC's flow control holds the rest.
         self._inbox: asyncio.Queue[_Item] | None = asyncio.Queue(2) if spawn else None
         if spawn is not None and not spawn(self._read_ahead):
@@ -198,10 +198,10 @@ class ReplicaStream:
             except grpc.aio.AioRpcError as exc:
                 raise from_rpc_error(exc) from None
             return message if isinstance(message, bytes) else None
-        item = self._final if self._final != b"" else await inbox.get()
+        item = self._end[0] if self._end is not None else await inbox.get()
         if isinstance(item, bytes):
             return item
-        self._final = item  # the read-ahead has ended: every later read says so
+        self._end = (item,)  # the read-ahead has ended: every later read says so
         if item is None:
             return None
         if isinstance(item, AnyServeError):

@@ -89,12 +89,11 @@ class InferenceServicer:
 
     @grpc_method
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        pairs = context.invocation_metadata()
-        metadata = rpc.forwardable(pairs)
+        metadata, call_id, _ = rpc.read_hop(context.invocation_metadata())
         start, outcome = time.perf_counter(), "cancelled"
         try:
             answer = await self.in_flight.run(
-                _call_id(pairs), self.dispatcher.unary(request, metadata, _time_left(context))
+                call_id, self.dispatcher.unary(request, metadata, _time_left(context))
             )
             outcome = "ok"
             return answer
@@ -111,9 +110,7 @@ class InferenceServicer:
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
-        pairs = context.invocation_metadata()
-        metadata = rpc.forwardable(pairs)
-        batched = any(key == rpc.BATCH and value == "1" for key, value in pairs or ())
+        metadata, call_id, batched = rpc.read_hop(context.invocation_metadata())
         # asyncio.Lock: an uncontended acquire does not yield to the loop (one
         # loop cycle saved per streamed chunk compared with anyio.Lock).
         lock = asyncio.Lock()
@@ -148,7 +145,7 @@ class InferenceServicer:
                     tg.start_soon(serve_one, payload)
 
         try:
-            await self.in_flight.run(_call_id(pairs), serve_all())
+            await self.in_flight.run(call_id, serve_all())
         except CancelledByCaller:
             await context.abort(grpc.StatusCode.CANCELLED, CANCELLED_DETAILS)
 
@@ -233,14 +230,6 @@ class InferenceServicer:
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
         return repository_index(self.manager, ready_only=request.ready)
-
-
-def _call_id(pairs: object) -> str | None:
-    """The API server's name for this call (in_flight.py), when it gave one."""
-    for key, value in pairs or ():  # type: ignore[attr-defined]
-        if key == rpc.CALL_ID:
-            return str(value)
-    return None
 
 
 def _peek_id(payload: bytes) -> str:
