@@ -186,8 +186,16 @@ def main(argv: list[str]) -> None:
     from anyserve import memory
 
     memory.skip_httpx_cli()  # the replica's registration client, without httpx's command line
-    with os.fdopen(int(argv[0]), "rb") as pipe:
-        plan: Plan = pickle.load(pipe)
+    try:
+        with os.fdopen(int(argv[0]), "rb") as pipe:
+            plan: Plan = pickle.load(pipe)
+    except (IndexError, ValueError, OSError, EOFError, pickle.UnpicklingError):
+        print(
+            "anyserve.launch serves what a serving command (anyserve api-server, start,"
+            " run) hands it; start one of those instead",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     configure_logging(plan.log_level, plan.log_format)
     try:
         serve(plan)

@@ -47,3 +47,18 @@ def test_start_turns_the_fork_server_off_on_request(monkeypatch: pytest.MonkeyPa
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
     assert [config.fork_server for config in built] == [FORK_SERVER_SUPPORTED, False, True]
+
+
+def test_launch_run_by_hand_says_what_to_run_instead() -> None:
+    import subprocess
+    import sys
+
+    for argv in ([], ["99"], ["not-a-descriptor"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "anyserve.launch", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "start one of those instead" in done.stderr and "Traceback" not in done.stderr
