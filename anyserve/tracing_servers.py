@@ -13,8 +13,9 @@ metadata. Nothing here imports OpenTelemetry or gRPC before tracing is on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from anyserve import rpc, tracing
@@ -146,6 +147,37 @@ def grpc_method(
             span.end()
 
     return traced
+
+
+@contextlib.contextmanager
+def lane_span(name: str, metadata: Mapping[str, str]) -> Iterator[None]:
+    """A replica's server span for a call that came over the local lane
+    (:mod:`anyserve.replica.lane`), as :func:`grpc_method` makes one for a gRPC
+    call: it continues the call's ``traceparent`` and is current inside.
+    Nothing when tracing is off."""
+    if not tracing.ENABLED:
+        yield
+        return
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    attributes = {"rpc.system": "anyserve-lane", "rpc.method": name.rsplit(" ", 1)[-1]}
+    request_id = metadata.get(rpc.REQUEST_ID)
+    if request_id:
+        attributes[tracing.ATTR_REQUEST_ID] = request_id
+    span = tracing.tracer().start_span(
+        name, context=tracing.extract(dict(metadata)), kind=SpanKind.SERVER, attributes=attributes
+    )
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield
+    except BaseException as exc:
+        span.set_status(StatusCode.ERROR, type(exc).__name__)
+        raise
+    finally:
+        otel_context.detach(token)
+        span.end()
 
 
 def _grpc_failed(span: Span, context: Any, exc: BaseException) -> None:

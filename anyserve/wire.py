@@ -22,6 +22,9 @@ MAX_HEADER = 1024 * 1024
 FRAME_HEADROOM = MAX_HEADER
 # Default ceiling on header + payload: the default gRPC message limit plus headroom.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024 + FRAME_HEADROOM
+# Stream responses sent ahead of the reader's credit on the local lane
+# (anyserve.replica.lane), as between a dispatcher and a worker.
+LANE_WINDOW = 64
 # A worker's answers stay this much under the gRPC message limit, so one still
 # fits a gRPC message once the replica wraps or batches it.
 ANSWER_MARGIN = 1024
@@ -91,3 +94,39 @@ def check_answer(payload: bytes, max_frame: int) -> None:
     limit = answer_limit(max_frame)
     if len(payload) > limit:
         raise PayloadTooLarge(f"an answer of {len(payload)} bytes is over the {limit}-byte limit")
+
+
+class FrameBuffer:
+    """Frames cut from bytes as they arrive, for an ``asyncio.Protocol``'s
+    ``data_received`` (the local lane between an API server and a replica):
+    no task and no await per frame, and every frame that arrived in one read
+    is handed over at once."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self._max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[tuple[wpb.Header, bytes]]:
+        """The frames completed by ``data``, in order. Raises PayloadTooLarge
+        when a frame announces more than ``max_frame`` bytes (the stream is
+        then unusable: the caller closes it)."""
+        buffer = self._buffer
+        buffer += data
+        frames: list[tuple[wpb.Header, bytes]] = []
+        start, size = 0, len(buffer)
+        while size - start >= PREFIX.size:
+            header_len, payload_len = PREFIX.unpack_from(buffer, start)
+            if header_len > MAX_HEADER or header_len + payload_len > self._max_frame:
+                raise PayloadTooLarge(
+                    f"frame of {header_len + payload_len} bytes is over the"
+                    f" {self._max_frame}-byte limit"
+                )
+            head = start + PREFIX.size
+            end = head + header_len + payload_len
+            if end > size:
+                break
+            header = wpb.Header.FromString(bytes(buffer[head : head + header_len]))
+            frames.append((header, bytes(buffer[head + header_len : end])))
+            start = end
+        del buffer[:start]
+        return frames

@@ -1,7 +1,8 @@
 """A client that goes away ends its replica call through the replica's Cancel
 RPC, not a gRPC cancellation (which leaks native memory in grpcio: see
-anyserve/api_server/abandoned.py). A replica without Cancel still has the call
-cancelled: tests/test_api_server.py's fakes have none."""
+anyserve/api_server/abandoned.py), or through the local lane's Cancel frame.
+A replica without Cancel still has the call cancelled:
+tests/test_api_server.py's fakes have none."""
 
 from __future__ import annotations
 
@@ -170,21 +171,34 @@ async def _leave_unary(api: ApiServer, marker: Path) -> None:
         tg.cancel_scope.cancel()  # the client gives up: its connection closes
 
 
-async def test_a_unary_call_left_by_its_client_is_ended_by_cancel(tmp_path: Path) -> None:
-    async with running_api() as api, start_replica(APP, api_server=api.url):
+# lane=False: the call goes over gRPC and ends through the Cancel RPC;
+# lane=True: over the local lane (anyserve.replica.lane), whose Cancel frame
+# ends it without Abandoned at all.
+LANES = [pytest.param(False, id="grpc"), pytest.param(True, id="lane")]
+
+
+@pytest.mark.parametrize("lane", LANES)
+async def test_a_unary_call_left_by_its_client_is_ended_by_cancel(
+    tmp_path: Path, lane: bool
+) -> None:
+    async with running_api() as api, start_replica(APP, api_server=api.url, lane=lane) as replica:
         abandoned = api.state.router.abandoned
         marker = tmp_path / "hang"
         await _leave_unary(api, marker)
         await eventually(marker.with_suffix(".stopped").exists, timeout=1.0)
         assert marker.with_suffix(".stopped").read_text() == "cancelled"
-        await eventually(lambda: abandoned.ended == 1, what="the call ended after Cancel")
+        assert (api.state.pool.get(replica.endpoint).lane is not None) is lane
+        if not lane:
+            await eventually(lambda: abandoned.ended == 1, what="the call ended after Cancel")
+        assert abandoned.ended == (0 if lane else 1)
         assert abandoned.cancelled == 0  # never cancelled in gRPC
 
 
-async def test_a_stream_left_by_its_client_is_ended_by_cancel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lane", LANES)
+async def test_a_stream_left_by_its_client_is_ended_by_cancel(tmp_path: Path, lane: bool) -> None:
     async with (
         running_api() as api,
-        start_replica(APP, api_server=api.url),
+        start_replica(APP, api_server=api.url, lane=lane) as replica,
         httpx.AsyncClient(base_url=api.url, timeout=30) as http,
     ):
         abandoned = api.state.router.abandoned
@@ -206,5 +220,8 @@ async def test_a_stream_left_by_its_client_is_ended_by_cancel(tmp_path: Path) ->
             def stream_ended(n: int = n) -> bool:
                 return abandoned.ended == n
 
-            await eventually(stream_ended, what="the stream ended")
+            if not lane:
+                await eventually(stream_ended, what="the stream ended")
+        assert (api.state.pool.get(replica.endpoint).lane is not None) is lane
+        assert abandoned.ended == (0 if lane else 2)
         assert abandoned.cancelled == 0

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from anyserve.api_server.config import ApiServerConfig
+from anyserve.api_server.limits import EdgeLimits
 from anyserve.cluster import Cluster, start_cluster
 from anyserve.replica.server import Replica
 from tests.api_calls import text_body
@@ -24,7 +25,11 @@ APP = "tests.apps.admission_app:app"
 
 @pytest.fixture(scope="module")
 async def cluster() -> AsyncIterator[Cluster]:
-    api = ApiServerConfig(port=0, grpc_port=0, token=None)
+    # Idle keep-alive connections are kept longer than the test runs: on a
+    # loaded machine a client could otherwise reuse one just as the server
+    # closes it (an httpx.ReadError that says nothing about admission).
+    edge = EdgeLimits(keepalive_timeout=120.0)
+    api = ApiServerConfig(port=0, grpc_port=0, token=None, edge=edge)
     async with start_cluster([APP], api=api) as running:
         yield running
 

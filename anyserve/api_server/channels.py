@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 
 from anyserve import rpc
+from anyserve.api_server.lane import Lane
 from anyserve.errors import AnyServeError, HandlerError, Unavailable, from_rpc_error
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
 
+# Seconds a replica's calls go over gRPC after its lane could not be opened.
+LANE_RETRY = 5.0
+
 # grpc is untyped here (see pyproject): these callables take and return bytes.
 Unary = Any
 Streaming = Any
@@ -59,9 +63,22 @@ class ReplicaConnection(Protocol):
 
     async def connect(self, within: float) -> bool: ...
 
+    async def local(self, replica: ReplicaEntry, within: float) -> Lane | None: ...
+
     def unary(self, path: str) -> Unary: ...
 
     def stream(self) -> Streaming: ...
+
+
+class StreamResponses(Protocol):
+    """A stream request's responses as the router hands them out: read from
+    gRPC (:class:`ReplicaStream`) or from the local lane (``LaneStream``)."""
+
+    replica: ReplicaEntry
+
+    async def read(self) -> bytes | None: ...
+
+    async def read_batch(self) -> list[bytes] | None: ...
 
 
 class Connections(Protocol):
@@ -79,6 +96,10 @@ class Connection:
         self.calls = 0  # calls running on this channel; it is only closed at 0
         self._unary: dict[str, Unary] = {}
         self._stream: Streaming | None = None
+        self._lane: Lane | None = None
+        self._lane_path = ""
+        self._lane_lock = asyncio.Lock()
+        self._lane_retry_at = 0.0  # after a failed attempt, gRPC until then
 
     def unary(self, path: str) -> Unary:
         """The unary callable for ``path``; requests and responses stay serialized."""
@@ -96,6 +117,48 @@ class Connection:
     def warm_up(self) -> None:
         """Start connecting now so the first request does not pay for it."""
         self.channel.get_state(try_to_connect=True)
+
+    @property
+    def lane(self) -> Lane | None:
+        """The local lane to this endpoint's replica while it is open."""
+        lane = self._lane
+        return lane if lane is not None and lane.usable else None
+
+    async def local(self, replica: ReplicaEntry, within: float) -> Lane | None:
+        """The local lane to ``replica`` (it registered one, on this host:
+        the caller checks), opened on first use; None when it cannot be used,
+        and then for :data:`LANE_RETRY` seconds (calls go over gRPC)."""
+        lane = self._lane
+        if lane is not None and lane.usable and self._lane_path == replica.lane:
+            return lane
+        if anyio.current_time() < self._lane_retry_at:
+            return None
+        async with self._lane_lock:  # one attempt at a time, not one per request
+            lane = self._lane
+            if lane is not None and lane.usable and self._lane_path == replica.lane:
+                return lane
+            if lane is not None:
+                lane.close()
+                self._lane = None
+            try:
+                lane = await Lane.open(replica.lane, replica.replica_id, within)
+            except (OSError, TimeoutError, ValueError) as exc:
+                logger.warning(
+                    "replica %s: local lane %s not usable (%s); calling it over gRPC",
+                    replica.replica_id,
+                    replica.lane,
+                    exc,
+                )
+                self._lane_retry_at = anyio.current_time() + LANE_RETRY
+                return None
+            self._lane, self._lane_path = lane, replica.lane
+            return lane
+
+    async def aclose(self) -> None:
+        """Close the channel and the lane (cancels calls still running)."""
+        if self._lane is not None:
+            self._lane.close()
+        await self.channel.close()
 
     async def connect(self, within: float) -> bool:
         """True once the channel is READY; False when the connection attempt
@@ -267,7 +330,7 @@ class ChannelPool:
         idle += [conn for conn in self._retired if conn.calls == 0]
         self._retired = [conn for conn in self._retired if conn.calls]
         for conn in idle:
-            await conn.channel.close()
+            await conn.aclose()
 
     async def close(self) -> None:
         """Close every connection (cancels calls still running)."""
@@ -275,4 +338,4 @@ class ChannelPool:
         self._connections.clear()
         self._retired.clear()
         for conn in conns:
-            await conn.channel.close()
+            await conn.aclose()

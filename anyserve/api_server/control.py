@@ -97,8 +97,11 @@ async def register(state: ApiState, request: Request) -> Response:
     host = doc.get("host", "")
     if not isinstance(host, str) or len(host) > 200:
         raise InvalidArgument("'host' must be a string of at most 200 characters")
+    lane = doc.get("lane", "")
+    if not isinstance(lane, str) or len(lane) > 200:
+        raise InvalidArgument("'lane' must be a string of at most 200 characters")
     replica, created = state.registry.upsert(
-        replica_id, endpoint, capabilities, loadable, workers, failed, host=host
+        replica_id, endpoint, capabilities, loadable, workers, failed, host=host, lane=lane
     )
     state.backend.stored(replica)
     state.pool.refresh(endpoint)

@@ -50,6 +50,8 @@ class ReplicaEntry:
     # Its /dev/shm's identity (anyserve.shm.host_id): equal to the API
     # server's, tensors may reach it through shared memory. Empty: unknown.
     host: str = ""
+    # Its local lane's socket (anyserve.replica.lane), used from this host only.
+    lane: str = ""
 
     def rank(self, query: Mapping[str, str], name: str) -> Rank | None:
         """``(capability rank, loadable?)`` of this replica's best capability
@@ -113,6 +115,7 @@ class Registry:
         *,
         age: float = 0.0,
         host: str = "",
+        lane: str = "",
     ) -> tuple[ReplicaEntry, bool]:
         """Register or refresh a replica; its capabilities are replaced.
 
@@ -128,7 +131,7 @@ class Registry:
             self._replicas[replica_id] = replica
         elif created:
             replica.registered_at = now_wall
-        replica.endpoint, replica.host = endpoint, host
+        replica.endpoint, replica.host, replica.lane = endpoint, host, lane
         served = (tuple(capabilities), tuple(loadable), tuple(failed))
         if served != (replica.capabilities, replica.loadable, replica.failed):
             # A heartbeat usually repeats what it said: reindex only on a change.

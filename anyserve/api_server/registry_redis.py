@@ -69,6 +69,7 @@ def to_record(replica: ReplicaEntry) -> dict[str, Any]:
         "workers": replica.workers,
         "registered_at": replica.registered_at,
         "host": replica.host,
+        "lane": replica.lane,
     }
 
 
@@ -93,6 +94,7 @@ def apply_record(view: Registry, record: Any, *, age: float = 0.0) -> ReplicaEnt
         _caps(record, "failed"),
         age=age,
         host=str(record.get("host", "")),
+        lane=str(record.get("lane", "")),
     )
     registered_at = record.get("registered_at")
     if created and isinstance(registered_at, int | float):

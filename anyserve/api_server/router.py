@@ -21,6 +21,12 @@ other failure of a started call is final, UNAVAILABLE included: it may be the
 replica's own answer (a worker crashed while serving) or the connection dying
 mid-request, and in both cases the request may already have run, so it must
 not run twice.
+
+Local lane: ``ModelInfer`` and stream requests to a replica that registered
+a lane on this host (the same ``host``) go through it (api_server/lane.py)
+instead of gRPC; its connection is the one checked, and a replica that
+refuses a call unrun (it is stopping) counts as not reached. A lane that
+cannot be opened leaves the replica's calls on gRPC for a while.
 """
 
 from __future__ import annotations
@@ -29,15 +35,20 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import anyio
 import grpc.aio
 
-from anyserve import rpc, tracing, versions
+from anyserve import rpc, shm, tracing, versions
 from anyserve.api_server.abandoned import Abandoned, answer, new_call_id
-from anyserve.api_server.channels import Connections, ReplicaConnection, ReplicaStream
+from anyserve.api_server.channels import (
+    Connections,
+    ReplicaStream,
+    StreamResponses,
+)
 from anyserve.api_server.config import NoMatchPolicy
+from anyserve.api_server.lane import Refused
+from anyserve.api_server.leases import Attempts, Lease, NotSent, never_sent
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry, ReplicaEntry
 from anyserve.errors import (
@@ -54,47 +65,6 @@ logger = logging.getLogger(__name__)
 #: Retry-After (seconds) of a capability that is down: an operator must restart
 #: it, so a client polling faster only adds load.
 DOWN_RETRY_AFTER = 30.0
-
-
-@dataclass(slots=True)
-class Lease:
-    """A replica chosen for one request, connected, with its in-flight slot held."""
-
-    replica: ReplicaEntry
-    conn: ReplicaConnection
-    metadata: list[tuple[str, str]]
-    deadline: float  # anyio.current_time() by which the call must end
-    call_id: str  # names the call to the replica's Cancel (api_server/abandoned.py)
-
-    def remaining(self) -> float:
-        """Seconds left; raises DeadlineExceeded when none are."""
-        left = self.deadline - anyio.current_time()
-        if left <= 0:
-            raise DeadlineExceeded("deadline passed before the request reached a replica")
-        return left
-
-
-# How gRPC fails a fail-fast call for which no connection could be picked:
-# the call never reached a transport, so the replica never saw it.
-_NOT_SENT = "failed to connect to all addresses"
-
-
-def _never_sent(code: grpc.StatusCode, details: str | None) -> bool:
-    return code == grpc.StatusCode.UNAVAILABLE and (details or "").startswith(_NOT_SENT)
-
-
-@dataclass(slots=True)
-class _Attempts:
-    """What one request's successive leases share: its deadline, the
-    replicas found unreachable, and whether it fell back to a random pick."""
-
-    deadline: float
-    unreachable: list[ReplicaEntry] = field(default_factory=list)
-    random_mode: bool = False
-
-
-class _NotSent(Exception):
-    """A call failed before it left (see ``_never_sent``): try another replica."""
 
 
 class Router:
@@ -116,6 +86,9 @@ class Router:
         self.hop_limit = hop_limit
         self.max_inflight = max_inflight
         self.connect_timeout = connect_timeout
+        #: This host's identity (anyserve.shm.host_id): replicas that registered
+        #: the same one and a local lane are called through it, not gRPC.
+        self.host = shm.host_id()
         #: Ends the calls whose requests stopped waiting; its run() is a task
         #: of the API server.
         self.abandoned = Abandoned()
@@ -135,6 +108,11 @@ class Router:
         while True:
             try:
                 async with self.lease(meta, allow_random=allow_random, attempts=attempts) as lease:
+                    if lease.lane is not None and path == rpc.MODEL_INFER:
+                        try:
+                            return await lease.lane.unary(body, lease.metadata, lease.remaining())
+                        except Refused:
+                            raise NotSent from None
                     call = lease.conn.unary(path)(
                         body,
                         timeout=lease.remaining(),
@@ -144,21 +122,21 @@ class Router:
                     try:
                         response = await answer(call)
                     except grpc.aio.AioRpcError as exc:
-                        if _never_sent(exc.code(), exc.details()):
-                            raise _NotSent from None
+                        if never_sent(exc.code(), exc.details()):
+                            raise NotSent from None
                         raise from_rpc_error(exc) from None
                     except asyncio.CancelledError:
                         self.abandoned.add(lease.conn, call, lease.call_id)
                         raise
                     assert isinstance(response, bytes)
                     return response
-            except _NotSent:
+            except NotSent:
                 continue  # lease() marked the replica unreachable
 
     @asynccontextmanager
     async def stream(
         self, body: bytes, meta: RequestMeta, *, batched: bool = False
-    ) -> AsyncIterator[ReplicaStream]:
+    ) -> AsyncIterator[StreamResponses]:
         """Send one request on a replica's ``ModelStreamInfer`` and half-close.
 
         Yields its responses; leaving the block cancels the call if it is still
@@ -170,6 +148,15 @@ class Router:
         while True:
             try:
                 async with self.lease(meta, attempts=attempts) as lease:
+                    if lease.lane is not None:
+                        lane_stream = lease.lane.stream(
+                            body, lease.metadata, lease.remaining(), lease.replica
+                        )
+                        try:
+                            yield lane_stream
+                            return
+                        finally:
+                            lane_stream.stop()  # still running: the client went away
                     metadata = [*lease.metadata, (rpc.BATCH, "1")] if batched else lease.metadata
                     call = lease.conn.stream()(
                         None,
@@ -191,12 +178,12 @@ class Router:
                         if stream is not None:
                             stream.stop()
                         self.abandoned.add(lease.conn, call, lease.call_id)
-            except _NotSent:
+            except NotSent:
                 continue  # lease() marked the replica unreachable
 
     @staticmethod
     async def _send_one(call: grpc.aio.StreamStreamCall, body: bytes) -> None:
-        """Write the request and half-close; raises _NotSent when the call
+        """Write the request and half-close; raises NotSent when the call
         failed before it left, the anyserve error when it failed otherwise."""
         try:
             await call.write(body)
@@ -204,18 +191,18 @@ class Router:
         except asyncio.InvalidStateError:
             # The call already ended: read() reports its status, unless it
             # never left.
-            if _never_sent(await call.code(), await call.details()):
-                raise _NotSent from None
+            if never_sent(await call.code(), await call.details()):
+                raise NotSent from None
         except grpc.aio.AioRpcError as exc:
-            if _never_sent(exc.code(), exc.details()):
-                raise _NotSent from None
+            if never_sent(exc.code(), exc.details()):
+                raise NotSent from None
             raise from_rpc_error(exc) from None
 
-    def _attempts(self, meta: RequestMeta) -> _Attempts:
+    def _attempts(self, meta: RequestMeta) -> Attempts:
         self._check_hops(meta)
         if meta.delegated_from:
             self.on_decision("delegated")
-        return _Attempts(anyio.current_time() + meta.timeout)
+        return Attempts(anyio.current_time() + meta.timeout)
 
     @asynccontextmanager
     async def lease(
@@ -223,13 +210,13 @@ class Router:
         meta: RequestMeta,
         *,
         allow_random: bool = True,
-        attempts: _Attempts | None = None,
+        attempts: Attempts | None = None,
     ) -> AsyncIterator[Lease]:
         """Choose and connect a replica for ``meta``, holding an in-flight slot.
 
         Tries further candidates only when a connection could not be made
         (see the module docstring); raises when none is left. A block that
-        raises ``_NotSent`` marks its replica unreachable in ``attempts`` (the
+        raises ``NotSent`` marks its replica unreachable in ``attempts`` (the
         caller then leases again with the same ``attempts``). ``meta.pin``: see sequences.py.
         """
         if attempts is None:
@@ -248,7 +235,11 @@ class Router:
             conn.calls += 1
             try:
                 left = deadline - anyio.current_time()
-                if await conn.connect(min(self.connect_timeout, max(left, 0.0))):
+                within = min(self.connect_timeout, max(left, 0.0))
+                lane = None
+                if replica.lane and replica.host == self.host and self.host:
+                    lane = await conn.local(replica, within)
+                if lane is not None or await conn.connect(within):
                     try:
                         metadata = meta.metadata()
                         call_id = new_call_id()
@@ -261,8 +252,8 @@ class Router:
                             )
                         if meta.pin is not None:
                             meta.pin.chose(replica)
-                        yield Lease(replica, conn, metadata, deadline, call_id)
-                    except _NotSent:
+                        yield Lease(replica, conn, metadata, deadline, call_id, lane)
+                    except NotSent:
                         logger.warning(
                             "request %s: connection to replica %s at %s failed before the"
                             " request was sent; trying another",

@@ -36,7 +36,7 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from anyserve.api_server.channels import ReplicaStream
+from anyserve.api_server.channels import StreamResponses
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import error_response, replica_message, shutting_down
 from anyserve.api_server.router import Router
@@ -168,7 +168,7 @@ class StreamRelay(Response):
         scope: Scope,
         receive: Receive,
         send: Send,
-        stream: ReplicaStream,
+        stream: StreamResponses,
         first: list[bytes] | None,
     ) -> None:
         events_in, events_out = anyio.create_memory_object_stream[bytes](_BUFFER)
@@ -194,7 +194,7 @@ class StreamRelay(Response):
 
     async def _pump(
         self,
-        stream: ReplicaStream,
+        stream: StreamResponses,
         batch: list[bytes] | None,
         events: MemoryObjectSendStream[bytes],
         scope: anyio.CancelScope,
@@ -213,7 +213,7 @@ class StreamRelay(Response):
 
     async def _pump_batches(
         self,
-        stream: ReplicaStream,
+        stream: StreamResponses,
         batch: list[bytes] | None,
         events: MemoryObjectSendStream[bytes],
     ) -> None:
@@ -241,7 +241,7 @@ class StreamRelay(Response):
 
 
 async def _first_or_disconnect(
-    stream: ReplicaStream, receive: Receive, expired: asyncio.Event
+    stream: StreamResponses, receive: Receive, expired: asyncio.Event
 ) -> tuple[bool, list[bytes] | None]:
     """Wait for the replica's first responses unless the client goes first.
 

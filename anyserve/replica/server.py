@@ -38,6 +38,7 @@ from anyserve.replica import status
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
 from anyserve.replica.in_flight import InFlight
+from anyserve.replica.lane import LaneServer
 from anyserve.replica.manager import Manager
 from anyserve.replica.processes import (
     DEFAULT_START_TIMEOUT,
@@ -96,6 +97,9 @@ class ReplicaConfig:
     # Fork workers from a fork server (anyserve.replica.spawning; Linux) instead
     # of starting each as a new interpreter.
     fork_server: bool = FORK_SERVER_SUPPORTED
+    # Take inference calls from an API server on this host over a Unix socket
+    # (anyserve.replica.lane) as well as over gRPC.
+    lane: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Running:
     api_channel: ApiChannel | None
     store: ObjectStore | None
     metrics: ReplicaMetrics | None = None
+    lane: LaneServer | None = None
 
 
 class Replica:
@@ -132,6 +137,8 @@ class Replica:
         self.config = config
         #: The bound port of GET /metrics once serving (0: none).
         self.metrics_port = 0
+        #: The local lane's socket once serving (None: no lane).
+        self.lane_path: str | None = None
 
     @property
     def running(self) -> Running:
@@ -184,6 +191,8 @@ class Replica:
             # Shielded: the workers outlive the drain in shutdown(), which ends them.
             await tg.start(self.manager.run)
             try:
+                if self.running.lane is not None:  # shielded too: its calls drain
+                    self.lane_path = await tg.start(self.running.lane.run)
                 await self.serve(task_status=task_status)
             finally:
                 with anyio.CancelScope(shield=True):
@@ -265,6 +274,9 @@ class Replica:
             api_channel=api_channel,
             store=store,
             metrics=metrics,
+            lane=LaneServer(dispatcher, replica_id, cfg.max_message + wire.FRAME_HEADROOM)
+            if cfg.lane and shm.host_id()
+            else None,
         )
 
     def _worker_config(self, replica_id: str, endpoint: str) -> WorkerConfig:
@@ -340,7 +352,10 @@ class Replica:
         if running.registration is not None:
             await running.registration.unregister()
             await running.registration.aclose()
-        await running.server.stop(self.config.grace)
+        grace_ends = anyio.current_time() + self.config.grace
+        if running.lane is not None:
+            await running.lane.stop(self.config.grace)
+        await running.server.stop(max(0.0, grace_ends - anyio.current_time()))
         if running.api_channel is not None:
             await running.api_channel.aclose()
         await tracing.aflush()
@@ -350,7 +365,9 @@ class Replica:
     def registration_body(self) -> dict[str, Any]:
         """The /register body: loaded and loadable capabilities, and the workers."""
         running = self.running
-        return status.registration_body(running.manager, running.replica_id, self.endpoint)
+        return status.registration_body(
+            running.manager, running.replica_id, self.endpoint, self.lane_path
+        )
 
 
 def _worker_rows(manager: Manager) -> list[WorkerRow]:

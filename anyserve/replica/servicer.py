@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -90,22 +90,13 @@ class InferenceServicer:
     @grpc_method
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         metadata, call_id, _ = rpc.read_hop(context.invocation_metadata())
-        start, outcome = time.perf_counter(), "cancelled"
         try:
-            answer = await self.in_flight.run(
-                call_id, self.dispatcher.unary(request, metadata, _time_left(context))
+            return await self.in_flight.run(
+                call_id, infer(self.dispatcher, request, metadata, _time_left(context))
             )
-            outcome = "ok"
-            return answer
         except CancelledByCaller:
             await context.abort(grpc.StatusCode.CANCELLED, CANCELLED_DETAILS)
             raise  # abort raised already
-        except AnyServeError as exc:
-            outcome = exc.error_type
-            raise
-        finally:
-            if access.isEnabledFor(logging.INFO):
-                call_line("ModelInfer", metadata, outcome, time.perf_counter() - start)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -119,25 +110,20 @@ class InferenceServicer:
             async with lock:
                 await context.write(message)
 
+        async def send(batch: list[bytes]) -> None:
+            if batched:
+                await write(rpc.pack_batch(batch))
+            else:
+                for chunk in batch:
+                    await write(chunk)
+
         async def serve_one(payload: bytes) -> None:
-            start, outcome = time.perf_counter(), "cancelled"
             try:
-                async for batch in self.dispatcher.stream(payload, metadata, _time_left(context)):
-                    if batched:
-                        await write(rpc.pack_batch(batch))
-                    else:
-                        for chunk in batch:
-                            await write(chunk)
-                outcome = "ok"
+                timeout = _time_left(context)
             except AnyServeError as exc:
-                outcome = exc.error_type
-                # Triton's convention: a failed request on a stream is reported
-                # in-band and the stream stays open for the others.
-                error = to_stream_error(exc, _peek_id(payload))
-                await write(rpc.pack_batch([error]) if batched else error)
-            finally:
-                if access.isEnabledFor(logging.INFO):
-                    call_line("ModelStreamInfer", metadata, outcome, time.perf_counter() - start)
+                await send([to_stream_error(exc, _peek_id(payload))])
+                return
+            await stream_request(self.dispatcher, payload, metadata, timeout, send)
 
         async def serve_all() -> None:
             async with anyio.create_task_group() as tg:
@@ -230,6 +216,48 @@ class InferenceServicer:
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
         return repository_index(self.manager, ready_only=request.ready)
+
+
+async def infer(
+    dispatcher: Dispatcher, payload: bytes, metadata: Mapping[str, str], timeout: float | None
+) -> bytes:
+    """One ``ModelInfer`` call, whichever way it came (gRPC or the local lane):
+    the dispatcher's answer, its access-log line. Raises what the dispatcher raises."""
+    start, outcome = time.perf_counter(), "cancelled"
+    try:
+        answer = await dispatcher.unary(payload, metadata, timeout)
+        outcome = "ok"
+        return answer
+    except AnyServeError as exc:
+        outcome = exc.error_type
+        raise
+    finally:
+        if access.isEnabledFor(logging.INFO):
+            call_line("ModelInfer", metadata, outcome, time.perf_counter() - start)
+
+
+async def stream_request(
+    dispatcher: Dispatcher,
+    payload: bytes,
+    metadata: Mapping[str, str],
+    timeout: float | None,
+    send: Callable[[list[bytes]], Awaitable[None]],
+) -> None:
+    """One request of a ``ModelStreamInfer`` call, whichever way it came: each
+    batch of responses ready together goes to ``send``. A failure is reported
+    in-band as the last response (Triton's convention: the stream stays open
+    for the call's other requests)."""
+    start, outcome = time.perf_counter(), "cancelled"
+    try:
+        async for batch in dispatcher.stream(payload, metadata, timeout):
+            await send(batch)
+        outcome = "ok"
+    except AnyServeError as exc:
+        outcome = exc.error_type
+        await send([to_stream_error(exc, _peek_id(payload))])
+    finally:
+        if access.isEnabledFor(logging.INFO):
+            call_line("ModelStreamInfer", metadata, outcome, time.perf_counter() - start)
 
 
 def _peek_id(payload: bytes) -> str:

@@ -63,10 +63,12 @@ def worker_row(slot: Slot) -> dict[str, Any]:
     }
 
 
-def registration_body(manager: Manager, replica_id: str, endpoint: str) -> dict[str, Any]:
+def registration_body(
+    manager: Manager, replica_id: str, endpoint: str, lane: str | None = None
+) -> dict[str, Any]:
     """The /register body: loaded, loadable and failed capabilities (a failed
     one exists here but is down: the API server answers 503 for it, not 404),
-    and the workers."""
+    the workers, and the local lane's socket when there is one."""
     loaded: list[dict[str, str]] = []
     loadable: list[dict[str, str]] = []
     failed: list[dict[str, str]] = []
@@ -79,7 +81,7 @@ def registration_body(manager: Manager, replica_id: str, endpoint: str) -> dict[
             loadable.append(cap)
         elif offered == "failed" and cap not in failed:
             failed.append(cap)
-    return {
+    body = {
         "replica_id": replica_id,
         "endpoint": endpoint,
         "host": shm.host_id(),  # tensors may come through shared memory on this host
@@ -89,6 +91,9 @@ def registration_body(manager: Manager, replica_id: str, endpoint: str) -> dict[
         # Stopped slots are history, not workers.
         "workers": [worker_row(s) for s in manager.all_slots() if s.state is not State.STOPPED],
     }
+    if lane:  # an API server on this host may call through it (anyserve.replica.lane)
+        body["lane"] = lane
+    return body
 
 
 def worker_info(slot: Slot) -> apb.WorkerInfo:

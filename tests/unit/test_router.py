@@ -44,6 +44,9 @@ class FakeConnection:
     async def connect(self, within: float) -> bool:
         return self.reachable
 
+    async def local(self, replica: Any, within: float) -> None:
+        raise AssertionError("these replicas registered no local lane")
+
     def unary(self, path: str) -> Any:
         connection = self
 

@@ -1,0 +1,292 @@
+"""The API server's side of the local lane (:mod:`anyserve.replica.lane`):
+inference calls to a replica on this host over its Unix socket, not gRPC.
+
+One :class:`Lane` per replica connection, opened on first use and checked by
+the replica's ``Hello`` before any call is sent on it. A call is a ``Call``
+frame with the request; its answer (``End``, ``Error``, or ``Chunk`` frames
+then ``End`` for a stream) is handed to the waiting request by call id. A
+request that stops waiting (its client went away, its deadline passed) sends
+``Cancel``: unlike cancelling a gRPC call, this costs nothing and leaks
+nothing (see abandoned.py). A lane that breaks fails its calls at once with
+Unavailable; the next request opens a new one or goes over gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import TYPE_CHECKING, cast
+
+import anyio
+
+from anyserve import wire
+from anyserve._proto import worker_pb2 as wpb
+from anyserve.errors import (
+    DeadlineExceeded,
+    HandlerError,
+    PayloadTooLarge,
+    Unavailable,
+    from_frame,
+)
+
+if TYPE_CHECKING:
+    from anyserve.api_server.registry import ReplicaEntry
+
+_CANCEL = wpb.Cancel()
+# What gRPC's client says when a call's deadline passes (errors.from_grpc):
+# the same words whichever way the call went.
+_DEADLINE = "Deadline Exceeded"
+# Credit goes back in batches of half the window: one frame per 32 responses.
+_CREDIT_BATCH = wire.LANE_WINDOW // 2
+
+
+class Refused(Exception):
+    """The replica refused the call without running it (it is stopping)."""
+
+
+class Lane(asyncio.Protocol):
+    """One Unix-socket connection to a replica's local lane."""
+
+    def __init__(self, replica_id: str) -> None:
+        self.replica_id = replica_id
+        self._loop = asyncio.get_running_loop()
+        self._frames = wire.FrameBuffer()
+        self._hello: asyncio.Future[wpb.Hello] = self._loop.create_future()
+        self._unary: dict[int, asyncio.Future[bytes]] = {}
+        self._streams: dict[int, LaneStream] = {}
+        self._last_id = 0
+        self._transport: asyncio.Transport | None = None
+
+    @classmethod
+    async def open(cls, path: str, replica_id: str, within: float) -> Lane:
+        """Connect to the lane at ``path`` and wait for its ``Hello``. Raises
+        OSError (no such socket, refused, not allowed), TimeoutError, or
+        ValueError when the socket is not replica ``replica_id``'s lane."""
+        loop = asyncio.get_running_loop()
+        lane: Lane | None = None
+        try:
+            with anyio.fail_after(within):
+                _, lane = await loop.create_unix_connection(lambda: cls(replica_id), path)
+                hello = await lane._hello
+        except BaseException:
+            if lane is not None:
+                lane.close()
+            raise
+        if hello.worker_id != replica_id:
+            lane.close()
+            raise ValueError(f"the socket answered as {hello.worker_id!r}, not {replica_id!r}")
+        return lane
+
+    @property
+    def usable(self) -> bool:
+        """Whether calls may be sent (the connection is open)."""
+        return self._transport is not None and not self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- calls ---------------------------------------------------------------
+
+    async def unary(self, body: bytes, metadata: list[tuple[str, str]], timeout: float) -> bytes:
+        """Send one ``ModelInfer`` request and return the replica's answer.
+
+        Raises the replica's error, DeadlineExceeded once ``timeout`` seconds
+        have passed, Unavailable when the lane breaks, Refused when the replica
+        did not take the call. Cancelled, it tells the replica to cancel the call.
+        """
+        call_id = self._send_call(body, metadata, timeout, stream=False)
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._unary[call_id] = future
+        timer = self._loop.call_later(timeout, self._expire, call_id)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._unary.pop(call_id, None) is not None:
+                self._send(wpb.Header(call_id=call_id, cancel=_CANCEL))
+            raise
+        finally:
+            timer.cancel()
+
+    def stream(
+        self, body: bytes, metadata: list[tuple[str, str]], timeout: float, replica: ReplicaEntry
+    ) -> LaneStream:
+        """Send one ``ModelStreamInfer`` request; its responses come through
+        the returned stream (its :meth:`LaneStream.stop` cancels the call)."""
+        call_id = self._send_call(body, metadata, timeout, stream=True)
+        stream = self._streams[call_id] = LaneStream(self, call_id, replica)
+        stream.timer = self._loop.call_later(timeout, self._expire, call_id)
+        return stream
+
+    def _send_call(
+        self, body: bytes, metadata: list[tuple[str, str]], timeout: float, *, stream: bool
+    ) -> int:
+        self._last_id += 1
+        call = wpb.Call(stream=stream, timeout=timeout, metadata=dict(metadata))
+        self._send(wpb.Header(call_id=self._last_id, call=call), body)
+        return self._last_id
+
+    def _send(self, header: wpb.Header, payload: bytes = b"") -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(wire.encode_frame(header, payload))
+
+    def _expire(self, call_id: int) -> None:
+        future = self._unary.pop(call_id, None)
+        if future is not None and not future.done():
+            future.set_exception(DeadlineExceeded(_DEADLINE))
+        stream = self._streams.pop(call_id, None)
+        if stream is not None:
+            stream.finish(DeadlineExceeded(_DEADLINE))
+        if future is not None or stream is not None:
+            self._send(wpb.Header(call_id=call_id, cancel=_CANCEL))
+
+    def forget(self, call_id: int, credit: int) -> None:
+        """A stream's reader took ``credit`` more responses (call_id still
+        running), or stopped reading (``credit`` < 0: cancel the call)."""
+        if credit < 0:
+            if self._streams.pop(call_id, None) is not None:
+                self._send(wpb.Header(call_id=call_id, cancel=_CANCEL))
+        elif call_id in self._streams:
+            self._send(wpb.Header(call_id=call_id, credit=wpb.Credit(chunks=credit)))
+
+    # -- the protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._frames.feed(data)
+        except PayloadTooLarge as exc:
+            self._fail(f"the replica sent an unreadable frame ({exc})")
+            return
+        for header, payload in frames:
+            call_id = header.call_id
+            kind = header.WhichOneof("kind")
+            future = self._unary.pop(call_id, None)
+            if future is not None:
+                if future.done():
+                    pass
+                elif kind == "end":
+                    future.set_result(payload)
+                else:
+                    future.set_exception(_ended(kind, header))
+                continue
+            stream = self._streams.get(call_id)
+            if stream is not None:
+                if kind == "chunk":
+                    stream.put(payload)
+                else:
+                    del self._streams[call_id]
+                    stream.finish(None if kind == "end" else _ended(kind, header))
+            elif kind == "hello" and not self._hello.done():
+                self._hello.set_result(header.hello)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(f"the connection to replica {self.replica_id} was lost")
+
+    def _fail(self, why: str) -> None:
+        self.close()
+        if not self._hello.done():
+            self._hello.set_exception(ConnectionError(why))
+        unary, self._unary = self._unary, {}
+        streams, self._streams = self._streams, {}
+        for future in unary.values():
+            if not future.done():
+                future.set_exception(Unavailable(why))
+        for stream in streams.values():
+            stream.finish(Unavailable(why))
+
+
+def _ended(kind: str | None, header: wpb.Header) -> Exception:
+    """The exception for a call's last frame that is not a clean ``End``."""
+    if kind == "error":
+        return from_frame(header.error)
+    if kind == "cancel":
+        return Refused()
+    return HandlerError(f"the replica ended a call with a {kind} frame")
+
+
+class LaneStream:
+    """The responses of one stream request sent over a lane, as
+    :class:`~anyserve.api_server.channels.ReplicaStream` gives them."""
+
+    def __init__(self, lane: Lane, call_id: int, replica: ReplicaEntry) -> None:
+        self.replica = replica
+        self.timer: asyncio.TimerHandle | None = None
+        self._lane = lane
+        self._id = call_id
+        self._ready: collections.deque[bytes] = collections.deque()
+        self._end: tuple[Exception | None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._owed = 0  # responses taken since credit was last sent
+
+    # Told by the lane.
+    def put(self, payload: bytes) -> None:
+        self._ready.append(payload)
+        self._wake()
+
+    def finish(self, error: Exception | None) -> None:
+        if self._end is None:
+            if isinstance(error, Refused):
+                error = Unavailable(f"replica {self.replica.replica_id} is stopping")
+            self._end = (error,)
+            if self.timer is not None:
+                self.timer.cancel()
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        while not self._ready and self._end is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _took(self, count: int) -> None:
+        self._owed += count
+        if self._owed >= _CREDIT_BATCH:
+            self._lane.forget(self._id, self._owed)
+            self._owed = 0
+
+    def _ended(self) -> None:
+        assert self._end is not None
+        error = self._end[0]
+        if error is not None:
+            raise error
+
+    # Read by the request.
+    async def read(self) -> bytes | None:
+        """The next serialized ModelStreamInferResponse, or None at the clean
+        end. Raises the error the call ended with."""
+        await self._wait()
+        if self._ready:
+            self._took(1)
+            return self._ready.popleft()
+        self._ended()
+        return None
+
+    async def read_batch(self) -> list[bytes] | None:
+        """Every response that has arrived (at least one), or None at the
+        clean end. Raises like :meth:`read`."""
+        await self._wait()
+        if self._ready:
+            batch = list(self._ready)
+            self._ready.clear()
+            self._took(len(batch))
+            return batch
+        self._ended()
+        return None
+
+    def stop(self) -> None:
+        """Nobody reads any more: a call still running is cancelled."""
+        if self._end is None:
+            self._lane.forget(self._id, -1)
+            self.finish(Unavailable("the stream was stopped"))
+        self._ready.clear()

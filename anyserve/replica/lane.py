@@ -1,0 +1,256 @@
+"""The local lane: inference calls from an API server on this host, over a
+Unix socket instead of gRPC.
+
+gRPC is about half the CPU a replica and an API server spend on a small call.
+When both run on one host (the registration's ``host``: the same boot and
+``/dev/shm``), the API server sends ``ModelInfer`` and ``ModelStreamInfer``
+here instead, as the frames a replica already speaks with its workers
+(:mod:`anyserve.wire`), one connection per API server:
+
+* API server -> replica: ``Call`` (stream or not, seconds left, the metadata
+  gRPC would carry) with the serialized request as payload; ``Cancel`` (its
+  caller went away: the call's handler is cancelled, nothing more is sent);
+  ``Credit`` (a stream's flow control, as between dispatcher and worker).
+* replica -> API server: ``Hello`` first (the replica's id); then per call a
+  ``Chunk`` per stream response, and ``End`` (a unary call's answer as
+  payload) or ``Error``; ``Cancel`` for a call refused without running (the
+  replica is stopping: the API server may send it elsewhere).
+
+Everything else (metadata, health, control, calls from other hosts) stays on
+gRPC. The socket is in a new directory only this user may enter, and the API
+server checks the ``Hello`` before it sends anything; an API server that
+cannot use the lane (another user, another mount namespace) uses gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import anyio
+import anyio.abc
+
+from anyserve import rpc, tracing_servers, wire
+from anyserve._proto import worker_pb2 as wpb
+from anyserve.errors import AnyServeError, HandlerError, PayloadTooLarge, to_frame
+from anyserve.replica.dispatcher import Dispatcher
+from anyserve.replica.servicer import infer, stream_request
+
+log = logging.getLogger("anyserve.replica")
+
+#: The socket's name in its directory.
+SOCKET_NAME = "replica.sock"
+
+_END = wpb.End()
+_CHUNK = wpb.Chunk()
+_CANCEL = wpb.Cancel()
+
+
+@dataclass(slots=True)
+class _Call:
+    scope: anyio.CancelScope
+    credit: int = wire.LANE_WINDOW
+    more: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class LaneServer:
+    """Serves the lane's calls through the replica's dispatcher.
+
+    Use inside a task group: ``path = await tg.start(lane.run)``; only
+    :meth:`stop` ends it (shielded, like the manager, so calls can drain).
+    """
+
+    def __init__(self, dispatcher: Dispatcher, replica_id: str, max_frame: int) -> None:
+        self.dispatcher = dispatcher
+        self.replica_id = replica_id
+        self.max_frame = max_frame
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._peers: set[_Peer] = set()
+        self._stopping = asyncio.Event()
+        self._refusing = False
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[str | None]) -> None:
+        """Listen on a socket in a new private directory, report started with
+        its path, and serve until :meth:`stop`; the directory goes with it.
+        Reports None at once when no socket can be made (calls keep coming
+        over gRPC)."""
+        try:
+            directory = tempfile.mkdtemp(prefix="anyserve-lane-")  # mode 0700
+            path = os.path.join(directory, SOCKET_NAME)
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_unix_server(lambda: _Peer(self), path)
+        except OSError as exc:
+            log.warning(
+                "replica %s: no local lane (%s); calls come over gRPC only", self.replica_id, exc
+            )
+            task_status.started(None)
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    task_status.started(path)
+                    await self._stopping.wait()
+                    self._server.close()
+                    for peer in list(self._peers):
+                        peer.close()
+                    tg.cancel_scope.cancel()  # what the drain left
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls (the API server sends them elsewhere), wait up to
+        ``grace`` seconds for the running ones, then end :meth:`run`."""
+        self._refusing = True
+        if self._server is not None:
+            self._server.close()
+        with anyio.move_on_after(grace):
+            await self._idle.wait()
+        self._stopping.set()
+
+    def start_call(self, peer: _Peer, call_id: int, call: wpb.Call, payload: bytes) -> None:
+        tg = self._tg
+        if self._refusing or tg is None:
+            peer.send(wpb.Header(call_id=call_id, cancel=_CANCEL))
+            return
+        state = _Call(anyio.CancelScope())
+        peer.calls[call_id] = state
+        self._running += 1
+        self._idle.clear()
+        tg.start_soon(self._serve, peer, call_id, call, payload, state)
+
+    async def _serve(
+        self, peer: _Peer, call_id: int, call: wpb.Call, payload: bytes, state: _Call
+    ) -> None:
+        metadata = dict(call.metadata)
+        forward = rpc.read_hop(metadata.items()).forward
+        timeout = call.timeout if call.timeout > 0 else None
+        name = "dispatch ModelStreamInfer" if call.stream else "dispatch ModelInfer"
+        try:
+            with state.scope:
+                try:
+                    with tracing_servers.lane_span(name, metadata):
+                        if call.stream:
+                            send = _sender(peer, call_id, state)
+                            await stream_request(self.dispatcher, payload, forward, timeout, send)
+                            peer.send(wpb.Header(call_id=call_id, end=_END))
+                        else:
+                            answer = await infer(self.dispatcher, payload, forward, timeout)
+                            peer.send(wpb.Header(call_id=call_id, end=_END), answer)
+                except AnyServeError as exc:
+                    peer.send(wpb.Header(call_id=call_id, error=to_frame(exc)))
+                except Exception as exc:  # a bug here must not end the lane's other calls
+                    log.exception("replica %s: lane call failed", self.replica_id)
+                    error = HandlerError(f"the replica failed: {type(exc).__name__}: {exc}")
+                    peer.send(wpb.Header(call_id=call_id, error=to_frame(error)))
+        finally:
+            peer.calls.pop(call_id, None)
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+
+
+def _sender(peer: _Peer, call_id: int, state: _Call) -> Callable[[list[bytes]], Awaitable[None]]:
+    """``send`` of one stream call: its responses as ``Chunk`` frames in one
+    write, then waiting while its credit or the socket says so."""
+    chunk = wpb.Header(call_id=call_id, chunk=_CHUNK)
+
+    async def send(batch: list[bytes]) -> None:
+        peer.send_many(chunk, batch)
+        state.credit -= len(batch)
+        while state.credit <= 0:
+            state.more.clear()
+            await state.more.wait()
+        if peer.paused:
+            await peer.drained()
+
+    return send
+
+
+class _Peer(asyncio.Protocol):
+    """One API server's connection."""
+
+    def __init__(self, server: LaneServer) -> None:
+        self.server = server
+        self.calls: dict[int, _Call] = {}
+        self.paused = False
+        self._frames = wire.FrameBuffer(server.max_frame)
+        self._transport: asyncio.Transport | None = None
+        self._resumed: asyncio.Event | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self._transport = cast(asyncio.Transport, transport)
+        self.server._peers.add(self)
+        hello = wpb.Hello(worker_id=self.server.replica_id, pid=os.getpid())
+        self.send(wpb.Header(hello=hello))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._frames.feed(data)
+        except PayloadTooLarge as exc:
+            log.warning("replica %s: lane connection closed: %s", self.server.replica_id, exc)
+            self.close()
+            return
+        for header, payload in frames:
+            kind = header.WhichOneof("kind")
+            if kind == "call":
+                self.server.start_call(self, header.call_id, header.call, payload)
+            elif kind == "cancel":
+                state = self.calls.get(header.call_id)
+                if state is not None:
+                    state.scope.cancel()
+            elif kind == "credit":
+                state = self.calls.get(header.call_id)
+                if state is not None:
+                    state.credit += header.credit.chunks
+                    state.more.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._peers.discard(self)
+        for state in self.calls.values():  # nobody is left to answer
+            state.scope.cancel()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._resumed is not None:
+            self._resumed.set()
+            self._resumed = None
+
+    async def drained(self) -> None:
+        if self.paused:
+            self._resumed = self._resumed or asyncio.Event()
+            await self._resumed.wait()
+
+    def send(self, header: wpb.Header, payload: bytes = b"") -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(wire.encode_frame(header, payload))
+
+    def send_many(self, header: wpb.Header, payloads: list[bytes]) -> None:
+        """One frame per payload, all with ``header``, in one write."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        head = header.SerializeToString()
+        pieces: list[bytes] = []
+        for payload in payloads:
+            pieces += (wire.PREFIX.pack(len(head), len(payload)), head, payload)
+        transport.writelines(pieces)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()

@@ -1,0 +1,156 @@
+"""The local lane (anyserve/replica/lane.py, anyserve/api_server/lane.py):
+inference calls to a replica on the same host over its Unix socket, against a
+real replica and its workers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from anyserve import codec, shm
+from anyserve._proto.grpc_predict_v2_pb2 import (
+    ModelInferRequest,
+    ModelInferResponse,
+    ModelStreamInferResponse,
+)
+from anyserve.api_server.lane import Lane
+from anyserve.capability import query_to_metadata
+from anyserve.errors import DeadlineExceeded, HandlerError, Unavailable
+from anyserve.replica.server import Replica
+from anyserve.testing import start_replica
+from tests.api_calls import text_body
+from tests.fake_replica import running_api
+from tests.support import eventually
+
+pytestmark = pytest.mark.anyio
+
+APP = "tests.apps.forms_app:app"
+
+
+def _request(text: str) -> bytes:
+    request = ModelInferRequest(id="r1")
+    request.inputs.append(codec.encode_input("text_input", text))
+    return request.SerializeToString()
+
+
+def _metadata(**query: str) -> list[tuple[str, str]]:
+    return query_to_metadata(query)
+
+
+@pytest.fixture(scope="module")
+async def replica() -> AsyncIterator[Replica]:
+    async with start_replica(APP) as replica:
+        yield replica
+
+
+@pytest.fixture
+async def lane(replica: Replica) -> AsyncIterator[Lane]:
+    assert replica.lane_path is not None
+    lane = await Lane.open(replica.lane_path, replica.replica_id, 5.0)
+    try:
+        yield lane
+    finally:
+        lane.close()
+
+
+async def test_a_replica_serves_a_lane_in_a_private_directory(replica: Replica) -> None:
+    assert shm.host_id()  # a host where the lane is used at all
+    path = anyio.Path(replica.lane_path or "")
+    assert await path.is_socket()
+    assert (await path.parent.stat()).st_mode & 0o777 == 0o700
+    assert replica.registration_body()["lane"] == str(path)
+
+
+async def test_unary_calls_and_errors_come_back(lane: Lane) -> None:
+    answer = await lane.unary(_request("hi"), _metadata(type="echo", form="async"), 10.0)
+    outputs = codec.decode_outputs(ModelInferResponse.FromString(answer))
+    assert outputs["text_output"] == b"async:hi"
+    with pytest.raises(HandlerError, match="the model is on fire"):
+        await lane.unary(_request("x"), _metadata(type="fail"), 10.0)
+
+
+async def test_a_socket_that_is_not_the_replica_named_is_refused(replica: Replica) -> None:
+    assert replica.lane_path is not None
+    with pytest.raises(ValueError, match="not 'someone-else'"):
+        await Lane.open(replica.lane_path, "someone-else", 5.0)
+    with pytest.raises(OSError):
+        await Lane.open(replica.lane_path + ".missing", replica.replica_id, 5.0)
+
+
+async def test_a_deadline_ends_the_call_and_cancels_its_handler(lane: Lane, tmp_path: Path) -> None:
+    marker = tmp_path / "hang"
+    with anyio.fail_after(5), pytest.raises(DeadlineExceeded):
+        await lane.unary(_request(str(marker)), _metadata(type="hang"), 0.5)
+    await eventually(marker.with_suffix(".stopped").exists, timeout=2.0)
+
+
+async def test_a_slow_reader_holds_the_stream_back_and_loses_nothing(
+    lane: Lane, tmp_path: Path
+) -> None:
+    from tests.apps.forms_app import FLOOD_CHUNKS
+
+    marker = tmp_path / "flood"
+    done = marker.with_suffix(".done")
+    stream = lane.stream(_request(str(marker)), _metadata(type="flood"), 60.0, None)  # type: ignore[arg-type]
+    assert await stream.read() is not None
+    # Nothing more is read: the handler's sends must block on the lane's
+    # credit and the worker's (64 chunks each), far from all 1,000.
+    with pytest.raises(TimeoutError):
+        await eventually(done.exists, timeout=3.0)
+    assert int(marker.read_text()) < FLOOD_CHUNKS // 2
+    received = 1
+    while (batch := await stream.read_batch()) is not None:
+        for message in batch:
+            assert ModelStreamInferResponse.FromString(message).error_message == ""
+        received += len(batch)
+    assert received == FLOOD_CHUNKS
+    await eventually(done.exists, timeout=5.0)
+
+
+async def test_a_lane_that_breaks_fails_its_calls_at_once(tmp_path: Path) -> None:
+    async with start_replica(APP) as replica:
+        assert replica.lane_path is not None and replica.running.lane is not None
+        lane = await Lane.open(replica.lane_path, replica.replica_id, 5.0)
+        marker = tmp_path / "hang"
+        async with anyio.create_task_group() as tg:
+            failures: list[Exception] = []
+
+            async def call() -> None:
+                try:
+                    await lane.unary(_request(str(marker)), _metadata(type="hang"), 60.0)
+                except Unavailable as exc:
+                    failures.append(exc)
+
+            tg.start_soon(call)
+            await eventually(marker.exists)
+            with anyio.fail_after(5):
+                await replica.running.lane.stop(0.0)  # closes every connection
+                await eventually(lambda: failures)
+        assert "was lost" in str(failures[0])
+        assert not lane.usable
+
+
+async def test_the_api_server_calls_a_replica_on_this_host_through_its_lane() -> None:
+    async with running_api() as api, start_replica(APP, api_server=api.url) as replica:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
+            headers = {"X-Capability-Type": "echo", "X-Capability-Form": "async"}
+            response = await http.post("/infer", headers=headers, json=text_body("text_input", "x"))
+            assert response.status_code == 200, response.text
+        assert api.state.pool.get(replica.endpoint).lane is not None
+
+
+async def test_without_its_lane_a_replica_is_called_over_grpc() -> None:
+    async with (
+        running_api() as api,
+        start_replica(APP, api_server=api.url, lane=False) as replica,
+        httpx.AsyncClient(base_url=api.url, timeout=30) as http,
+    ):
+        assert replica.lane_path is None and "lane" not in replica.registration_body()
+        headers = {"X-Capability-Type": "echo", "X-Capability-Form": "async"}
+        response = await http.post("/infer", headers=headers, json=text_body("text_input", "x"))
+        assert response.status_code == 200, response.text
+        assert api.state.pool.get(replica.endpoint).lane is None
