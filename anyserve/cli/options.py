@@ -150,6 +150,14 @@ MaxMemoryMib = Annotated[
     ),
 ]
 
+Lane = Annotated[
+    bool,
+    typer.Option(
+        "--lane/--no-lane",
+        help="Also take inference calls from an API server on this host over a Unix"
+        " socket, which costs a fraction of gRPC's CPU; off: gRPC only.",
+    ),
+]
 ForkServer = Annotated[
     bool,
     typer.Option(

@@ -22,6 +22,7 @@ from anyserve.cli.options import (
     HttpPort,
     InsecureRegister,
     KeepaliveTimeout,
+    Lane,
     LogFormat,
     LogLevel,
     MaxBodyMib,
@@ -94,6 +95,7 @@ def start(
         typer.Option(help="Serve GET /metrics (Prometheus) on this port of --host; 0: any."),
     ] = None,
     fork_server: ForkServer = FORK_SERVER_SUPPORTED,
+    lane: Lane = True,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
@@ -122,6 +124,7 @@ def start(
         log_level=effective,
         metrics_port=metrics_port,
         fork_server=fork_server,
+        lane=lane,
     )
     launch(Plan("replica", config, log_level.lower(), log_format))
 
@@ -236,6 +239,7 @@ def run(
     ] = None,
     start_timeout: StartTimeout = DEFAULT_START_TIMEOUT,
     fork_server: ForkServer = FORK_SERVER_SUPPORTED,
+    lane: Lane = True,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
@@ -249,6 +253,7 @@ def run(
         "start_timeout": start_timeout,
         "grace": grace,
         "fork_server": fork_server,
+        "lane": lane,
         "metrics_port": 0,  # each replica's /metrics on a free port (printed)
     }
     if resources:
