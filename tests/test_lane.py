@@ -17,7 +17,7 @@ from anyserve._proto.grpc_predict_v2_pb2 import (
     ModelInferResponse,
     ModelStreamInferResponse,
 )
-from anyserve.api_server.lane import Lane
+from anyserve.api_server.lane import Lane, Refused
 from anyserve.capability import query_to_metadata
 from anyserve.errors import DeadlineExceeded, HandlerError, Unavailable
 from anyserve.replica.server import Replica
@@ -154,3 +154,21 @@ async def test_without_its_lane_a_replica_is_called_over_grpc() -> None:
         response = await http.post("/infer", headers=headers, json=text_body("text_input", "x"))
         assert response.status_code == 200, response.text
         assert api.state.pool.get(replica.endpoint).lane is None
+
+
+async def test_a_draining_replica_refuses_new_calls_unrun(tmp_path: Path) -> None:
+    async with start_replica(APP) as replica:
+        assert replica.lane_path is not None and replica.running.lane is not None
+        server = replica.running.lane
+        lane = await Lane.open(replica.lane_path, replica.replica_id, 5.0)
+        marker = tmp_path / "hang"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: lane.unary(_request(str(marker)), _metadata(type="hang"), 60.0))
+            await eventually(marker.exists)
+            tg.start_soon(server.stop, 30.0)  # drains: the hanging call holds it
+            with anyio.fail_after(5), pytest.raises(Refused):
+                while True:  # once stop() has begun, a call is refused, not run
+                    await lane.unary(_request("x"), _metadata(type="echo", form="async"), 5.0)
+            assert lane.usable  # refused calls leave the connection up
+            tg.cancel_scope.cancel()  # the hanging call is cancelled: the drain ends
+        await eventually(marker.with_suffix(".stopped").exists)
