@@ -18,10 +18,13 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 from collections.abc import Callable, Mapping, MutableMapping
 from itertools import chain
 from math import prod
 from typing import Any, ParamSpec, TypeAlias, TypeVar
+
+import orjson
 
 from anyserve.codec.datatypes import DATATYPES, spec, unpack_raw
 from anyserve.errors import HandlerError, InvalidArgument
@@ -96,10 +99,30 @@ def client_text(parse: Callable[_P, _R]) -> Callable[_P, _R]:
     return checked
 
 
+# 20 digits in a row: maybe an integer past 64 bits, which orjson would turn
+# into a float (json keeps it exact).
+_LONG_DIGITS = re.compile(rb"[0-9]{20}")
+_LONG_DIGITS_TEXT = re.compile(r"[0-9]{20}")
+
+
+def loads(body: bytes | str) -> Any:
+    """``json.loads(body)``, by orjson when it can (3-5x faster). What orjson
+    refuses (NaN and Infinity, lone surrogates, UTF-16 bodies, invalid JSON)
+    or would read otherwise (integers past 64 bits) goes to ``json``, which
+    then decides and words any error: the result is the same either way."""
+    digits = _LONG_DIGITS if isinstance(body, bytes) else _LONG_DIGITS_TEXT
+    if digits.search(body) is None:  # type: ignore[arg-type]
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
+
+
 def load_object(body: bytes | str, what: str) -> dict[str, Any]:
     """Parse a JSON object; InvalidArgument naming ``what`` if it is not one."""
     try:
-        doc = json.loads(body)
+        doc = loads(body)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
