@@ -22,9 +22,13 @@ MAX_HEADER = 1024 * 1024
 FRAME_HEADROOM = MAX_HEADER
 # Default ceiling on header + payload: the default gRPC message limit plus headroom.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024 + FRAME_HEADROOM
-# Stream responses sent ahead of the reader's credit on the local lane
-# (anyserve.replica.lane), as between a dispatcher and a worker.
-LANE_WINDOW = 64
+# What a replica may send of one stream ahead of the reader's credit on the
+# local lane (anyserve.replica.lane): this many responses and, past the first
+# one, this many bytes. The reader gives credit back once it has taken half
+# of either, so a token stream costs one credit frame per 128 tokens and a
+# stream of big tensors holds at most a few MiB in the API server.
+LANE_WINDOW = 256
+LANE_WINDOW_BYTES = 4 * 1024 * 1024
 # A worker's answers stay this much under the gRPC message limit, so one still
 # fits a gRPC message once the replica wraps or batches it.
 ANSWER_MARGIN = 1024

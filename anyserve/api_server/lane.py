@@ -36,8 +36,9 @@ _CANCEL = wpb.Cancel()
 # What gRPC's client says when a call's deadline passes (errors.from_grpc):
 # the same words whichever way the call went.
 _DEADLINE = "Deadline Exceeded"
-# Credit goes back in batches of half the window: one frame per 32 responses.
-_CREDIT_BATCH = wire.LANE_WINDOW // 2
+# Credit goes back once half the window (responses or bytes) has been taken.
+_CREDIT_COUNT = wire.LANE_WINDOW // 2
+_CREDIT_BYTES = wire.LANE_WINDOW_BYTES // 2
 
 
 class Refused(Exception):
@@ -221,6 +222,7 @@ class LaneStream:
         self._end: tuple[Exception | None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._owed = 0  # responses taken since credit was last sent
+        self._owed_bytes = 0
 
     # Told by the lane.
     def put(self, payload: bytes) -> None:
@@ -249,11 +251,12 @@ class LaneStream:
             finally:
                 self._waiter = None
 
-    def _took(self, count: int) -> None:
+    def _took(self, count: int, size: int) -> None:
         self._owed += count
-        if self._owed >= _CREDIT_BATCH:
+        self._owed_bytes += size
+        if self._owed >= _CREDIT_COUNT or self._owed_bytes >= _CREDIT_BYTES:
             self._lane.forget(self._id, self._owed)
-            self._owed = 0
+            self._owed = self._owed_bytes = 0
 
     def _ended(self) -> None:
         assert self._end is not None
@@ -267,8 +270,9 @@ class LaneStream:
         end. Raises the error the call ended with."""
         await self._wait()
         if self._ready:
-            self._took(1)
-            return self._ready.popleft()
+            message = self._ready.popleft()
+            self._took(1, len(message))
+            return message
         self._ended()
         return None
 
@@ -279,7 +283,7 @@ class LaneStream:
         if self._ready:
             batch = list(self._ready)
             self._ready.clear()
-            self._took(len(batch))
+            self._took(len(batch), sum(map(len, batch)))
             return batch
         self._ended()
         return None

@@ -25,6 +25,7 @@ cannot use the lane (another user, another mount namespace) uses gRPC.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import shutil
@@ -55,7 +56,9 @@ _CANCEL = wpb.Cancel()
 @dataclass(slots=True)
 class _Call:
     scope: anyio.CancelScope
-    credit: int = wire.LANE_WINDOW
+    # Sizes of the responses sent and not yet credited, and their sum.
+    unacked: collections.deque[int] = field(default_factory=collections.deque)
+    unacked_bytes: int = 0
     more: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -167,8 +170,11 @@ def _sender(peer: _Peer, call_id: int, state: _Call) -> Callable[[list[bytes]], 
 
     async def send(batch: list[bytes]) -> None:
         peer.send_many(chunk, batch)
-        state.credit -= len(batch)
-        while state.credit <= 0:
+        for response in batch:
+            state.unacked.append(len(response))
+            state.unacked_bytes += len(response)
+        unacked = state.unacked
+        while len(unacked) >= wire.LANE_WINDOW or state.unacked_bytes >= wire.LANE_WINDOW_BYTES:
             state.more.clear()
             await state.more.wait()
         if peer.paused:
@@ -213,7 +219,9 @@ class _Peer(asyncio.Protocol):
             elif kind == "credit":
                 state = self.calls.get(header.call_id)
                 if state is not None:
-                    state.credit += header.credit.chunks
+                    unacked = state.unacked
+                    for _ in range(min(header.credit.chunks, len(unacked))):
+                        state.unacked_bytes -= unacked.popleft()
                     state.more.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
