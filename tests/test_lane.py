@@ -172,3 +172,16 @@ async def test_a_draining_replica_refuses_new_calls_unrun(tmp_path: Path) -> Non
             assert lane.usable  # refused calls leave the connection up
             tg.cancel_scope.cancel()  # the hanging call is cancelled: the drain ends
         await eventually(marker.with_suffix(".stopped").exists)
+
+
+def test_directories_of_killed_replicas_are_swept_and_no_others(tmp_path: Path) -> None:
+    from anyserve.replica.lane import PREFIX, sweep_stale
+
+    dead = tmp_path / f"{PREFIX}{2**22 + 7}-1-abc"  # no such pid (and start time)
+    alive = tmp_path / f"{PREFIX}{shm.owner_tag()}-def"  # this process's
+    other = tmp_path / "anyserve-lane-not-ours"
+    for directory in (dead, alive, other):
+        directory.mkdir()
+        (directory / "replica.sock").touch()
+    assert sweep_stale(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and alive.exists() and other.exists()

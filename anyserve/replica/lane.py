@@ -28,6 +28,7 @@ import asyncio
 import collections
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,7 @@ from typing import cast
 import anyio
 import anyio.abc
 
-from anyserve import rpc, tracing_servers, wire
+from anyserve import rpc, shm, tracing_servers, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.errors import AnyServeError, HandlerError, PayloadTooLarge, to_frame
 from anyserve.replica.dispatcher import Dispatcher
@@ -47,6 +48,9 @@ log = logging.getLogger("anyserve.replica")
 
 #: The socket's name in its directory.
 SOCKET_NAME = "replica.sock"
+#: The directory's name: this, the replica's ``<pid>-<start time>``, a random part.
+PREFIX = "anyserve-lane-"
+_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-(\d+)-[^/]+")
 
 _END = wpb.End()
 _CHUNK = wpb.Chunk()
@@ -60,6 +64,30 @@ class _Call:
     unacked: collections.deque[int] = field(default_factory=collections.deque)
     unacked_bytes: int = 0
     more: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def sweep_stale(parent: str) -> list[str]:
+    """Delete the lane directories in ``parent`` that this user's replicas
+    left when they were killed (their process no longer runs); return them.
+    Never raises."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        found = _NAME.fullmatch(entry.name)
+        try:
+            if found is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if not shm.owner_alive(int(found[1]), int(found[2])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
 
 
 class LaneServer:
@@ -88,7 +116,8 @@ class LaneServer:
         Reports None at once when no socket can be made (calls keep coming
         over gRPC)."""
         try:
-            directory = tempfile.mkdtemp(prefix="anyserve-lane-")  # mode 0700
+            sweep_stale(tempfile.gettempdir())
+            directory = tempfile.mkdtemp(prefix=f"{PREFIX}{shm.owner_tag()}-")  # mode 0700
             path = os.path.join(directory, SOCKET_NAME)
             loop = asyncio.get_running_loop()
             self._server = await loop.create_unix_server(lambda: _Peer(self), path)
