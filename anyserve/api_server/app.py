@@ -25,12 +25,12 @@ from starlette.routing import Route
 from anyserve import codec, rpc
 from anyserve.api_server import control, model_control, model_meta, shm_control
 from anyserve.api_server import openai as openai_api
+from anyserve.api_server.dispatch import Dispatch, on_crash, on_error, on_http
 from anyserve.api_server.json_bodies import request_from_big_json
 from anyserve.api_server.limits import BigBodyGate
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import (
     declared_length,
-    error_response,
     json_response,
     read_big_body,
     read_body,
@@ -270,23 +270,9 @@ async def model_stats(state: ApiState, request: Request) -> Response:
 # --------------------------------------------------------------------------- app
 
 
-async def _on_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, AnyServeError)
-    return error_response(exc, getattr(request.state, "request_id", ""))
-
-
-async def _on_http(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return json_response({"error": exc.detail}, exc.status_code, exc.headers)
-
-
-async def _on_crash(request: Request, exc: Exception) -> Response:
-    # Logged by Starlette's ServerErrorMiddleware, which re-raises after this.
-    return error_response(AnyServeError(f"internal error: {type(exc).__name__}: {exc}"))
-
-
-def build_app(state: ApiState) -> Starlette:
-    """The Starlette application of one server (no module-level state)."""
+def build_app(state: ApiState) -> Dispatch:
+    """The ASGI application of one server (no module-level state): the
+    Starlette routes, the unary inference ones served by :class:`Dispatch`."""
 
     def bind(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         async def call(request: Request) -> Response:
@@ -298,6 +284,8 @@ def build_app(state: ApiState) -> Starlette:
     post, get = ["POST"], ["GET"]
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
+    hot = [Route(path, bind(infer), methods=post) for path in ("/infer", f"{model}/infer")]
+    hot.append(Route(f"{versioned}/infer", bind(infer), methods=post))
     routes = [
         Route("/metrics", bind(metrics), methods=get),
         Route("/v2/models/stats", bind(model_stats), methods=get),
@@ -307,10 +295,8 @@ def build_app(state: ApiState) -> Starlette:
         Route("/unregister", bind(control.unregister), methods=post),
         Route("/registry", bind(control.registry), methods=get),
         Route("/health", bind(control.health), methods=get),
-        Route("/infer", bind(infer), methods=post),
+        *hot,
         Route("/infer/stream", bind(infer_stream), methods=post),
-        Route(f"{model}/infer", bind(infer), methods=post),
-        Route(f"{versioned}/infer", bind(infer), methods=post),
         Route(f"{model}/generate", bind(generate), methods=post),
         Route(f"{model}/generate_stream", bind(generate_stream), methods=post),
         Route("/v1/chat/completions", bind(openai_api.chat_completions), methods=post),
@@ -337,10 +323,10 @@ def build_app(state: ApiState) -> Starlette:
         routes=routes,
         middleware=[Middleware(MetricsMiddleware, metrics=state.metrics)],
         exception_handlers={
-            AnyServeError: _on_error,
-            HTTPException: _on_http,
-            Exception: _on_crash,
+            AnyServeError: on_error,
+            HTTPException: on_http,
+            Exception: on_crash,
         },
     )
     app.state.big_bodies = BigBodyGate(state.config.edge)
-    return app
+    return Dispatch(app, hot, state.metrics)
