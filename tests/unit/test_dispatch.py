@@ -17,6 +17,7 @@ from anyserve.api_server.dispatch import Dispatch
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.state import ApiState
 from anyserve.errors import NotFound
+from anyserve.metrics.http import endpoint_of
 
 pytestmark = pytest.mark.anyio
 
@@ -65,6 +66,7 @@ def test_a_hot_path_is_the_route_starlette_would_pick(path: str, method: str) ->
     route, params = found
     assert route is expected
     assert params == route.matches(scope)[1]["path_params"]
+    assert endpoint_of(method, path) == "infer"  # what Dispatch counts it as
 
 
 def test_a_request_under_a_root_path_goes_through_starlette() -> None:
