@@ -25,12 +25,14 @@ from starlette.routing import Route
 from anyserve import codec, rpc
 from anyserve.api_server import control, model_control, model_meta, shm_control
 from anyserve.api_server import openai as openai_api
+from anyserve.api_server.dispatch import Dispatch, on_crash, on_error, on_http
 from anyserve.api_server.json_bodies import request_from_big_json
 from anyserve.api_server.limits import BigBodyGate
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import (
+    Answer,
     declared_length,
-    error_response,
+    header,
     json_response,
     read_big_body,
     read_body,
@@ -50,13 +52,16 @@ from anyserve.proto import ModelInferRequest, ModelInferResponse
 logger = logging.getLogger(__name__)
 
 PROTOBUF = "application/x-protobuf"
+_PROTOBUF_BYTES = PROTOBUF.encode()
+_HEADER_LENGTH_BYTES = codec.HEADER_LENGTH.lower().encode()
+_SESSION_BYTES = SESSION_HEADER.encode()
 _PROTOBUF_TYPES = (PROTOBUF, "application/protobuf", "application/vnd.google.protobuf")
 
 Endpoint = Callable[[ApiState, Request], Awaitable[Response]]
 
 
 def _is_protobuf(request: Request) -> bool:
-    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    ctype = (header(request, b"content-type") or "").split(";", 1)[0].strip().lower()
     return ctype in _PROTOBUF_TYPES
 
 
@@ -100,10 +105,10 @@ async def _decode_infer(
     body = await read_body(request, state.config.max_body)
     if _is_protobuf(request):
         return _protobuf_payload(state, body, name, meta), None, None
-    header = request.headers.get(codec.HEADER_LENGTH)
+    length = header(request, _HEADER_LENGTH_BYTES)
     segments = None
-    if header is not None:
-        parsed, segments = _from_binary(state, body, header, name, meta, place)
+    if length is not None:
+        parsed, segments = _from_binary(state, body, length, name, meta, place)
     else:
         parsed = codec.request_from_json(body, name)
         meta.model_name = parsed.model_name
@@ -137,11 +142,11 @@ async def _decode_big(
     holder = [await read_big_body(request, state.config.max_body)]
     if _is_protobuf(request):
         return _protobuf_payload(state, bytes(holder.pop()), name, meta), None, None
-    header = request.headers.get(codec.HEADER_LENGTH)
+    length = header(request, _HEADER_LENGTH_BYTES)
     segments = None
-    if header is not None:
+    if length is not None:
         # Raw tensor data: slicing it is a copy, not a parse; only the header is JSON.
-        parsed, segments = _from_binary(state, memoryview(holder.pop()), header, name, meta, place)
+        parsed, segments = _from_binary(state, memoryview(holder.pop()), length, name, meta, place)
         payload = parsed.SerializeToString()
         parsed.ClearField("raw_input_contents")  # the answer is rendered without it
     else:
@@ -173,7 +178,7 @@ def _with_version(payload: bytes, request: Request) -> bytes:
 
 async def _unary(state: ApiState, request: Request, payload: bytes, meta: RequestMeta) -> bytes:
     """Route one unary request, on its sequence's or session's replica if any."""
-    session = request.headers.get(SESSION_HEADER)
+    session = header(request, _SESSION_BYTES)
     async with state.sequences.route(payload, meta, session):
         call = state.router.unary(rpc.MODEL_INFER, payload, meta)
         raw: bytes = await unless_disconnected(request, call, state.expired)
@@ -188,9 +193,8 @@ async def infer(state: ApiState, request: Request) -> Response:
     try:
         _require_target(meta)
         raw = await _unary(state, request, _with_version(payload, request), meta)
-        headers = {"X-Request-Id": meta.request_id}
         if parsed is None:
-            return Response(raw, headers=headers, media_type=PROTOBUF)
+            return Answer(raw, meta.request_id, _PROTOBUF_BYTES)
         response = replica_message(ModelInferResponse, raw)
         taken = None if segments is None else state.shared_memory.take_outputs(response, segments)
     finally:
@@ -198,9 +202,9 @@ async def infer(state: ApiState, request: Request) -> Response:
             state.shared_memory.release(segments)
     body, header_length = codec.response_to_http(response, parsed, taken)
     if header_length is None:
-        return Response(body, headers=headers, media_type="application/json")
-    headers[codec.HEADER_LENGTH] = str(header_length)
-    return Response(body, headers=headers, media_type="application/octet-stream")
+        return Answer(body, meta.request_id, b"application/json")
+    length = (_HEADER_LENGTH_BYTES, b"%d" % header_length)
+    return Answer(body, meta.request_id, b"application/octet-stream", length)
 
 
 async def infer_stream(state: ApiState, request: Request) -> Response:
@@ -235,7 +239,7 @@ async def generate(state: ApiState, request: Request) -> Response:
     payload, meta = await _generate_payload(state, request)
     raw = await _unary(state, request, payload, meta)
     body = codec.generate_response_json(replica_message(ModelInferResponse, raw))
-    return Response(body, headers={"X-Request-Id": meta.request_id}, media_type="application/json")
+    return Answer(body, meta.request_id, b"application/json")
 
 
 async def generate_stream(state: ApiState, request: Request) -> Response:
@@ -270,23 +274,9 @@ async def model_stats(state: ApiState, request: Request) -> Response:
 # --------------------------------------------------------------------------- app
 
 
-async def _on_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, AnyServeError)
-    return error_response(exc, getattr(request.state, "request_id", ""))
-
-
-async def _on_http(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return json_response({"error": exc.detail}, exc.status_code, exc.headers)
-
-
-async def _on_crash(request: Request, exc: Exception) -> Response:
-    # Logged by Starlette's ServerErrorMiddleware, which re-raises after this.
-    return error_response(AnyServeError(f"internal error: {type(exc).__name__}: {exc}"))
-
-
-def build_app(state: ApiState) -> Starlette:
-    """The Starlette application of one server (no module-level state)."""
+def build_app(state: ApiState) -> Dispatch:
+    """The ASGI application of one server (no module-level state): the
+    Starlette routes, the unary inference ones served by :class:`Dispatch`."""
 
     def bind(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         async def call(request: Request) -> Response:
@@ -298,6 +288,8 @@ def build_app(state: ApiState) -> Starlette:
     post, get = ["POST"], ["GET"]
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
+    hot = [Route(path, bind(infer), methods=post) for path in ("/infer", f"{model}/infer")]
+    hot.append(Route(f"{versioned}/infer", bind(infer), methods=post))
     routes = [
         Route("/metrics", bind(metrics), methods=get),
         Route("/v2/models/stats", bind(model_stats), methods=get),
@@ -307,10 +299,8 @@ def build_app(state: ApiState) -> Starlette:
         Route("/unregister", bind(control.unregister), methods=post),
         Route("/registry", bind(control.registry), methods=get),
         Route("/health", bind(control.health), methods=get),
-        Route("/infer", bind(infer), methods=post),
+        *hot,
         Route("/infer/stream", bind(infer_stream), methods=post),
-        Route(f"{model}/infer", bind(infer), methods=post),
-        Route(f"{versioned}/infer", bind(infer), methods=post),
         Route(f"{model}/generate", bind(generate), methods=post),
         Route(f"{model}/generate_stream", bind(generate_stream), methods=post),
         Route("/v1/chat/completions", bind(openai_api.chat_completions), methods=post),
@@ -337,10 +327,10 @@ def build_app(state: ApiState) -> Starlette:
         routes=routes,
         middleware=[Middleware(MetricsMiddleware, metrics=state.metrics)],
         exception_handlers={
-            AnyServeError: _on_error,
-            HTTPException: _on_http,
-            Exception: _on_crash,
+            AnyServeError: on_error,
+            HTTPException: on_http,
+            Exception: on_crash,
         },
     )
     app.state.big_bodies = BigBodyGate(state.config.edge)
-    return app
+    return Dispatch(app, hot, state.metrics)

@@ -188,7 +188,15 @@ class EdgeProtocolBase(_Protocol):
             self._timer = None
 
     def _arm(self, delay: float) -> None:
-        self._cancel_timer()
+        """Have :meth:`_on_timer` run within ``delay`` seconds. A pending timer
+        due no later is kept (it re-checks the deadlines and re-arms): a new
+        timer and a cancel per request would cost more than the rare early
+        wake-up."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= self.loop.time() + delay:
+                return
+            timer.cancel()
         self._timer = self.loop.call_later(delay, self._on_timer)
 
     def _expect_headers(self) -> None:
@@ -207,10 +215,9 @@ class EdgeProtocolBase(_Protocol):
             self.table.evictable.pop(self, None)
             if cycle.more_body:
                 self._arm(self.table.limits.body_timeout)
-            else:
-                self._cancel_timer()
-        elif not cycle.more_body and self._header_deadline is None:
-            self._cancel_timer()
+        # Once the whole request is in, a pending timer is left to fire: it
+        # finds no deadline and nothing to wait for (see _on_timer), and the
+        # answer's _expect_headers reuses it.
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -35,6 +35,8 @@ _MAX_TEXT = 4096
 # prefix per process and a counter (a tenth of uuid4's cost, as unique here).
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
+# The headers (metadata keys) parse_meta reads besides the capability query.
+_FIELDS = frozenset({rpc.REQUEST_ID, rpc.DELEGATED_FROM, rpc.VISITED, rpc.CALL_CHAIN})
 
 
 @dataclass(slots=True)
@@ -107,17 +109,20 @@ def parse_meta(
             continue
         key = key.lower()
         text.append((key, value))
-        if key in (rpc.REQUEST_ID, rpc.DELEGATED_FROM, rpc.VISITED, rpc.CALL_CHAIN):
+        if key in _FIELDS:
             fields[key] = value.strip()
     query = {k: _check_value(k, v) for k, v in query_from_headers(text).items()}
-    if len(query) > _MAX_QUERY_KEYS or sum(len(k) + len(v) for k, v in query.items()) > _MAX_TEXT:
+    if query and (
+        len(query) > _MAX_QUERY_KEYS or sum([len(k) + len(v) for k, v in query.items()]) > _MAX_TEXT
+    ):
         raise InvalidArgument(
             f"capability headers too large: at most {_MAX_QUERY_KEYS} keys"
             f" and {_MAX_TEXT} bytes in all"
         )
-    for key in (rpc.VISITED, rpc.CALL_CHAIN):
-        if len(fields.get(key, "")) > _MAX_TEXT:
-            raise InvalidArgument(f"header {key!r} is longer than {_MAX_TEXT} bytes")
+    if fields:
+        for key in (rpc.VISITED, rpc.CALL_CHAIN):
+            if len(fields.get(key, "")) > _MAX_TEXT:
+                raise InvalidArgument(f"header {key!r} is longer than {_MAX_TEXT} bytes")
     request_id = fields.get(rpc.REQUEST_ID, "")
     if not (0 < len(request_id) <= _MAX_ID and request_id.isascii() and request_id.isprintable()):
         request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"

@@ -72,7 +72,14 @@ class MetricsMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        await _Measured(self.metrics, endpoint, scope).run(self.app, receive, send)
+        measured = Measured(self.metrics, endpoint, scope, receive, send)
+        self.metrics.in_flight += 1
+        try:
+            await self.app(scope, measured.receive, measured.send)
+        except BaseException as exc:
+            measured.record(exc)
+            raise
+        measured.record()
 
     async def _register(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def sent(message: Message) -> None:
@@ -83,10 +90,17 @@ class MetricsMiddleware:
         await self.app(scope, receive, sent)
 
 
-class _Measured:
-    """One inference request being measured."""
+class Measured:
+    """One inference request being measured: pass its :meth:`receive` and
+    :meth:`send` to the application, then call :meth:`record` once, with the
+    exception that ended it if any. The caller has counted it in
+    ``metrics.in_flight``; :meth:`record` takes it out again. (The hot routes
+    of :mod:`anyserve.api_server.dispatch` measure with it directly, without
+    the middleware.)"""
 
     __slots__ = (
+        "_receive",
+        "_send",
         "endpoint",
         "first",
         "metrics",
@@ -98,62 +112,64 @@ class _Measured:
         "stream",
     )
 
-    def __init__(self, metrics: ApiMetrics, endpoint: str, scope: Scope) -> None:
+    def __init__(
+        self, metrics: ApiMetrics, endpoint: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         self.metrics = metrics
         self.endpoint = endpoint
         self.scope = scope
+        self._receive = receive
+        self._send = send
         self.start = time.perf_counter()
-        self.status = 0
+        self.status = 0  # of the answer started, 0 before
         self.received = 0
         self.sent_bytes = 0
         self.first: float | None = None
         self.stream = False
 
-    async def run(self, app: ASGIApp, receive: Receive, send: Send) -> None:
-        async def counted_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                self.received += len(message.get("body", b""))
-            return message
+    async def receive(self) -> Message:
+        """The application's ``receive``: counts request body bytes."""
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+        return message
 
-        async def counted_send(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.body":
-                size = len(message.get("body", b""))
-                if size:
-                    self.sent_bytes += size
-                    if self.stream and self.first is None:
-                        self.first = time.perf_counter() - self.start
-            elif kind == "http.response.start":
-                self.status = message["status"]
-                for key, value in message.get("headers", ()):
-                    if key == b"content-type":
-                        self.stream = value.startswith(_EVENT_STREAM)
-                        break
-            await send(message)
+    async def send(self, message: Message) -> None:
+        """The application's ``send``: notes the status, whether the answer is
+        a stream, its body bytes and when a stream's first event left."""
+        kind = message["type"]
+        if kind == "http.response.body":
+            size = len(message.get("body", b""))
+            if size:
+                self.sent_bytes += size
+                if self.stream and self.first is None:
+                    self.first = time.perf_counter() - self.start
+        elif kind == "http.response.start":
+            self.status = message["status"]
+            for key, value in message.get("headers", ()):
+                if key == b"content-type":
+                    self.stream = value.startswith(_EVENT_STREAM)
+                    break
+        await self._send(message)
 
+    def record(self, failure: BaseException | None = None) -> None:
+        """The request ended (with ``failure`` when it raised): one observation
+        and one access-log line. With no answer started, a failure counts as
+        499 when it is a cancellation (the client went away), else 500."""
         metrics = self.metrics
-        metrics.in_flight += 1
-        try:
-            await app(self.scope, counted_receive, counted_send)
-        except BaseException as exc:
-            if not self.status:  # no answer started: 499 when the client went away
-                self.status = 499 if isinstance(exc, asyncio.CancelledError) else 500
-            raise
-        finally:
-            metrics.in_flight -= 1
-            self._record()
-
-    def _record(self) -> None:
+        metrics.in_flight -= 1
         seconds = time.perf_counter() - self.start
+        status = self.status
+        if not status and failure is not None:
+            status = 499 if isinstance(failure, asyncio.CancelledError) else 500
         state: dict[str, Any] = self.scope.get("state") or {}
         meta = state.get("meta")
         cap = getattr(meta, "capability", None)
         stream = self.stream
-        self.metrics.observe(
+        metrics.observe(
             cap,
             self.endpoint,
-            self.status,
+            status,
             seconds,
             request_bytes=self.received,
             response_bytes=self.sent_bytes,
@@ -161,7 +177,7 @@ class _Measured:
             chunks=getattr(meta, "chunks", 0) if stream else None,
         )
         if access.isEnabledFor(logging.INFO):
-            log_access(self.scope["method"], self.scope["path"], self.status, seconds, meta)
+            log_access(self.scope["method"], self.scope["path"], status, seconds, meta)
 
 
 def log_access(method: str, path: str, status: int, seconds: float, meta: Any) -> None:
