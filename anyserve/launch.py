@@ -24,6 +24,7 @@ from typing import Any, Literal, NoReturn
 import anyio
 import anyio.abc
 
+from anyserve import memory
 from anyserve.errors import InvalidArgument, StartupError
 
 #: Libraries whose own debug/info lines drown anyserve's: warnings only, unless
@@ -142,6 +143,7 @@ def run_until_signal(
                 tg.cancel_scope.cancel()  # it drained and returned: stop listening
 
             await tg.start(run_serve)
+            memory.settle_gc()  # started: what is there now stays
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     if stop is not None and not stop.is_set():

@@ -12,6 +12,7 @@ run and 180 MiB after another). Fixing the threshold turns that off.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import sys
 from functools import cache
@@ -51,6 +52,23 @@ def libc() -> ctypes.CDLL | None:
         return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
+
+
+#: Allocations between two collections of the youngest generation (Python's
+#: default is 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_gc() -> None:
+    """Once a server has started: what it imported and built stays for its
+    life, so it leaves the collector's generations (``gc.freeze``), and the
+    youngest generation is collected every 10,000 allocations instead of 700.
+    Serving small requests, the API server otherwise ran a collection every
+    ~44 requests (about 9 us a request). Only for a process that is nothing
+    but a server: frozen objects that later form garbage cycles stay."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def return_big_blocks() -> bool:

@@ -23,6 +23,7 @@ import sys
 
 import anyio
 
+from anyserve import memory
 from anyserve.api_server.config import ApiServerConfig
 from anyserve.api_server.server import ApiServer
 from anyserve.replica.server import Replica, ReplicaConfig
@@ -61,6 +62,7 @@ async def _start_replica(tg: anyio.abc.TaskGroup, app: str, api_url: str) -> Rep
 async def run_all(app: str) -> None:
     async with ApiServer(_api_config()) as api, anyio.create_task_group() as tg:
         await _start_replica(tg, app, api.url)
+        memory.settle_gc()  # as a served command does (anyserve.launch)
         procs.announce(f"{api.url} {api.grpc_endpoint}")
         await procs.wait_for_exit()
         tg.cancel_scope.cancel()
@@ -68,6 +70,7 @@ async def run_all(app: str) -> None:
 
 async def run_api() -> None:
     async with ApiServer(_api_config()) as api:
+        memory.settle_gc()  # as a served command does (anyserve.launch)
         procs.announce(f"{api.url} {api.grpc_endpoint}")
         await procs.wait_for_exit()
 
@@ -75,6 +78,7 @@ async def run_api() -> None:
 async def run_replica(app: str, api_url: str) -> None:
     async with anyio.create_task_group() as tg:
         replica = await _start_replica(tg, app, api_url)
+        memory.settle_gc()  # as a served command does (anyserve.launch)
         procs.announce(replica.endpoint)
         await procs.wait_for_exit()
         tg.cancel_scope.cancel()

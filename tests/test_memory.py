@@ -80,3 +80,13 @@ def test_trimming_gives_the_heaps_free_pages_back() -> None:
         [sys.executable, "-c", TRIM_CHILD], capture_output=True, text=True, timeout=60, check=True
     )
     assert float(done.stdout) > 50.0, f"only {done.stdout.strip()} MiB given back"
+
+
+def test_settle_gc_freezes_what_is_there_and_collects_the_young_less_often() -> None:
+    # In a fresh interpreter: it changes the whole process.
+    code = (
+        "import gc; from anyserve import memory; memory.settle_gc();"
+        " print(gc.get_freeze_count() > 1000, gc.get_threshold()[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "10000"]
