@@ -39,7 +39,7 @@ from anyserve.objects import ObjectStore
 from anyserve.objects.peers import OBJECT_SOURCE_ENV
 from anyserve.proto import InferParameter, ModelInferRequest
 from anyserve.replica.batching import Batcher, handler_batcher, handler_error
-from anyserve.replica.worker_call import WorkerCall
+from anyserve.replica.worker_call import CallTasks, WorkerCall
 from anyserve.sequence import SequenceStates
 from anyserve.signature import check_request, check_response, select_outputs
 
@@ -92,29 +92,38 @@ class WorkerServer:
     async def serve(self) -> None:
         """Read frames until the dispatcher closes the connection."""
         async with anyio.create_task_group() as tg:
+            calls = CallTasks(on_error=tg.cancel_scope.cancel)
             if self.batcher is not None:
                 tg.start_soon(self.batcher.serve)
-            while True:
-                try:
-                    header, payload = await wire.read_frame(self.reader, self.max_frame)
-                except wire.ConnectionClosed:
-                    break
-                kind = header.WhichOneof("kind")
-                if kind == "call":
-                    self.calls[header.call_id] = WorkerCall()
-                    tg.start_soon(self._run, header.call_id, header.call, payload)
-                elif kind == "cancel":
-                    self._cancel_requested(header.call_id)
-                elif kind == "credit":
-                    call = self.calls.get(header.call_id)
-                    if call is not None:
-                        call.grant(header.credit.chunks)
-                else:
-                    log.warning("ignoring unexpected %s frame from the dispatcher", kind)
-            # The replica is gone: nobody can receive results any more.
-            for call_id in list(self.calls):
-                self._cancel(call_id)
-            tg.cancel_scope.cancel()
+            try:
+                await self._read_frames(calls)
+            finally:
+                # The replica is gone (or the worker stops): nobody can
+                # receive results any more.
+                for call_id in list(self.calls):
+                    self._cancel(call_id)
+                tg.cancel_scope.cancel()
+                await calls.wait()
+        calls.raise_errors()
+
+    async def _read_frames(self, calls: CallTasks) -> None:
+        while True:
+            try:
+                header, payload = await wire.read_frame(self.reader, self.max_frame)
+            except wire.ConnectionClosed:
+                return
+            kind = header.WhichOneof("kind")
+            if kind == "call":
+                self.calls[header.call_id] = WorkerCall()
+                calls.start(self._run(header.call_id, header.call, payload))
+            elif kind == "cancel":
+                self._cancel_requested(header.call_id)
+            elif kind == "credit":
+                call = self.calls.get(header.call_id)
+                if call is not None:
+                    call.grant(header.credit.chunks)
+            else:
+                log.warning("ignoring unexpected %s frame from the dispatcher", kind)
 
     def _cancel_requested(self, call_id: int) -> None:
         """The dispatcher cancelled a call. It is told when the call has really
@@ -143,7 +152,7 @@ class WorkerServer:
             if call.context is not None:
                 call.context.cancelled = True
             call.scope.cancel()
-            call.granted.set()
+            call.wake()
 
     def _send(self, header: wpb.Header, payload: bytes = b"") -> None:
         # An answer too large to pass on fails its call (PayloadTooLarge), not the worker.
