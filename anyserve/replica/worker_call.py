@@ -82,8 +82,9 @@ class CallTasks:
     call with a trivial handler. Cancellation goes through each call's own
     scope (:attr:`WorkerCall.scope`), so anyio's rules still hold inside a call
     (a sync handler's thread is waited for). Like a task group, an exception
-    escaping a call's task stops the worker: ``on_error`` is called and
-    :meth:`raise_errors` raises it once the calls have ended.
+    escaping a call's task (or given to :meth:`fail`) stops the worker:
+    ``on_error`` is called and :meth:`raise_errors` raises it once the calls
+    have ended.
     """
 
     def __init__(self, on_error: Callable[[], object]) -> None:
@@ -103,8 +104,12 @@ class CallTasks:
         exc = task.exception()
         if exc is not None:
             assert isinstance(exc, Exception)  # a task stores only Exceptions
-            self._errors.append(exc)
-            self._on_error()
+            self.fail(exc)
+
+    def fail(self, exc: Exception) -> None:
+        """Stop the worker with ``exc`` (as if a call's task had raised it)."""
+        self._errors.append(exc)
+        self._on_error()
 
     async def wait(self) -> None:
         """Wait until every call's task has ended (their scopes end them);
