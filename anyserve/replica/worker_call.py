@@ -89,7 +89,7 @@ class CallTasks:
 
     def __init__(self, on_error: Callable[[], object]) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
-        self._errors: list[Exception] = []
+        self._errors: list[BaseException] = []
         self._on_error = on_error
 
     def start(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -103,10 +103,9 @@ class CallTasks:
             return
         exc = task.exception()
         if exc is not None:
-            assert isinstance(exc, Exception)  # a task stores only Exceptions
             self.fail(exc)
 
-    def fail(self, exc: Exception) -> None:
+    def fail(self, exc: BaseException) -> None:
         """Stop the worker with ``exc`` (as if a call's task had raised it)."""
         self._errors.append(exc)
         self._on_error()
@@ -120,4 +119,5 @@ class CallTasks:
 
     def raise_errors(self) -> None:
         if self._errors:
-            raise ExceptionGroup("unhandled errors in a worker call", self._errors)
+            # An ExceptionGroup when they are all Exceptions, as a task group raises.
+            raise BaseExceptionGroup("unhandled errors in a worker call", self._errors)
