@@ -95,7 +95,8 @@ class FrameQueue:
     sends their frames together. Frames keep their order (one queue), and one
     as large as ``flush_at`` goes out at once, so big answers are not held.
     Nothing is written once the writer is closing (the peer is gone); a write
-    that fails goes to ``on_error`` (the connection is then unusable).
+    that fails goes to ``on_error``, once: the connection is then unusable and
+    later frames are dropped.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class FrameQueue:
         self._pieces: list[bytes] = []
         self._size = 0
         self._flush_soon: asyncio.Handle | None = None
+        self._broken = False
 
     def write(self, header: wpb.Header, payload: bytes = b"") -> None:
         """Queue one frame; it is written at the end of this loop iteration."""
@@ -127,11 +129,12 @@ class FrameQueue:
             self._flush_soon.cancel()
             self._flush_soon = None
         pieces, self._pieces, self._size = self._pieces, [], 0
-        if not pieces or self._writer.is_closing():
+        if not pieces or self._broken or self._writer.is_closing():
             return
         try:
             self._writer.writelines(pieces)
         except Exception as exc:
+            self._broken = True
             self._on_error(exc)
 
     async def drain(self) -> None:

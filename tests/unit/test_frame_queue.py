@@ -97,10 +97,14 @@ async def test_nothing_is_written_once_the_peer_is_gone() -> None:
     assert recorder.writes == [] and errors == []
 
 
-async def test_a_failed_write_goes_to_on_error() -> None:
+async def test_a_failed_write_goes_to_on_error_once_and_later_frames_are_dropped() -> None:
     recorder, errors = Recorder(), list[Exception]()
-    recorder.fail = RuntimeError("the transport is broken")
+    broken = recorder.fail = RuntimeError("the transport is broken")
     queue = queue_on(recorder, errors)
     queue.write(end(1))
     await next_iteration()
-    assert errors == [recorder.fail]
+    assert errors == [broken]
+    recorder.fail = None  # a later write would go through: the queue does not try
+    queue.write(end(2))
+    await next_iteration()
+    assert recorder.writes == [] and errors == [broken]
