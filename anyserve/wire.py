@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
 
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.errors import PayloadTooLarge
@@ -90,6 +91,63 @@ def write_frame(
             f"{len(payload)} bytes are over the {max_frame - FRAME_HEADROOM}-byte message limit"
         )
     writer.writelines(pieces)
+
+
+class FrameQueue:
+    """Frames queued during one event-loop iteration, then written with one
+    ``writelines`` call (the same bytes as writing them one by one).
+
+    Each ``writelines`` is a system call that also wakes the peer: a worker
+    that finishes several calls in one iteration (the common case under load)
+    sends their frames together. Frames keep their order (one queue), and one
+    as large as ``flush_at`` goes out at once, so big answers are not held.
+    Nothing is written once the writer is closing (the peer is gone); a write
+    that fails goes to ``on_error``, once: the connection is then unusable and
+    later frames are dropped.
+    """
+
+    def __init__(
+        self,
+        writer: asyncio.StreamWriter,
+        on_error: Callable[[Exception], object],
+        flush_at: int = 64 * 1024,
+    ) -> None:
+        self._writer = writer
+        self._on_error = on_error
+        self._flush_at = flush_at
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._flush_soon: asyncio.Handle | None = None
+        self._broken = False
+
+    def write(self, header: wpb.Header, payload: bytes = b"") -> None:
+        """Queue one frame; it is written at the end of this loop iteration."""
+        pieces = encode_frame(header, payload)
+        self._pieces += pieces
+        self._size += len(pieces[1]) + len(payload)
+        if self._size >= self._flush_at:
+            self.flush()
+        elif self._flush_soon is None:
+            self._flush_soon = asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every queued frame now."""
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        pieces, self._pieces, self._size = self._pieces, [], 0
+        if not pieces or self._broken or self._writer.is_closing():
+            return
+        try:
+            self._writer.writelines(pieces)
+        except Exception as exc:
+            self._broken = True
+            self._on_error(exc)
+
+    async def drain(self) -> None:
+        """Wait while the writer's buffer is over its high-water mark
+        (``StreamWriter.drain``): backpressure, one iteration behind the queue."""
+        await self._writer.drain()
 
 
 def check_answer(payload: bytes, max_frame: int) -> None:

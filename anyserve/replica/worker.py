@@ -39,7 +39,7 @@ from anyserve.objects import ObjectStore
 from anyserve.objects.peers import OBJECT_SOURCE_ENV
 from anyserve.proto import InferParameter, ModelInferRequest
 from anyserve.replica.batching import Batcher, handler_batcher, handler_error
-from anyserve.replica.worker_call import WorkerCall
+from anyserve.replica.worker_call import CallTasks, WorkerCall
 from anyserve.sequence import SequenceStates
 from anyserve.signature import check_request, check_response, select_outputs
 
@@ -84,6 +84,11 @@ class WorkerServer:
             else asyncio.Semaphore(handler.info.max_concurrency)
         )
         self.calls: dict[int, WorkerCall] = {}
+        # The calls' tasks, and the frames they answer with (written together
+        # once per loop iteration); a failure in either stops serve().
+        self._serving: anyio.CancelScope | None = None
+        self._tasks = CallTasks(on_error=self._stop)
+        self._frames = wire.FrameQueue(writer, on_error=self._tasks.fail)
         self.check_outputs = check_outputs
         self._served_by = InferParameter(string_param=replica_id)
         self.batcher: Batcher[tuple[ModelInferRequest, Context]] | None = handler_batcher(handler)
@@ -92,29 +97,43 @@ class WorkerServer:
     async def serve(self) -> None:
         """Read frames until the dispatcher closes the connection."""
         async with anyio.create_task_group() as tg:
+            self._serving = tg.cancel_scope
             if self.batcher is not None:
                 tg.start_soon(self.batcher.serve)
-            while True:
-                try:
-                    header, payload = await wire.read_frame(self.reader, self.max_frame)
-                except wire.ConnectionClosed:
-                    break
-                kind = header.WhichOneof("kind")
-                if kind == "call":
-                    self.calls[header.call_id] = WorkerCall()
-                    tg.start_soon(self._run, header.call_id, header.call, payload)
-                elif kind == "cancel":
-                    self._cancel_requested(header.call_id)
-                elif kind == "credit":
-                    call = self.calls.get(header.call_id)
-                    if call is not None:
-                        call.grant(header.credit.chunks)
-                else:
-                    log.warning("ignoring unexpected %s frame from the dispatcher", kind)
-            # The replica is gone: nobody can receive results any more.
-            for call_id in list(self.calls):
-                self._cancel(call_id)
-            tg.cancel_scope.cancel()
+            try:
+                await self._read_frames()
+            finally:
+                # The replica is gone (or the worker stops): nobody can
+                # receive results any more.
+                for call_id in list(self.calls):
+                    self._cancel(call_id)
+                tg.cancel_scope.cancel()
+                await self._tasks.wait()
+                self._frames.flush()
+        self._tasks.raise_errors()
+
+    def _stop(self) -> None:
+        if self._serving is not None:
+            self._serving.cancel()
+
+    async def _read_frames(self) -> None:
+        while True:
+            try:
+                header, payload = await wire.read_frame(self.reader, self.max_frame)
+            except wire.ConnectionClosed:
+                return
+            kind = header.WhichOneof("kind")
+            if kind == "call":
+                self.calls[header.call_id] = WorkerCall()
+                self._tasks.start(self._run(header.call_id, header.call, payload))
+            elif kind == "cancel":
+                self._cancel_requested(header.call_id)
+            elif kind == "credit":
+                call = self.calls.get(header.call_id)
+                if call is not None:
+                    call.grant(header.credit.chunks)
+            else:
+                log.warning("ignoring unexpected %s frame from the dispatcher", kind)
 
     def _cancel_requested(self, call_id: int) -> None:
         """The dispatcher cancelled a call. It is told when the call has really
@@ -130,8 +149,7 @@ class WorkerServer:
         self._cancel(call_id)
 
     def _confirm_cancel(self, call_id: int) -> None:
-        if not self.writer.is_closing():
-            wire.write_frame(self.writer, wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
+        self._frames.write(wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
 
     def _cancel(self, call_id: int) -> None:
         call = self.calls.get(call_id)
@@ -143,12 +161,12 @@ class WorkerServer:
             if call.context is not None:
                 call.context.cancelled = True
             call.scope.cancel()
-            call.granted.set()
+            call.wake()
 
     def _send(self, header: wpb.Header, payload: bytes = b"") -> None:
         # An answer too large to pass on fails its call (PayloadTooLarge), not the worker.
         wire.check_answer(payload, self.max_frame)
-        wire.write_frame(self.writer, header, payload)
+        self._frames.write(header, payload)
 
     async def _run(self, call_id: int, call: wpb.Call, payload: bytes) -> None:
         state = self.calls[call_id]
@@ -207,7 +225,10 @@ class WorkerServer:
                     response.infer_response.parameters[rpc.SERVED_BY].CopyFrom(self._served_by)
                 first = False
             self._send(wpb.Header(call_id=call_id, chunk=wpb.Chunk()), response.SerializeToString())
-            await self.writer.drain()
+            # Out now, not at the end of the loop iteration: a handler may
+            # compute its next chunk without giving the loop back.
+            self._frames.flush()
+            await self._frames.drain()
 
         async def emit_unary(value: Any) -> None:
             if results:
@@ -232,7 +253,7 @@ class WorkerServer:
                     raise RuntimeError("the handler produced no response")
                 body = self._response(results[0], request)
                 self._send(wpb.Header(call_id=call_id, end=wpb.End(), stats=state.stats()), body)
-            await self.writer.drain()
+            await self._frames.drain()
         except StreamClosed:
             pass  # the caller went away (cancel or lost replica): nobody to answer
         except AnyServeError as exc:
