@@ -185,3 +185,13 @@ def test_directories_of_killed_replicas_are_swept_and_no_others(tmp_path: Path) 
         (directory / "replica.sock").touch()
     assert sweep_stale(str(tmp_path)) == [str(dead)]
     assert not dead.exists() and alive.exists() and other.exists()
+
+
+def test_an_answer_the_api_server_would_not_read_fails_its_call_alone() -> None:
+    from anyserve import rpc
+    from anyserve.errors import PayloadTooLarge
+    from anyserve.replica.lane import _check_size
+
+    _check_size(rpc.DEFAULT_MAX_MESSAGE)
+    with pytest.raises(PayloadTooLarge, match="larger than the API server's"):
+        _check_size(rpc.DEFAULT_MAX_MESSAGE + 1)

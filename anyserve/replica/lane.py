@@ -178,6 +178,7 @@ class LaneServer:
                             peer.send(wpb.Header(call_id=call_id, end=_END))
                         else:
                             answer = await infer(self.dispatcher, payload, forward, timeout)
+                            _check_size(len(answer))
                             peer.send(wpb.Header(call_id=call_id, end=_END), answer)
                 except AnyServeError as exc:
                     peer.send(wpb.Header(call_id=call_id, error=to_frame(exc)))
@@ -192,12 +193,24 @@ class LaneServer:
                 self._idle.set()
 
 
+def _check_size(size: int) -> None:
+    """PayloadTooLarge for an answer the API server would not read: the
+    limit of its gRPC channels, which it applies to lane frames too."""
+    if size > rpc.DEFAULT_MAX_MESSAGE:
+        raise PayloadTooLarge(
+            f"an answer of {size} bytes is larger than the API server's"
+            f" {rpc.DEFAULT_MAX_MESSAGE}-byte message limit"
+        )
+
+
 def _sender(peer: _Peer, call_id: int, state: _Call) -> Callable[[list[bytes]], Awaitable[None]]:
     """``send`` of one stream call: its responses as ``Chunk`` frames in one
     write, then waiting while its credit or the socket says so."""
     chunk = wpb.Header(call_id=call_id, chunk=_CHUNK)
 
     async def send(batch: list[bytes]) -> None:
+        for response in batch:
+            _check_size(len(response))
         peer.send_many(chunk, batch)
         for response in batch:
             state.unacked.append(len(response))
