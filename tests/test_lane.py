@@ -195,3 +195,13 @@ def test_an_answer_the_api_server_would_not_read_fails_its_call_alone() -> None:
     _check_size(rpc.DEFAULT_MAX_MESSAGE)
     with pytest.raises(PayloadTooLarge, match="larger than the API server's"):
         _check_size(rpc.DEFAULT_MAX_MESSAGE + 1)
+
+
+async def test_a_call_on_a_lane_already_lost_is_not_sent(replica: Replica) -> None:
+    assert replica.lane_path is not None
+    lane = await Lane.open(replica.lane_path, replica.replica_id, 5.0)
+    lane.close()
+    with pytest.raises(Refused):  # the router then sends it elsewhere
+        await lane.unary(_request("x"), _metadata(type="echo", form="async"), 5.0)
+    with pytest.raises(Refused):
+        lane.stream(_request("x"), _metadata(type="flood"), 5.0, None)  # type: ignore[arg-type]

@@ -42,7 +42,8 @@ _CREDIT_BYTES = wire.LANE_WINDOW_BYTES // 2
 
 
 class Refused(Exception):
-    """The replica refused the call without running it (it is stopping)."""
+    """The call was not run: the replica refused it (it is stopping), or the
+    lane was lost before it could be sent."""
 
 
 class Lane(asyncio.Protocol):
@@ -113,7 +114,8 @@ class Lane(asyncio.Protocol):
         self, body: bytes, metadata: list[tuple[str, str]], timeout: float, replica: ReplicaEntry
     ) -> LaneStream:
         """Send one ``ModelStreamInfer`` request; its responses come through
-        the returned stream (its :meth:`LaneStream.stop` cancels the call)."""
+        the returned stream (its :meth:`LaneStream.stop` cancels the call).
+        Raises Refused when the lane is lost already (nothing was sent)."""
         call_id = self._send_call(body, metadata, timeout, stream=True)
         stream = self._streams[call_id] = LaneStream(self, call_id, replica)
         stream.timer = self._loop.call_later(timeout, self._expire, call_id)
@@ -122,6 +124,8 @@ class Lane(asyncio.Protocol):
     def _send_call(
         self, body: bytes, metadata: list[tuple[str, str]], timeout: float, *, stream: bool
     ) -> int:
+        if not self.usable:  # lost since it was chosen: nothing is sent
+            raise Refused()
         self._last_id += 1
         call = wpb.Call(stream=stream, timeout=timeout, metadata=dict(metadata))
         self._send(wpb.Header(call_id=self._last_id, call=call), body)

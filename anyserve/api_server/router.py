@@ -149,9 +149,12 @@ class Router:
             try:
                 async with self.lease(meta, attempts=attempts) as lease:
                     if lease.lane is not None:
-                        lane_stream = lease.lane.stream(
-                            body, lease.metadata, lease.remaining(), lease.replica
-                        )
+                        try:
+                            lane_stream = lease.lane.stream(
+                                body, lease.metadata, lease.remaining(), lease.replica
+                            )
+                        except Refused:
+                            raise NotSent from None
                         try:
                             yield lane_stream
                             return
