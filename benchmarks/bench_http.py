@@ -30,7 +30,11 @@ Figures and targets (anyserve / bare):
   yields to the loop after each event measured about 4-6 ms on the 2-core
   development machine);
 * 8 MiB binary-extension requests (one UINT8 input of 8 MiB, binary output
-  asked for) at concurrency 4: requests/s >= 0.5x.
+  asked for) at concurrency 4: requests/s >= 0.5x. anyserve's handler is
+  :mod:`benchmarks.apps`' ``blob``, declared ``zero_copy`` as the README
+  advises for big tensors (it echoes the numpy view of shared memory it is
+  given; ``echo``, which copies the protobuf's raw bytes in and out, ran at
+  0.40-0.52x).
 
 The client (:mod:`benchmarks.http_load`: wrk when on PATH, else aiohttp; SSE
 always aiohttp) is the same for both servers and runs in this process, apart
@@ -160,7 +164,7 @@ def _anyserve_target(url: str, pgids: tuple[int, ...], blob: bytes) -> Target:
     tokens = {"Content-Type": "application/json", "X-Capability-Type": "tokens"}
     binary = {
         "Content-Type": "application/octet-stream",
-        "X-Capability-Type": "echo",
+        "X-Capability-Type": "blob",
         "Inference-Header-Content-Length": str(len(BINARY_HEADER)),
     }
     return Target(

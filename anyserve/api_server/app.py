@@ -31,6 +31,7 @@ from anyserve.api_server.limits import BigBodyGate
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.responses import (
     Answer,
+    PiecesAnswer,
     declared_length,
     header,
     json_response,
@@ -200,11 +201,12 @@ async def infer(state: ApiState, request: Request) -> Response:
     finally:
         if segments is not None:
             state.shared_memory.release(segments)
-    body, header_length = codec.response_to_http(response, parsed, taken)
+    pieces, header_length = codec.response_pieces(response, parsed, taken)
     if header_length is None:
-        return Answer(body, meta.request_id, b"application/json")
+        return Answer(pieces[0], meta.request_id, b"application/json")
     length = (_HEADER_LENGTH_BYTES, b"%d" % header_length)
-    return Answer(body, meta.request_id, b"application/octet-stream", length)
+    # Big outputs go out as the shared-memory mappings they came in: no copy.
+    return PiecesAnswer(pieces, meta.request_id, b"application/octet-stream", length)
 
 
 async def infer_stream(state: ApiState, request: Request) -> Response:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from anyserve.api_server.meta import RequestMeta, http_timeout, parse_meta
 from anyserve.errors import (
@@ -49,6 +50,25 @@ class Answer(Response):
             (b"content-length", b"%d" % len(body)),
             (b"content-type", media_type),
         ]
+
+
+class PiecesAnswer(Answer):
+    """An :class:`Answer` whose body is several buffers (a binary answer's JSON
+    header, then its outputs, which may be shared-memory mappings), sent one
+    after another rather than joined into one copy."""
+
+    def __init__(
+        self, pieces: list[Any], request_id: str, media_type: bytes, *extra: tuple[bytes, bytes]
+    ) -> None:
+        super().__init__(b"", request_id, media_type, *extra)
+        self.pieces = pieces
+        self.raw_headers[-2] = (b"content-length", b"%d" % sum(map(len, pieces)))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        last = len(self.pieces) - 1
+        for index, piece in enumerate(self.pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": index < last})
 
 
 def error_response(exc: AnyServeError, request_id: str = "") -> Response:

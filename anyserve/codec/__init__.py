@@ -29,6 +29,7 @@ from anyserve.codec.binary import (
     request_from_binary,
     request_from_binary_aside,
     response_from_binary,
+    response_pieces,
     response_to_http,
 )
 from anyserve.codec.datatypes import DATATYPES, check_shape, pack_raw, spec, unpack_raw
@@ -71,6 +72,7 @@ __all__ = [
     "request_from_json",
     "response_from_binary",
     "response_from_json",
+    "response_pieces",
     "response_to_http",
     "response_to_json",
     "spec",

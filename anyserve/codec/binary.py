@@ -45,6 +45,7 @@ __all__ = [
     "parse_header_length",
     "request_from_binary",
     "response_from_binary",
+    "response_pieces",
     "response_to_http",
 ]
 
@@ -187,7 +188,19 @@ def response_to_http(
     request: ModelInferRequest,
     blobs_by_index: Mapping[int, Any] | None = None,
 ) -> tuple[bytes, int | None]:
-    """Render a response for the HTTP edge: ``(body, header_length or None)``.
+    """:func:`response_pieces` as one body: ``(body, header_length or None)``."""
+    pieces, header_length = response_pieces(response, request, blobs_by_index)
+    return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), header_length
+
+
+def response_pieces(
+    response: ModelInferResponse,
+    request: ModelInferRequest,
+    blobs_by_index: Mapping[int, Any] | None = None,
+) -> tuple[list[Any], int | None]:
+    """Render a response for the HTTP edge: ``(body pieces, header_length or
+    None)``, the body being the pieces one after another: the JSON, then the
+    binary outputs as they are (``blobs_by_index``' buffers are not copied).
 
     Outputs the request asked for as binary (``binary_data`` per output, else
     the ``binary_data_output`` request parameter) are sent after the JSON header
@@ -200,7 +213,7 @@ def response_to_http(
     aside = blobs_by_index or {}
     default, explicit = _binary_choice(request)
     if not aside and not default and not any(explicit.values()):
-        return response_to_json(response), None  # plain JSON (text answers: built directly)
+        return [response_to_json(response)], None  # plain JSON (text answers: built directly)
     check_raw_count(response)
     doc = response_head(response)
     outputs: list[dict[str, Any]] = []
@@ -225,5 +238,5 @@ def response_to_http(
     doc["outputs"] = outputs
     header = encode_json(doc).encode("utf-8")
     if not blobs:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+        return [header], None
+    return [header, *blobs], len(header)
