@@ -98,9 +98,10 @@ class FrameQueue:
     ``writelines`` call (the same bytes as writing them one by one).
 
     Each ``writelines`` is a system call that also wakes the peer: a worker
-    that finishes several calls in one iteration (the common case under load)
-    sends their frames together. Frames keep their order (one queue), and one
-    as large as ``flush_at`` goes out at once, so big answers are not held.
+    that finishes several calls in one iteration (the common case under load),
+    or either end of the local lane, sends their frames together. Frames keep
+    their order (one queue), and one as large as ``flush_at`` goes out at
+    once, so big answers are not held.
     Nothing is written once the writer is closing (the peer is gone); a write
     that fails goes to ``on_error``, once: the connection is then unusable and
     later frames are dropped.
@@ -108,7 +109,7 @@ class FrameQueue:
 
     def __init__(
         self,
-        writer: asyncio.StreamWriter,
+        writer: asyncio.StreamWriter | asyncio.Transport,
         on_error: Callable[[Exception], object],
         flush_at: int = 64 * 1024,
     ) -> None:
@@ -124,7 +125,19 @@ class FrameQueue:
         """Queue one frame; it is written at the end of this loop iteration."""
         pieces = encode_frame(header, payload)
         self._pieces += pieces
-        self._size += len(pieces[1]) + len(payload)
+        self._queued(len(pieces[1]) + len(payload))
+
+    def write_many(self, header: wpb.Header, payloads: list[bytes]) -> None:
+        """Queue one frame per payload, all with ``header`` (serialized once)."""
+        head = header.SerializeToString()
+        size = 0
+        for payload in payloads:
+            self._pieces += (PREFIX.pack(len(head), len(payload)), head, payload)
+            size += len(head) + len(payload)
+        self._queued(size)
+
+    def _queued(self, size: int) -> None:
+        self._size += size
         if self._size >= self._flush_at:
             self.flush()
         elif self._flush_soon is None:
@@ -146,8 +159,10 @@ class FrameQueue:
 
     async def drain(self) -> None:
         """Wait while the writer's buffer is over its high-water mark
-        (``StreamWriter.drain``): backpressure, one iteration behind the queue."""
-        await self._writer.drain()
+        (``StreamWriter.drain``): backpressure, one iteration behind the queue.
+        A transport's owner follows its ``pause_writing`` instead."""
+        if isinstance(self._writer, asyncio.StreamWriter):
+            await self._writer.drain()
 
 
 def check_answer(payload: bytes, max_frame: int) -> None:

@@ -58,6 +58,7 @@ class Lane(asyncio.Protocol):
         self._streams: dict[int, LaneStream] = {}
         self._last_id = 0
         self._transport: asyncio.Transport | None = None
+        self._out: wire.FrameQueue | None = None
 
     @classmethod
     async def open(cls, path: str, replica_id: str, within: float) -> Lane:
@@ -132,8 +133,8 @@ class Lane(asyncio.Protocol):
         return self._last_id
 
     def _send(self, header: wpb.Header, payload: bytes = b"") -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(wire.encode_frame(header, payload))
+        if self._out is not None:
+            self._out.write(header, payload)
 
     def _expire(self, call_id: int) -> None:
         future = self._unary.pop(call_id, None)
@@ -159,6 +160,8 @@ class Lane(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
         self._transport = cast(asyncio.Transport, transport)
+        # The calls sent in one loop iteration leave in one write.
+        self._out = wire.FrameQueue(self._transport, lambda exc: self.close())
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -234,11 +234,14 @@ class _Peer(asyncio.Protocol):
         self.paused = False
         self._frames = wire.FrameBuffer(server.max_frame)
         self._transport: asyncio.Transport | None = None
+        self._out: wire.FrameQueue | None = None
         self._resumed: asyncio.Event | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
         self._transport = cast(asyncio.Transport, transport)
+        # What calls answer in one loop iteration leaves in one write.
+        self._out = wire.FrameQueue(self._transport, lambda exc: self.close())
         self.server._peers.add(self)
         hello = wpb.Hello(worker_id=self.server.replica_id, pid=os.getpid())
         self.send(wpb.Header(hello=hello))
@@ -286,20 +289,13 @@ class _Peer(asyncio.Protocol):
             await self._resumed.wait()
 
     def send(self, header: wpb.Header, payload: bytes = b"") -> None:
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.writelines(wire.encode_frame(header, payload))
+        if self._out is not None:
+            self._out.write(header, payload)
 
     def send_many(self, header: wpb.Header, payloads: list[bytes]) -> None:
-        """One frame per payload, all with ``header``, in one write."""
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        head = header.SerializeToString()
-        pieces: list[bytes] = []
-        for payload in payloads:
-            pieces += (wire.PREFIX.pack(len(head), len(payload)), head, payload)
-        transport.writelines(pieces)
+        """One frame per payload, all with ``header``."""
+        if self._out is not None:
+            self._out.write_many(header, payloads)
 
     def close(self) -> None:
         if self._transport is not None:
