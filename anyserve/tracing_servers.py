@@ -152,7 +152,7 @@ def grpc_method(
 @contextlib.contextmanager
 def lane_span(name: str, metadata: Mapping[str, str]) -> Iterator[None]:
     """A replica's server span for a call that came over the local lane
-    (:mod:`anyserve.replica.lane`), as :func:`grpc_method` makes one for a gRPC
+    (:mod:`anyserve.lane_server`), as :func:`grpc_method` makes one for a gRPC
     call: it continues the call's ``traceparent`` and is current inside.
     Nothing when tracing is off."""
     if not tracing.ENABLED:

@@ -24,7 +24,7 @@ FRAME_HEADROOM = MAX_HEADER
 # Default ceiling on header + payload: the default gRPC message limit plus headroom.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024 + FRAME_HEADROOM
 # What a replica may send of one stream ahead of the reader's credit on the
-# local lane (anyserve.replica.lane): this many responses and, past the first
+# local lane (anyserve.lane_server): this many responses and, past the first
 # one, this many bytes. The reader gives credit back once it has taken half
 # of either, so a token stream costs one credit frame per 128 tokens and a
 # stream of big tensors holds at most a few MiB in the API server.

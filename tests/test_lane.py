@@ -1,4 +1,4 @@
-"""The local lane (anyserve/replica/lane.py, anyserve/api_server/lane.py):
+"""The local lane (anyserve/lane_server.py, anyserve/lane_client.py, replica/lane.py):
 inference calls to a replica on the same host over its Unix socket, against a
 real replica and its workers."""
 
@@ -17,9 +17,9 @@ from anyserve._proto.grpc_predict_v2_pb2 import (
     ModelInferResponse,
     ModelStreamInferResponse,
 )
-from anyserve.api_server.lane import Lane, Refused
 from anyserve.capability import query_to_metadata
 from anyserve.errors import DeadlineExceeded, HandlerError, Unavailable
+from anyserve.lane_client import Lane, Refused
 from anyserve.replica.server import Replica
 from anyserve.testing import start_replica
 from tests.api_calls import text_body
@@ -95,7 +95,7 @@ async def test_a_slow_reader_holds_the_stream_back_and_loses_nothing(
 
     marker = tmp_path / "flood"
     done = marker.with_suffix(".done")
-    stream = lane.stream(_request(str(marker)), _metadata(type="flood"), 60.0, None)  # type: ignore[arg-type]
+    stream = lane.stream(_request(str(marker)), _metadata(type="flood"), 60.0)
     assert await stream.read() is not None
     # Nothing more is read: the handler's sends must block on the lane's
     # credit and the worker's (64 chunks each), far from all 1,000.
@@ -175,7 +175,7 @@ async def test_a_draining_replica_refuses_new_calls_unrun(tmp_path: Path) -> Non
 
 
 def test_directories_of_killed_replicas_are_swept_and_no_others(tmp_path: Path) -> None:
-    from anyserve.replica.lane import PREFIX, sweep_stale
+    from anyserve.lane_server import PREFIX, sweep_stale
 
     dead = tmp_path / f"{PREFIX}{2**22 + 7}-1-abc"  # no such pid (and start time)
     alive = tmp_path / f"{PREFIX}{shm.owner_tag()}-def"  # this process's
@@ -190,10 +190,10 @@ def test_directories_of_killed_replicas_are_swept_and_no_others(tmp_path: Path) 
 def test_an_answer_the_api_server_would_not_read_fails_its_call_alone() -> None:
     from anyserve import rpc
     from anyserve.errors import PayloadTooLarge
-    from anyserve.replica.lane import _check_size
+    from anyserve.lane_server import _check_size
 
     _check_size(rpc.DEFAULT_MAX_MESSAGE)
-    with pytest.raises(PayloadTooLarge, match="larger than the API server's"):
+    with pytest.raises(PayloadTooLarge, match="larger than the caller's"):
         _check_size(rpc.DEFAULT_MAX_MESSAGE + 1)
 
 
@@ -204,4 +204,4 @@ async def test_a_call_on_a_lane_already_lost_is_not_sent(replica: Replica) -> No
     with pytest.raises(Refused):  # the router then sends it elsewhere
         await lane.unary(_request("x"), _metadata(type="echo", form="async"), 5.0)
     with pytest.raises(Refused):
-        lane.stream(_request("x"), _metadata(type="flood"), 5.0, None)  # type: ignore[arg-type]
+        lane.stream(_request("x"), _metadata(type="flood"), 5.0)

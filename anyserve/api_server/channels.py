@@ -20,8 +20,8 @@ import grpc
 import grpc.aio
 
 from anyserve import rpc
-from anyserve.api_server.lane import Lane
 from anyserve.errors import AnyServeError, HandlerError, Unavailable, from_rpc_error
+from anyserve.lane_client import Lane, LaneSlot
 
 if TYPE_CHECKING:
     from anyserve.api_server.registry import ReplicaEntry
@@ -45,9 +45,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
-
-# Seconds a replica's calls go over gRPC after its lane could not be opened.
-LANE_RETRY = 5.0
 
 # grpc is untyped here (see pyproject): these callables take and return bytes.
 Unary = Any
@@ -96,10 +93,7 @@ class Connection:
         self.calls = 0  # calls running on this channel; it is only closed at 0
         self._unary: dict[str, Unary] = {}
         self._stream: Streaming | None = None
-        self._lane: Lane | None = None
-        self._lane_path = ""
-        self._lane_lock = asyncio.Lock()
-        self._lane_retry_at = 0.0  # after a failed attempt, gRPC until then
+        self._lanes = LaneSlot()
 
     def unary(self, path: str) -> Unary:
         """The unary callable for ``path``; requests and responses stay serialized."""
@@ -121,43 +115,17 @@ class Connection:
     @property
     def lane(self) -> Lane | None:
         """The local lane to this endpoint's replica while it is open."""
-        lane = self._lane
-        return lane if lane is not None and lane.usable else None
+        return self._lanes.lane
 
     async def local(self, replica: ReplicaEntry, within: float) -> Lane | None:
         """The local lane to ``replica`` (it registered one, on this host:
-        the caller checks), opened on first use; None when it cannot be used,
-        and then for :data:`LANE_RETRY` seconds (calls go over gRPC)."""
-        lane = self._lane
-        if lane is not None and lane.usable and self._lane_path == replica.lane:
-            return lane
-        if anyio.current_time() < self._lane_retry_at:
-            return None
-        async with self._lane_lock:  # one attempt at a time, not one per request
-            lane = self._lane
-            if lane is not None and lane.usable and self._lane_path == replica.lane:
-                return lane
-            if lane is not None:
-                lane.close()
-                self._lane = None
-            try:
-                lane = await Lane.open(replica.lane, replica.replica_id, within)
-            except (OSError, TimeoutError, ValueError) as exc:
-                logger.warning(
-                    "replica %s: local lane %s not usable (%s); calling it over gRPC",
-                    replica.replica_id,
-                    replica.lane,
-                    exc,
-                )
-                self._lane_retry_at = anyio.current_time() + LANE_RETRY
-                return None
-            self._lane, self._lane_path = lane, replica.lane
-            return lane
+        the caller checks), opened on first use; None when it cannot be used
+        (then for a few seconds: calls go over gRPC)."""
+        return await self._lanes.get(replica.lane, replica.replica_id, within)
 
     async def aclose(self) -> None:
         """Close the channel and the lane (cancels calls still running)."""
-        if self._lane is not None:
-            self._lane.close()
+        self._lanes.close()
         await self.channel.close()
 
     async def connect(self, within: float) -> bool:

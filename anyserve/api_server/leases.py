@@ -10,9 +10,9 @@ import anyio
 import grpc
 
 from anyserve.api_server.channels import ReplicaConnection
-from anyserve.api_server.lane import Lane
 from anyserve.api_server.registry import ReplicaEntry
 from anyserve.errors import DeadlineExceeded
+from anyserve.lane_client import Lane
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ mid-request, and in both cases the request may already have run, so it must
 not run twice.
 
 Local lane: ``ModelInfer`` and stream requests to a replica that registered
-a lane on this host (the same ``host``) go through it (api_server/lane.py)
+a lane on this host (the same ``host``) go through it (anyserve/lane_client.py)
 instead of gRPC; its connection is the one checked, and a replica that
 refuses a call unrun (it is stopping) counts as not reached. A lane that
 cannot be opened leaves the replica's calls on gRPC for a while.
@@ -47,7 +47,6 @@ from anyserve.api_server.channels import (
     StreamResponses,
 )
 from anyserve.api_server.config import NoMatchPolicy
-from anyserve.api_server.lane import Refused
 from anyserve.api_server.leases import Attempts, Lease, NotSent, never_sent
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry, ReplicaEntry
@@ -59,6 +58,7 @@ from anyserve.errors import (
     Unavailable,
     from_rpc_error,
 )
+from anyserve.lane_client import Refused
 
 logger = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from anyserve import memory, rpc, shm, tracing, wire
 from anyserve.app import HandlerInfo
 from anyserve.calls import ApiChannel, ApiDelegator
 from anyserve.errors import StartupError
+from anyserve.lane_server import LaneServer
 from anyserve.objects import ObjectStore
 from anyserve.objects.directory import prepare_root
 from anyserve.objects.peers import OBJECT_SOURCE_ENV
@@ -38,7 +39,7 @@ from anyserve.replica import status
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
 from anyserve.replica.in_flight import InFlight
-from anyserve.replica.lane import LaneServer
+from anyserve.replica.lane import replica_lane
 from anyserve.replica.manager import Manager
 from anyserve.replica.processes import (
     DEFAULT_START_TIMEOUT,
@@ -274,7 +275,7 @@ class Replica:
             api_channel=api_channel,
             store=store,
             metrics=metrics,
-            lane=LaneServer(dispatcher, replica_id, cfg.max_message + wire.FRAME_HEADROOM)
+            lane=replica_lane(dispatcher, replica_id, cfg.max_message + wire.FRAME_HEADROOM)
             if cfg.lane and shm.host_id()
             else None,
         )

@@ -1,8 +1,9 @@
-"""The API server's side of the local lane (:mod:`anyserve.replica.lane`):
-inference calls to a replica on this host over its Unix socket, not gRPC.
+"""The caller's side of the local lane (:mod:`anyserve.lane_server`):
+inference calls to a server on this host over its Unix socket, not gRPC (the
+API server to a replica; a worker's ``context.call`` to the API server).
 
-One :class:`Lane` per replica connection, opened on first use and checked by
-the replica's ``Hello`` before any call is sent on it. A call is a ``Call``
+One :class:`Lane` per server, opened on first use and checked by the
+server's ``Hello`` before any call is sent on it. A call is a ``Call``
 frame with the request; its answer (``End``, ``Error``, or ``Chunk`` frames
 then ``End`` for a stream) is handed to the waiting request by call id. A
 request that stops waiting (its client went away, its deadline passed) sends
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, cast
+import logging
+from typing import Any, cast
 
 import anyio
 
@@ -29,8 +31,7 @@ from anyserve.errors import (
     from_frame,
 )
 
-if TYPE_CHECKING:
-    from anyserve.api_server.registry import ReplicaEntry
+log = logging.getLogger("anyserve.lane")
 
 _CANCEL = wpb.Cancel()
 # What gRPC's client says when a call's deadline passes (errors.from_grpc):
@@ -42,15 +43,16 @@ _CREDIT_BYTES = wire.LANE_WINDOW_BYTES // 2
 
 
 class Refused(Exception):
-    """The call was not run: the replica refused it (it is stopping), or the
+    """The call was not run: the server refused it (it is stopping), or the
     lane was lost before it could be sent."""
 
 
 class Lane(asyncio.Protocol):
-    """One Unix-socket connection to a replica's local lane."""
+    """One Unix-socket connection to a server's local lane."""
 
-    def __init__(self, replica_id: str) -> None:
-        self.replica_id = replica_id
+    def __init__(self, name: str, what: str) -> None:
+        self.name = name  # what the server's Hello must say
+        self.what = what  # the server, in messages ("replica r1")
         self._loop = asyncio.get_running_loop()
         self._frames = wire.FrameBuffer()
         self._hello: asyncio.Future[wpb.Hello] = self._loop.create_future()
@@ -61,23 +63,26 @@ class Lane(asyncio.Protocol):
         self._out: wire.FrameQueue | None = None
 
     @classmethod
-    async def open(cls, path: str, replica_id: str, within: float) -> Lane:
+    async def open(cls, path: str, name: str, within: float, what: str = "") -> Lane:
         """Connect to the lane at ``path`` and wait for its ``Hello``. Raises
         OSError (no such socket, refused, not allowed), TimeoutError, or
-        ValueError when the socket is not replica ``replica_id``'s lane."""
+        ValueError when the socket's Hello does not say ``name`` (``what``
+        names the server in errors; default ``replica <name>``)."""
         loop = asyncio.get_running_loop()
         lane: Lane | None = None
         try:
             with anyio.fail_after(within):
-                _, lane = await loop.create_unix_connection(lambda: cls(replica_id), path)
+                _, lane = await loop.create_unix_connection(
+                    lambda: cls(name, what or f"replica {name}"), path
+                )
                 hello = await lane._hello
         except BaseException:
             if lane is not None:
                 lane.close()
             raise
-        if hello.worker_id != replica_id:
+        if hello.worker_id != name:
             lane.close()
-            raise ValueError(f"the socket answered as {hello.worker_id!r}, not {replica_id!r}")
+            raise ValueError(f"the socket answered as {hello.worker_id!r}, not {name!r}")
         return lane
 
     @property
@@ -91,17 +96,20 @@ class Lane(asyncio.Protocol):
 
     # -- calls ---------------------------------------------------------------
 
-    async def unary(self, body: bytes, metadata: list[tuple[str, str]], timeout: float) -> bytes:
+    async def unary(
+        self, body: bytes, metadata: list[tuple[str, str]], timeout: float | None
+    ) -> bytes:
         """Send one ``ModelInfer`` request and return the replica's answer.
 
-        Raises the replica's error, DeadlineExceeded once ``timeout`` seconds
-        have passed, Unavailable when the lane breaks, Refused when the replica
-        did not take the call. Cancelled, it tells the replica to cancel the call.
+        Raises the server's error, DeadlineExceeded once ``timeout`` seconds
+        have passed (None: no deadline), Unavailable when the lane breaks,
+        Refused when the call was not sent or not taken. Cancelled, it tells
+        the server to cancel the call.
         """
         call_id = self._send_call(body, metadata, timeout, stream=False)
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._unary[call_id] = future
-        timer = self._loop.call_later(timeout, self._expire, call_id)
+        timer = None if timeout is None else self._loop.call_later(timeout, self._expire, call_id)
         try:
             return await future
         except asyncio.CancelledError:
@@ -109,26 +117,32 @@ class Lane(asyncio.Protocol):
                 self._send(wpb.Header(call_id=call_id, cancel=_CANCEL))
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def stream(
-        self, body: bytes, metadata: list[tuple[str, str]], timeout: float, replica: ReplicaEntry
+        self,
+        body: bytes,
+        metadata: list[tuple[str, str]],
+        timeout: float | None,
+        target: Any = None,
     ) -> LaneStream:
         """Send one ``ModelStreamInfer`` request; its responses come through
         the returned stream (its :meth:`LaneStream.stop` cancels the call).
         Raises Refused when the lane is lost already (nothing was sent)."""
         call_id = self._send_call(body, metadata, timeout, stream=True)
-        stream = self._streams[call_id] = LaneStream(self, call_id, replica)
-        stream.timer = self._loop.call_later(timeout, self._expire, call_id)
+        stream = self._streams[call_id] = LaneStream(self, call_id, target)
+        if timeout is not None:
+            stream.timer = self._loop.call_later(timeout, self._expire, call_id)
         return stream
 
     def _send_call(
-        self, body: bytes, metadata: list[tuple[str, str]], timeout: float, *, stream: bool
+        self, body: bytes, metadata: list[tuple[str, str]], timeout: float | None, *, stream: bool
     ) -> int:
         if not self.usable:  # lost since it was chosen: nothing is sent
             raise Refused()
         self._last_id += 1
-        call = wpb.Call(stream=stream, timeout=timeout, metadata=dict(metadata))
+        call = wpb.Call(stream=stream, timeout=timeout or 0.0, metadata=dict(metadata))
         self._send(wpb.Header(call_id=self._last_id, call=call), body)
         return self._last_id
 
@@ -167,7 +181,7 @@ class Lane(asyncio.Protocol):
         try:
             frames = self._frames.feed(data)
         except PayloadTooLarge as exc:
-            self._fail(f"the replica sent an unreadable frame ({exc})")
+            self._fail(f"{self.what} sent an unreadable frame ({exc})")
             return
         for header, payload in frames:
             call_id = header.call_id
@@ -179,7 +193,7 @@ class Lane(asyncio.Protocol):
                 elif kind == "end":
                     future.set_result(payload)
                 else:
-                    future.set_exception(_ended(kind, header))
+                    future.set_exception(_ended(kind, header, self.what))
                 continue
             stream = self._streams.get(call_id)
             if stream is not None:
@@ -187,12 +201,12 @@ class Lane(asyncio.Protocol):
                     stream.put(payload)
                 else:
                     del self._streams[call_id]
-                    stream.finish(None if kind == "end" else _ended(kind, header))
+                    stream.finish(None if kind == "end" else _ended(kind, header, self.what))
             elif kind == "hello" and not self._hello.done():
                 self._hello.set_result(header.hello)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(f"the connection to replica {self.replica_id} was lost")
+        self._fail(f"the connection to {self.what} was lost")
 
     def _fail(self, why: str) -> None:
         self.close()
@@ -207,21 +221,21 @@ class Lane(asyncio.Protocol):
             stream.finish(Unavailable(why))
 
 
-def _ended(kind: str | None, header: wpb.Header) -> Exception:
+def _ended(kind: str | None, header: wpb.Header, what: str) -> Exception:
     """The exception for a call's last frame that is not a clean ``End``."""
     if kind == "error":
         return from_frame(header.error)
     if kind == "cancel":
         return Refused()
-    return HandlerError(f"the replica ended a call with a {kind} frame")
+    return HandlerError(f"{what} ended a call with a {kind} frame")
 
 
 class LaneStream:
     """The responses of one stream request sent over a lane, as
     :class:`~anyserve.api_server.channels.ReplicaStream` gives them."""
 
-    def __init__(self, lane: Lane, call_id: int, replica: ReplicaEntry) -> None:
-        self.replica = replica
+    def __init__(self, lane: Lane, call_id: int, target: Any) -> None:
+        self.replica = target  # what the router chose (its ReplicaEntry), if anything
         self.timer: asyncio.TimerHandle | None = None
         self._lane = lane
         self._id = call_id
@@ -239,7 +253,7 @@ class LaneStream:
     def finish(self, error: Exception | None) -> None:
         if self._end is None:
             if isinstance(error, Refused):
-                error = Unavailable(f"replica {self.replica.replica_id} is stopping")
+                error = Unavailable(f"{self._lane.what} is stopping")
             self._end = (error,)
             if self.timer is not None:
                 self.timer.cancel()
@@ -301,3 +315,59 @@ class LaneStream:
             self._lane.forget(self._id, -1)
             self.finish(Unavailable("the stream was stopped"))
         self._ready.clear()
+
+
+#: Seconds a server's calls go over gRPC after its lane could not be opened.
+RETRY = 5.0
+
+
+class LaneSlot:
+    """The lane to one server, opened on first use and again once lost or
+    moved; after an attempt that failed, none for :data:`RETRY` seconds
+    (calls then go over gRPC)."""
+
+    def __init__(self) -> None:
+        self._lane: Lane | None = None
+        self._key: tuple[str, str] | None = None
+        self._lock = asyncio.Lock()
+        self._retry_at = 0.0
+
+    @property
+    def lane(self) -> Lane | None:
+        """The lane while it is open."""
+        lane = self._lane
+        return lane if lane is not None and lane.usable else None
+
+    async def get(self, path: str, name: str, within: float, what: str = "") -> Lane | None:
+        """The open lane to the server named ``name`` at ``path``, opening it
+        (within ``within`` seconds) when needed; None when it cannot be."""
+        lane = self._current(path, name)
+        if lane is not None or asyncio.get_running_loop().time() < self._retry_at:
+            return lane
+        async with self._lock:  # one attempt at a time, not one per call
+            lane = self._current(path, name)
+            if lane is not None:
+                return lane
+            self.close()
+            try:
+                lane = await Lane.open(path, name, within, what)
+            except (OSError, TimeoutError, ValueError) as exc:
+                log.warning(
+                    "%s: local lane %s not usable (%s); calling it over gRPC",
+                    what or f"replica {name}",
+                    path,
+                    exc,
+                )
+                self._retry_at = asyncio.get_running_loop().time() + RETRY
+                return None
+            self._lane, self._key = lane, (path, name)
+            return lane
+
+    def _current(self, path: str, name: str) -> Lane | None:
+        lane = self.lane
+        return lane if lane is not None and self._key == (path, name) else None
+
+    def close(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
