@@ -3,7 +3,9 @@
 Two things go back through the API server: ``context.call`` from inside a
 handler (:class:`ApiCaller`, in worker processes) and delegation of requests a
 replica cannot serve (:class:`ApiDelegator`, used by the replica's dispatcher).
-Both send serialized bytes over one persistent :class:`ApiChannel`.
+Both send serialized bytes over one persistent :class:`ApiChannel`: gRPC, or
+the API server's local lane (:mod:`anyserve.lane_server`) when it runs on
+this host and said where in ``/health``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from anyserve import codec, rpc, tracing
+from anyserve import codec, rpc, shm, tracing
 from anyserve.capability import Capability, query_to_metadata
 from anyserve.context import Context
 from anyserve.errors import (
@@ -22,6 +24,7 @@ from anyserve.errors import (
     from_rpc_error,
     from_stream_response,
 )
+from anyserve.lane_client import Lane, LaneSlot, Refused
 from anyserve.objects.peers import OBJECT_SOURCE, PeerFetcher
 from anyserve.objects.store import ObjectStore
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
@@ -30,6 +33,20 @@ if TYPE_CHECKING:
     import grpc.aio
 
 log = logging.getLogger("anyserve.calls")
+
+# Seconds to open the API server's local lane before a call goes over gRPC.
+_LANE_OPEN_WITHIN = 2.0
+
+
+def _lane_of(said: object) -> tuple[str, str] | None:
+    """(path, name) of the lane ``/health`` described, when it is on this host."""
+    if not isinstance(said, dict):
+        return None
+    path, name, host = said.get("path"), said.get("name"), said.get("host")
+    if not (isinstance(path, str) and isinstance(name, str) and host):
+        return None
+    return (path, name) if host == shm.host_id() else None
+
 
 # Longest chain of nested context.call()s before it is treated as runaway.
 MAX_CALL_DEPTH = 16
@@ -40,14 +57,29 @@ class ApiChannel:
     """One persistent gRPC channel to the API server, created on first use.
 
     ``endpoint`` returns the API server's gRPC host:port, or None while it is
-    not known yet (then calls fail with Unavailable).
+    not known yet (then calls fail with Unavailable). ``lane`` returns the
+    API server's local lane (path, name) when it is on this host: calls go
+    through it (a call it could not send goes over gRPC).
     """
 
-    def __init__(self, endpoint: Callable[[], str | None], token: str | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: Callable[[], str | None],
+        token: str | None = None,
+        lane: Callable[[], tuple[str, str] | None] = lambda: None,
+    ) -> None:
         self._endpoint = endpoint
         self._token = token
         self._channel: grpc.aio.Channel | None = None
         self._target: str | None = None
+        self._lane_at = lane
+        self._lanes = LaneSlot()
+
+    async def _lane(self) -> Lane | None:
+        where = self._lane_at()
+        if where is None:
+            return None
+        return await self._lanes.get(*where, _LANE_OPEN_WITHIN, what="the API server")
 
     def known(self) -> bool:
         return self._endpoint() is not None
@@ -79,6 +111,12 @@ class ApiChannel:
     ) -> bytes:
         """ModelInfer through the API server (``timeout``: seconds, None: no
         deadline); raises the anyserve error it answered."""
+        lane = await self._lane()
+        if lane is not None:
+            try:
+                return await lane.unary(payload, self._metadata(metadata), timeout)
+            except Refused:
+                pass  # not sent: over gRPC
         import grpc.aio
 
         method = (await self._get()).unary_unary(rpc.MODEL_INFER)
@@ -95,6 +133,19 @@ class ApiChannel:
     ) -> AsyncGenerator[bytes, None]:
         """ModelStreamInfer with one request; yields serialized stream responses
         (in-band errors included, untouched). Leaving early cancels the call."""
+        lane = await self._lane()
+        if lane is not None:
+            try:
+                stream = lane.stream(payload, self._metadata(metadata), timeout)
+            except Refused:
+                pass  # not sent: over gRPC
+            else:
+                try:
+                    while (message := await stream.read()) is not None:
+                        yield message
+                finally:
+                    stream.stop()
+                return
         import grpc.aio
 
         method = (await self._get()).stream_stream(rpc.MODEL_STREAM_INFER)
@@ -108,6 +159,7 @@ class ApiChannel:
             call.cancel()
 
     async def aclose(self) -> None:
+        self._lanes.close()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -135,7 +187,8 @@ class ApiCaller:
         self.api_servers = [u.strip().rstrip("/") for u in api_server.split(",") if u.strip()]
         self.api_server = self.api_servers[0] if self.api_servers else api_server
         self._grpc_endpoint: str | None = None
-        self.channel = ApiChannel(lambda: self._grpc_endpoint, token)
+        self._lane: tuple[str, str] | None = None
+        self.channel = ApiChannel(lambda: self._grpc_endpoint, token, lambda: self._lane)
         self.object_source = object_source if store is not None else None
         self.peers: PeerFetcher | None = None
         if store is not None:
@@ -160,6 +213,7 @@ class ApiCaller:
                 endpoint = answer.get("grpc_endpoint") if isinstance(answer, dict) else None
                 if endpoint:
                     self.api_server, self._grpc_endpoint = url, str(endpoint)
+                    self._lane = _lane_of(answer.get("lane"))
                     return
                 problems.append(f"the API server at {url} did not say its gRPC endpoint")
         raise Unavailable("; ".join(problems) or "no API server URL given")
@@ -168,7 +222,7 @@ class ApiCaller:
         # The API server may be gone: the next call asks again (another one
         # of several answers then). This call is not retried: it may have run.
         if len(self.api_servers) > 1:
-            self._grpc_endpoint = None
+            self._grpc_endpoint, self._lane = None, None
 
     def _prepare(
         self, parent: Context, capability: Mapping[str, Any], inputs: Mapping[str, Any]

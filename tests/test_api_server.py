@@ -12,7 +12,7 @@ import grpc.aio
 import httpx
 import pytest
 
-from anyserve import rpc
+from anyserve import rpc, shm
 from anyserve.client import Client
 from anyserve.errors import HandlerError, NotFound, from_stream_response
 from anyserve.proto import (
@@ -87,11 +87,14 @@ async def test_register_upsert_unregister_and_bad_bodies() -> None:
         assert (await http.post("/unregister", json={"replica_id": "r1"})).json()["removed"]
         assert (await http.get("/registry")).json()["replicas"] == []
         health = (await http.get("/health")).json()
+        assert api.state.lane is not None  # this host has /dev/shm: the lane is served
+        path, name = api.state.lane
         assert health == {
             "status": "ok",
             "replicas": 0,
             "grpc_endpoint": api.grpc_endpoint,
             "registry": {"backend": "memory"},
+            "lane": {"path": path, "name": name, "host": shm.host_id()},
         }
 
 

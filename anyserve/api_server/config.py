@@ -72,6 +72,9 @@ class ApiServerConfig:
     # Raw inputs of at least this many bytes reach a replica on this host
     # through shared memory (api_server/shared_memory.py); 0 turns that off.
     shm_threshold: int = 1024 * 1024
+    # Serve the gRPC entry's inference calls on a Unix socket too, for
+    # context.call from this host (anyserve.lane_server).
+    lane: bool = True
     # HTTP read timeouts, connection cap, big-body gate (api_server/limits.py).
     edge: EdgeLimits = field(default_factory=EdgeLimits)
     networks: tuple[guard.Network, ...] = field(init=False, default=())

@@ -19,6 +19,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from anyserve import shm
 from anyserve.api_server import guard
 from anyserve.api_server.responses import json_response, read_body
 from anyserve.api_server.state import ApiState
@@ -163,11 +164,12 @@ async def health(state: ApiState, request: Request) -> Response:
     endpoint (how ``context.call`` clients find it) and the registry backend's
     state (``{"backend": "redis", "connected": false, "error": ...}`` while
     Redis is out of reach: routing goes on with the last known replicas)."""
-    return json_response(
-        {
-            "status": "ok",
-            "replicas": len(state.registry),
-            "grpc_endpoint": state.grpc_endpoint(request.url.hostname),
-            "registry": state.backend.status(),
-        }
-    )
+    body = {
+        "status": "ok",
+        "replicas": len(state.registry),
+        "grpc_endpoint": state.grpc_endpoint(request.url.hostname),
+        "registry": state.backend.status(),
+    }
+    if state.lane is not None:  # context.call on this host may use it (lane_client)
+        body["lane"] = {"path": state.lane[0], "name": state.lane[1], "host": shm.host_id()}
+    return json_response(body)

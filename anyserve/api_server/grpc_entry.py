@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -34,12 +34,13 @@ import grpc.aio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
-from anyserve import rpc, tracing_servers
+from anyserve import rpc, tracing_servers, wire
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.api_server import model_control, model_meta, shm_control
 from anyserve.api_server.meta import RequestMeta, parse_meta
 from anyserve.api_server.state import ApiState
 from anyserve.errors import AnyServeError, InvalidArgument, NotFound, grpc_method, to_stream_error
+from anyserve.lane_server import LaneServer, Send
 from anyserve.logs import access
 from anyserve.metrics.http import log_access
 from anyserve.metrics.stats import model_statistics
@@ -95,8 +96,7 @@ class GrpcEntry:
 
     # ----------------------------------------------------------------- helpers
 
-    def _timeout(self, context: Context) -> float:
-        left = context.time_remaining()
+    def _timeout(self, left: float | None) -> float:
         # Without a client deadline grpc reports None or a huge number.
         if left is None or not math.isfinite(left) or left > 10 * 365 * 86400:
             return self._state.config.request_timeout
@@ -104,7 +104,11 @@ class GrpcEntry:
 
     def _meta(self, context: Context, model_name: str) -> RequestMeta:
         pairs: Any = context.invocation_metadata() or ()
-        return parse_meta(pairs, model_name=model_name, timeout=self._timeout(context))
+        return self.meta_of(pairs, context.time_remaining(), model_name)
+
+    def meta_of(self, pairs: Any, left: float | None, model_name: str) -> RequestMeta:
+        """A request's routing facts from its metadata pairs and seconds left."""
+        return parse_meta(pairs, model_name=model_name, timeout=self._timeout(left))
 
     @staticmethod
     def _peek(request: bytes, field: int) -> str:
@@ -118,7 +122,12 @@ class GrpcEntry:
     @grpc_method
     async def model_infer(self, request: bytes, context: Context) -> bytes:
         """Route one ModelInferRequest and return the replica's response bytes."""
-        meta = self._meta(context, self._peek(request, 1))
+        return await self.infer(request, lambda name: self._meta(context, name))
+
+    async def infer(self, request: bytes, meta_of: Callable[[str], RequestMeta]) -> bytes:
+        """Route one ModelInferRequest (gRPC or the lane; ``meta_of``: its
+        routing facts given its model name); raises the anyserve error."""
+        meta = meta_of(self._peek(request, 1))
         if not meta.query and not meta.model_name:
             raise InvalidArgument("set x-capability-* metadata or the request's model_name")
         start, status, answer = time.perf_counter(), _CANCELLED, b""
@@ -184,39 +193,49 @@ class GrpcEntry:
         self, request: bytes, context: Context, out: MemoryObjectSendStream[bytes]
     ) -> None:
         async with out:
-            request_id, model_name = "", ""
-            try:
-                request_id = self._peek(request, 3)
-                model_name = self._peek(request, 1)
-                meta = self._meta(context, model_name)
-                if not meta.query and not meta.model_name:
-                    raise InvalidArgument("set x-capability-* metadata or the request's model_name")
-            except AnyServeError as exc:
-                await out.send(to_stream_error(exc, request_id, model_name))
-                return
-            start, status, size, first = time.perf_counter(), _CANCELLED, 0, None
-            try:
-                # Taking a sequence's turn is the first await here: requests of
-                # one sequence are relayed, and answered, in arrival order.
-                async with self._state.sequences.route(request, meta):
-                    try:
-                        async with self._state.router.stream(request, meta) as stream:
-                            while (message := await stream.read()) is not None:
-                                if first is None:
-                                    first = time.perf_counter() - start
-                                meta.chunks += 1
-                                size += len(message)
-                                await out.send(message)
-                        status = 200
-                    except AnyServeError as exc:
-                        # Answered before the sequence's next request is sent.
-                        status = exc.http_status
-                        await out.send(to_stream_error(exc, request_id, model_name))
-            except AnyServeError as exc:
-                status = exc.http_status
-                await out.send(to_stream_error(exc, request_id, model_name))
-            finally:
-                self._observe("ModelStreamInfer", meta, status, start, len(request), size, first)
+            await self.relay(request, lambda name: self._meta(context, name), out.send)
+
+    async def relay(
+        self,
+        request: bytes,
+        meta_of: Callable[[str], RequestMeta],
+        send: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Relay one stream request's responses to ``send`` (gRPC or the
+        lane); a failure is sent in-band, as Triton does."""
+        request_id, model_name = "", ""
+        try:
+            request_id = self._peek(request, 3)
+            model_name = self._peek(request, 1)
+            meta = meta_of(model_name)
+            if not meta.query and not meta.model_name:
+                raise InvalidArgument("set x-capability-* metadata or the request's model_name")
+        except AnyServeError as exc:
+            await send(to_stream_error(exc, request_id, model_name))
+            return
+        start, status, size, first = time.perf_counter(), _CANCELLED, 0, None
+        try:
+            # Taking a sequence's turn is the first await here: requests of
+            # one sequence are relayed, and answered, in arrival order.
+            async with self._state.sequences.route(request, meta):
+                try:
+                    async with self._state.router.stream(request, meta) as stream:
+                        while (message := await stream.read()) is not None:
+                            if first is None:
+                                first = time.perf_counter() - start
+                            meta.chunks += 1
+                            size += len(message)
+                            await send(message)
+                    status = 200
+                except AnyServeError as exc:
+                    # Answered before the sequence's next request is sent.
+                    status = exc.http_status
+                    await send(to_stream_error(exc, request_id, model_name))
+        except AnyServeError as exc:
+            status = exc.http_status
+            await send(to_stream_error(exc, request_id, model_name))
+        finally:
+            self._observe("ModelStreamInfer", meta, status, start, len(request), size, first)
 
     # ----------------------------------------------------------------- metadata
 
@@ -307,6 +326,27 @@ class GrpcEntry:
         state = self._state
         stats = model_statistics(state.metrics, parsed.name, parsed.version, state.served_names())
         return stats.SerializeToString()
+
+
+def entry_lane(state: ApiState, name: str) -> LaneServer:
+    """The gRPC entry's ``ModelInfer`` and stream requests over a local lane
+    (:mod:`anyserve.lane_server`): what a worker's ``context.call`` on this
+    host sends instead of gRPC (``/health`` says where it is)."""
+    entry = GrpcEntry(state)
+
+    async def unary(payload: bytes, metadata: dict[str, str], timeout: float | None) -> bytes:
+        return await entry.infer(payload, lambda n: entry.meta_of(metadata.items(), timeout, n))
+
+    async def stream(
+        payload: bytes, metadata: dict[str, str], timeout: float | None, send: Send
+    ) -> None:
+        async def one(message: bytes) -> None:
+            await send([message])
+
+        await entry.relay(payload, lambda n: entry.meta_of(metadata.items(), timeout, n), one)
+
+    spans = (f"{rpc.SERVICE}/ModelInfer", f"{rpc.SERVICE}/ModelStreamInfer")
+    return LaneServer(name, unary, stream, wire.DEFAULT_MAX_FRAME, spans)
 
 
 async def start_grpc_server(state: ApiState, host: str, port: int) -> tuple[grpc.aio.Server, int]:

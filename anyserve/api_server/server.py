@@ -25,10 +25,11 @@ from anyserve.api_server import guard
 from anyserve.api_server.app import build_app
 from anyserve.api_server.config import ApiServerConfig
 from anyserve.api_server.connections import ConnectionTable, edge_protocol
-from anyserve.api_server.grpc_entry import start_grpc_server
+from anyserve.api_server.grpc_entry import entry_lane, start_grpc_server
 from anyserve.api_server.limits import connection_budget, raise_open_file_limit
 from anyserve.api_server.state import ApiState
 from anyserve.errors import StartupError
+from anyserve.lane_server import LaneServer
 
 logger = logging.getLogger("anyserve.api_server")
 
@@ -77,6 +78,8 @@ class ApiServer:
         self._uvicorn: uvicorn.Server | None = None
         self._grpc: grpc.aio.Server | None = None
         self._tg: TaskGroup | None = None
+        #: The gRPC entry's local lane while serving (None: none).
+        self.lane: LaneServer | None = None
         self._http_done = anyio.Event()
         #: The HTTP connections open now (and eviction/time-out counts), once started.
         self.connections: ConnectionTable | None = None
@@ -156,6 +159,12 @@ class ApiServer:
             self._tg.start_soon(self._sweep_shm)
             self._tg.start_soon(memory.trim_forever)
             self._tg.start_soon(self.state.router.abandoned.run)
+            if cfg.lane and shm.host_id():  # context.call on this host skips gRPC
+                name = f"api-server-{shm.owner_tag()}"
+                self.lane = entry_lane(self.state, name)
+                path = await self._tg.start(self.lane.run)
+                stack.push_async_callback(self.lane.stop, 0.0)  # before the group's exit
+                self.state.lane = None if path is None else (path, name)
             # The registry backend keeps the view in step with other API servers'.
             await self._tg.start(self.state.backend.run)
             # uvicorn offers no event for "listening"; its start-up is a few ticks.
@@ -229,6 +238,9 @@ class ApiServer:
             with anyio.CancelScope(shield=True):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._close_grpc)
+                    if self.lane is not None:
+                        self.state.lane = None
+                        tg.start_soon(self.lane.stop, self.config.shutdown_grace)
                     if self._uvicorn is not None:
                         self._uvicorn.should_exit = True
                         with anyio.move_on_after(self.config.shutdown_grace):

@@ -62,6 +62,9 @@ class ApiState:
     # Triton's system shared memory regions registered with this server.
     shm: RegionTable = field(init=False, default_factory=RegionTable)
     grpc_port: int = 0  # the bound port, set by the server once it listens
+    # The gRPC entry's local lane (lane path, name), for context.call on this
+    # host (api_server/grpc_entry.py); None: none.
+    lane: tuple[str, str] | None = None
     draining: bool = False  # set by stop(): not ready any more
     # Set by stop() when the shutdown grace ran out: requests still running end
     # with 503 (unary) or an error event (streams) instead of being cut.

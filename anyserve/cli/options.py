@@ -154,8 +154,9 @@ Lane = Annotated[
     bool,
     typer.Option(
         "--lane/--no-lane",
-        help="Also take inference calls from an API server on this host over a Unix"
-        " socket, which costs a fraction of gRPC's CPU; off: gRPC only.",
+        help="Also take inference calls from processes on this host (an API server's"
+        " to a replica, workers' context.call to the API server) over a Unix socket,"
+        " which costs a fraction of gRPC's CPU; off: gRPC only.",
     ),
 ]
 ForkServer = Annotated[

@@ -163,6 +163,8 @@ def _api_config(values: dict[str, Any]) -> Any:
     options["replica_networks"] = tuple(n for n in networks.split(",") if n.strip())
     if "registry" in values:  # `api-server` only: `run` is one API server
         options["registry"] = values["registry"]
+    if "lane" in values:  # `run --no-lane` turns the replicas' lanes off too
+        options["lane"] = values["lane"]
     try:
         return ApiServerConfig(**options)
     except ValueError as exc:
@@ -191,6 +193,7 @@ def api_server(
     keepalive_timeout: KeepaliveTimeout = 5.0,
     max_connections: MaxConnections = 1000,
     big_body_slots: BigBodySlots = 2,
+    lane: Lane = True,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
