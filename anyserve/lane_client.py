@@ -188,12 +188,12 @@ class Lane(asyncio.Protocol):
             kind = header.WhichOneof("kind")
             future = self._unary.pop(call_id, None)
             if future is not None:
-                if future.done():
-                    pass
-                elif kind == "end":
-                    future.set_result(payload)
-                else:
-                    future.set_exception(_ended(kind, header, self.what))
+                # Done already when its waiter was cancelled a moment ago.
+                if not future.done():
+                    if kind == "end":
+                        future.set_result(payload)
+                    else:
+                        future.set_exception(_ended(kind, header, self.what))
                 continue
             stream = self._streams.get(call_id)
             if stream is not None:

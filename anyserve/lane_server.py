@@ -132,6 +132,7 @@ class LaneServer:
         its path, and serve until :meth:`stop`; the directory goes with it.
         Reports None at once when no socket can be made (calls keep coming
         over gRPC)."""
+        directory = ""
         try:
             sweep_stale(tempfile.gettempdir())
             directory = tempfile.mkdtemp(prefix=f"{PREFIX}{shm.owner_tag()}-")  # mode 0700
@@ -139,6 +140,8 @@ class LaneServer:
             loop = asyncio.get_running_loop()
             self._server = await loop.create_unix_server(lambda: _Peer(self), path)
         except OSError as exc:
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
             log.warning("%s: no local lane (%s); calls come over gRPC only", self.name, exc)
             task_status.started(None)
             return
@@ -241,7 +244,7 @@ def _sender(peer: _Peer, call_id: int, state: _Call) -> Callable[[list[bytes]], 
 
 
 class _Peer(asyncio.Protocol):
-    """One API server's connection."""
+    """One caller's connection."""
 
     def __init__(self, server: LaneServer) -> None:
         self.server = server

@@ -115,7 +115,7 @@ def loads(body: bytes | str) -> Any:
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
-            pass
+            pass  # json, below, decides and words the error
     return json.loads(body)
 
 
