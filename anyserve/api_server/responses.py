@@ -39,7 +39,12 @@ class Answer(Response):
     scans of ``Response.init_headers`` on every answer of an inference route."""
 
     def __init__(
-        self, body: bytes, request_id: str, media_type: bytes, *extra: tuple[bytes, bytes]
+        self,
+        body: bytes,
+        request_id: str,
+        media_type: bytes,
+        *extra: tuple[bytes, bytes],
+        length: int | None = None,
     ) -> None:
         self.status_code = 200
         self.body = body
@@ -47,7 +52,7 @@ class Answer(Response):
         self.raw_headers = [
             (b"x-request-id", request_id.encode("latin-1")),
             *extra,
-            (b"content-length", b"%d" % len(body)),
+            (b"content-length", b"%d" % (len(body) if length is None else length)),
             (b"content-type", media_type),
         ]
 
@@ -60,9 +65,8 @@ class PiecesAnswer(Answer):
     def __init__(
         self, pieces: list[Any], request_id: str, media_type: bytes, *extra: tuple[bytes, bytes]
     ) -> None:
-        super().__init__(b"", request_id, media_type, *extra)
+        super().__init__(b"", request_id, media_type, *extra, length=sum(map(len, pieces)))
         self.pieces = pieces
-        self.raw_headers[-2] = (b"content-length", b"%d" % sum(map(len, pieces)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
