@@ -4,9 +4,9 @@ router.py's docstring)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
-import anyio
 import grpc
 
 from anyserve.api_server.channels import ReplicaConnection
@@ -22,13 +22,13 @@ class Lease:
     replica: ReplicaEntry
     conn: ReplicaConnection
     metadata: list[tuple[str, str]]
-    deadline: float  # anyio.current_time() by which the call must end
+    deadline: float  # time.monotonic() by which the call must end
     call_id: str  # names the call to the replica's Cancel (api_server/abandoned.py)
     lane: Lane | None = None  # the replica's local lane, when it is on this host
 
     def remaining(self) -> float:
         """Seconds left; raises DeadlineExceeded when none are."""
-        left = self.deadline - anyio.current_time()
+        left = self.deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("deadline passed before the request reached a replica")
         return left

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from anyserve.api_server.meta import RequestMeta
@@ -42,6 +42,10 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 SESSION_HEADER = "x-session-id"
 # Longest session id accepted (it is a table key).
 _MAX_SESSION = 256
+
+# What a request with neither sequence nor session routes within (stateless,
+# so one serves every request; nullcontext supports ``async with``).
+_UNPINNED: AbstractAsyncContextManager[None] = nullcontext()
 
 
 @dataclass(eq=False)
@@ -104,18 +108,26 @@ class Sequences:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @asynccontextmanager
-    async def route(
+    def route(
         self, payload: bytes, meta: RequestMeta, session: str | None = None
-    ) -> AsyncIterator[None]:
+    ) -> AbstractAsyncContextManager[None]:
         """Pin one request (``meta.pin``, which the router follows) for the
         block; the next request of its sequence waits until the block ends.
 
-        Raises InvalidArgument for malformed sequence parameters, a session
-        id too long, or a continued sequence this server does not know, and
-        Unavailable when the sequence's replica has gone.
+        Raises InvalidArgument for malformed sequence parameters (when
+        called), a session id too long, or a continued sequence this server
+        does not know, and Unavailable when the sequence's replica has gone
+        (when the block is entered).
         """
         _, seq = peek_request(payload)
+        if seq is None and not session:
+            return _UNPINNED  # most requests: no generator-based context per request
+        return self._route(meta, seq, session)
+
+    @asynccontextmanager
+    async def _route(
+        self, meta: RequestMeta, seq: SequenceFlags | None, session: str | None
+    ) -> AsyncIterator[None]:
         if seq is not None:
             async with self._sequence(meta, seq) as meta.pin:
                 yield
