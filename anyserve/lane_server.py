@@ -33,7 +33,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import cast
 
 import anyio
@@ -41,6 +40,7 @@ import anyio.abc
 
 from anyserve import rpc, shm, tracing_servers, wire
 from anyserve._proto import worker_pb2 as wpb
+from anyserve.call_tasks import CallTasks
 from anyserve.errors import AnyServeError, HandlerError, PayloadTooLarge, to_frame
 
 log = logging.getLogger("anyserve.lane")
@@ -63,13 +63,20 @@ _CHUNK = wpb.Chunk()
 _CANCEL = wpb.Cancel()
 
 
-@dataclass(slots=True)
 class _Call:
-    scope: anyio.CancelScope
-    # Sizes of the responses sent and not yet credited, and their sum.
-    unacked: collections.deque[int] = field(default_factory=collections.deque)
-    unacked_bytes: int = 0
-    more: asyncio.Event = field(default_factory=asyncio.Event)
+    """One call in flight. A plain slotted class: one is built per call, and a
+    unary call needs only its scope (a stream's credit state is made by
+    :func:`_sender`)."""
+
+    __slots__ = ("more", "scope", "unacked", "unacked_bytes")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        # Sizes of the stream's responses sent and not yet credited, their sum,
+        # and what wakes the sender when credit comes.
+        self.unacked: collections.deque[int] = collections.deque()
+        self.unacked_bytes = 0
+        self.more: asyncio.Event | None = None
 
 
 def sweep_stale(parent: str) -> list[str]:
@@ -118,7 +125,8 @@ class LaneServer:
         self.spans = spans  # the server spans' names (unary, stream)
         #: Calls taken so far (for tests and operators).
         self.taken = 0
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._calls = CallTasks(on_error=self._failed)
+        self._serving = False
         self._server: asyncio.AbstractServer | None = None
         self._peers: set[_Peer] = set()
         self._stopping = asyncio.Event()
@@ -147,16 +155,27 @@ class LaneServer:
             return
         try:
             with anyio.CancelScope(shield=True):
-                async with anyio.create_task_group() as tg:
-                    self._tg = tg
-                    task_status.started(path)
+                self._serving = True
+                task_status.started(path)
+                try:
                     await self._stopping.wait()
+                finally:
+                    self._serving = False
                     self._server.close()
                     for peer in list(self._peers):
                         peer.close()
-                    tg.cancel_scope.cancel()  # what the drain left
+                        for state in peer.calls.values():  # what the drain left
+                            state.scope.cancel()
+                    await self._calls.wait()
+            self._calls.raise_errors()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+    def _failed(self) -> None:
+        # A call's task raised past _serve's handlers (a bug): stop serving;
+        # run() raises it once the other calls have ended, as a task group would.
+        self._refusing = True
+        self._stopping.set()
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls (the API server sends them elsewhere), wait up to
@@ -169,16 +188,15 @@ class LaneServer:
         self._stopping.set()
 
     def start_call(self, peer: _Peer, call_id: int, call: wpb.Call, payload: bytes) -> None:
-        tg = self._tg
-        if self._refusing or tg is None:
+        if self._refusing or not self._serving:
             peer.send(wpb.Header(call_id=call_id, cancel=_CANCEL))
             return
-        state = _Call(anyio.CancelScope())
+        state = _Call()
         peer.calls[call_id] = state
         self.taken += 1
         self._running += 1
         self._idle.clear()
-        tg.start_soon(self._serve, peer, call_id, call, payload, state)
+        self._calls.start(self._serve(peer, call_id, call, payload, state))
 
     async def _serve(
         self, peer: _Peer, call_id: int, call: wpb.Call, payload: bytes, state: _Call
@@ -225,6 +243,7 @@ def _sender(peer: _Peer, call_id: int, state: _Call) -> Callable[[list[bytes]], 
     """``send`` of one stream call: its responses as ``Chunk`` frames in one
     write, then waiting while its credit or the socket says so."""
     chunk = wpb.Header(call_id=call_id, chunk=_CHUNK)
+    more = state.more = asyncio.Event()
 
     async def send(batch: list[bytes]) -> None:
         for response in batch:
@@ -235,8 +254,8 @@ def _sender(peer: _Peer, call_id: int, state: _Call) -> Callable[[list[bytes]], 
             state.unacked_bytes += len(response)
         unacked = state.unacked
         while len(unacked) >= wire.LANE_WINDOW or state.unacked_bytes >= wire.LANE_WINDOW_BYTES:
-            state.more.clear()
-            await state.more.wait()
+            more.clear()
+            await more.wait()
         if peer.paused:
             await peer.drained()
 
@@ -285,7 +304,8 @@ class _Peer(asyncio.Protocol):
                     unacked = state.unacked
                     for _ in range(min(header.credit.chunks, len(unacked))):
                         state.unacked_bytes -= unacked.popleft()
-                    state.more.set()
+                    if state.more is not None:
+                        state.more.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._peers.discard(self)

@@ -32,6 +32,7 @@ import anyio
 from anyserve import codec, logs, memory, rpc, shm_tensors, tracing_servers, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import Handler, load_app
+from anyserve.call_tasks import CallTasks
 from anyserve.calls import ApiCaller
 from anyserve.context import Caller, Context, StreamClosed
 from anyserve.errors import AnyServeError, InvalidArgument, to_frame
@@ -39,7 +40,7 @@ from anyserve.objects import ObjectStore
 from anyserve.objects.peers import OBJECT_SOURCE_ENV
 from anyserve.proto import InferParameter, ModelInferRequest
 from anyserve.replica.batching import Batcher, handler_batcher, handler_error
-from anyserve.replica.worker_call import CallTasks, WorkerCall
+from anyserve.replica.worker_call import WorkerCall
 from anyserve.sequence import SequenceStates
 from anyserve.signature import check_request, check_response, select_outputs
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import anyio
 
@@ -13,7 +11,7 @@ from anyserve._proto import worker_pb2 as wpb
 from anyserve.context import Context
 from anyserve.metrics.worker import HANDLER_METRICS
 
-__all__ = ["STREAM_WINDOW", "CallTasks", "WorkerCall"]
+__all__ = ["STREAM_WINDOW", "WorkerCall"]
 
 # Chunks of one stream a worker may send ahead of what its caller has taken;
 # the dispatcher grants more as the caller takes them (see Credit in worker.proto).
@@ -72,52 +70,3 @@ class WorkerCall:
             self._granted.clear()
             await self._granted.wait()
         self.credits -= 1
-
-
-class CallTasks:
-    """The worker's calls in flight, each its own asyncio task.
-
-    Plain ``create_task``, not anyio's ``TaskGroup.start_soon``: that builds a
-    task handle and a cancel scope per task, a quarter of the worker's CPU per
-    call with a trivial handler. Cancellation goes through each call's own
-    scope (:attr:`WorkerCall.scope`), so anyio's rules still hold inside a call
-    (a sync handler's thread is waited for). Like a task group, an exception
-    escaping a call's task (or given to :meth:`fail`) stops the worker:
-    ``on_error`` is called and :meth:`raise_errors` raises it once the calls
-    have ended.
-    """
-
-    def __init__(self, on_error: Callable[[], object]) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._errors: list[BaseException] = []
-        self._on_error = on_error
-
-    def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            self.fail(exc)
-
-    def fail(self, exc: BaseException) -> None:
-        """Stop the worker with ``exc`` (as if a call's task had raised it)."""
-        self._errors.append(exc)
-        self._on_error()
-
-    async def wait(self) -> None:
-        """Wait until every call's task has ended (their scopes end them);
-        shielded, as a task group waits for its tasks even when cancelled."""
-        with anyio.CancelScope(shield=True):
-            while self._tasks:
-                await asyncio.wait(set(self._tasks))
-
-    def raise_errors(self) -> None:
-        if self._errors:
-            # An ExceptionGroup when they are all Exceptions, as a task group raises.
-            raise BaseExceptionGroup("unhandled errors in a worker call", self._errors)

@@ -1,4 +1,4 @@
-"""The worker's calls as tasks (:class:`~anyserve.replica.worker_call.CallTasks`),
+"""The worker's calls as tasks (:class:`~anyserve.call_tasks.CallTasks`),
 over a real socketpair in this process: what a task group gave them, kept
 without one anyio task per call. The dispatcher going away still waits for a
 sync handler's thread; an error escaping a call still stops the worker."""
