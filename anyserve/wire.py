@@ -86,11 +86,17 @@ def write_frame(
     the connection (and every call on it) rather than read it.
     """
     pieces = encode_frame(header, payload)
-    if max_frame is not None and len(pieces[1]) + len(payload) > max_frame:
-        raise PayloadTooLarge(
-            f"{len(payload)} bytes are over the {max_frame - FRAME_HEADROOM}-byte message limit"
-        )
+    if max_frame is not None:
+        _check_frame(pieces, max_frame)
     writer.writelines(pieces)
+
+
+def _check_frame(pieces: list[bytes], max_frame: int) -> None:
+    payload = len(pieces[2])
+    if len(pieces[1]) + payload > max_frame:
+        raise PayloadTooLarge(
+            f"{payload} bytes are over the {max_frame - FRAME_HEADROOM}-byte message limit"
+        )
 
 
 class FrameQueue:
@@ -102,6 +108,7 @@ class FrameQueue:
     or either end of the local lane, sends their frames together. Frames keep
     their order (one queue), and one as large as ``flush_at`` goes out at
     once, so big answers are not held.
+    Called outside an event loop, it writes each frame at once.
     Nothing is written once the writer is closing (the peer is gone); a write
     that fails goes to ``on_error``, once: the connection is then unusable and
     later frames are dropped.
@@ -120,10 +127,17 @@ class FrameQueue:
         self._size = 0
         self._flush_soon: asyncio.Handle | None = None
         self._broken = False
+        # Looked up once: asyncio.get_running_loop() is a system call (getpid)
+        # per frame otherwise. A queue serves the loop it is first used on.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def write(self, header: wpb.Header, payload: bytes = b"") -> None:
-        """Queue one frame; it is written at the end of this loop iteration."""
+    def write(self, header: wpb.Header, payload: bytes = b"", max_frame: int | None = None) -> None:
+        """Queue one frame; it is written at the end of this loop iteration.
+        With ``max_frame``, a frame over it raises PayloadTooLarge and
+        nothing is queued (as :func:`write_frame`)."""
         pieces = encode_frame(header, payload)
+        if max_frame is not None:
+            _check_frame(pieces, max_frame)
         self._pieces += pieces
         self._queued(len(pieces[1]) + len(payload))
 
@@ -141,7 +155,19 @@ class FrameQueue:
         if self._size >= self._flush_at:
             self.flush()
         elif self._flush_soon is None:
-            self._flush_soon = asyncio.get_running_loop().call_soon(self.flush)
+            loop = self._loop
+            if loop is None:
+                try:
+                    loop = self._loop = asyncio.get_running_loop()
+                except RuntimeError:  # no loop to wait for: the frame goes now
+                    self.flush()
+                    return
+            self._flush_soon = loop.call_soon(self.flush)
+
+    @property
+    def closing(self) -> bool:
+        """True once nothing more will be written (the peer is gone)."""
+        return self._broken or self._writer.is_closing()
 
     def flush(self) -> None:
         """Write every queued frame now."""
@@ -149,7 +175,7 @@ class FrameQueue:
             self._flush_soon.cancel()
             self._flush_soon = None
         pieces, self._pieces, self._size = self._pieces, [], 0
-        if not pieces or self._broken or self._writer.is_closing():
+        if not pieces or self.closing:
             return
         try:
             self._writer.writelines(pieces)

@@ -37,6 +37,7 @@ from anyserve import rpc, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.app import HandlerInfo
 from anyserve.errors import AnyServeError, Unavailable
+from anyserve.replica.call_sink import CallSink
 
 if TYPE_CHECKING:
     from anyserve.metrics.replica import SlotObserver
@@ -51,35 +52,6 @@ class State(StrEnum):
     DRAINING = "draining"
     STOPPED = "stopped"
     FAILED = "failed"
-
-
-class CallSink:
-    """Frames of one call, from the connection reader to the waiting dispatcher."""
-
-    __slots__ = ("metadata", "queue")
-
-    def __init__(self, metadata: Mapping[str, str]) -> None:
-        self.queue: asyncio.Queue[tuple[wpb.Header, bytes] | AnyServeError] = asyncio.Queue()
-        # Kept (a reference, no copy) to name the request if it gets stuck.
-        self.metadata = metadata
-
-    async def next(self) -> tuple[wpb.Header, bytes]:
-        """The next frame; raises the error that ended the call instead."""
-        item = await self.queue.get()
-        if isinstance(item, AnyServeError):
-            raise item
-        return item
-
-    def take_ready(self) -> tuple[wpb.Header, bytes] | None:
-        """The next frame if one is already here, else None (never waits);
-        raises the error that ended the call instead."""
-        try:
-            item = self.queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        if isinstance(item, AnyServeError):
-            raise item
-        return item
 
 
 @dataclass(frozen=True)
@@ -114,6 +86,7 @@ class Slot:
         self.idle.set()
         self._stop_requested = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
+        self._out: wire.FrameQueue | None = None  # frames out: one write per loop iteration
         self._max_frame: int | None = None
         self._calls: dict[int, CallSink] = {}
         self._next_call = 1
@@ -291,13 +264,13 @@ class Slot:
     ) -> tuple[int, CallSink]:
         """Send a Call frame; raises Unavailable when the worker is not ready,
         PayloadTooLarge (nothing sent) when the frame is over the limit."""
-        writer = self._writer
-        if writer is None or self._state is not State.READY:
+        out = self._out
+        if out is None or self._state is not State.READY:
             raise Unavailable(f"worker {self.id} is {self._state.value}")
         call_id = self._next_call
         # On the wire 0 means "no deadline" (a passed one never gets this far).
         call = wpb.Call(stream=stream, timeout=timeout or 0.0, metadata=metadata)
-        wire.write_frame(writer, wpb.Header(call_id=call_id, call=call), payload, self._max_frame)
+        out.write(wpb.Header(call_id=call_id, call=call), payload, self._max_frame)
         self._next_call += 1
         sink = CallSink(metadata)
         self._calls[call_id] = sink
@@ -313,10 +286,9 @@ class Slot:
 
     def grant(self, call_id: int, chunks: int) -> None:
         """Let the worker send ``chunks`` more responses of a stream call."""
-        writer = self._writer
-        if writer is not None and not writer.is_closing() and call_id in self._calls:
-            credit = wpb.Credit(chunks=chunks)
-            wire.write_frame(writer, wpb.Header(call_id=call_id, credit=credit))
+        out = self._out
+        if out is not None and call_id in self._calls:
+            out.write(wpb.Header(call_id=call_id, credit=wpb.Credit(chunks=chunks)))
 
     def close_call(self, call_id: int, *, cancel: bool) -> None:
         """Forget a call; tell the worker to cancel it when it has not finished.
@@ -330,11 +302,11 @@ class Slot:
             return
         if not self._calls:
             self.idle.set()
-        writer = self._writer
+        out = self._out
         if cancel and self.observer is not None:
             self.observer.calls_ended(self.handler.name, "cancelled")
-        if cancel and writer is not None and not writer.is_closing():
-            wire.write_frame(writer, wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
+        if cancel and out is not None and not out.closing:
+            out.write(wpb.Header(call_id=call_id, cancel=wpb.Cancel()))
             request_id = sink.metadata.get(rpc.REQUEST_ID, "")
             self._cancelled[call_id] = Cancelled(call_id, request_id, time.monotonic())
 
@@ -349,6 +321,7 @@ class Slot:
         frame would be over ``max_frame`` is refused (PayloadTooLarge) before
         anything is written."""
         self._writer = writer
+        self._out = wire.FrameQueue(writer, on_error=lambda exc: None)
         self._max_frame = max_frame
         self._cancelled.clear()
         self._state = State.READY
@@ -365,7 +338,7 @@ class Slot:
             header, payload = await wire.read_frame(reader, max_frame)
             sink = self._calls.get(header.call_id)
             if sink is not None:
-                sink.queue.put_nowait((header, payload))
+                sink.put((header, payload))
                 # Only a call's last frame carries stats.
                 if self.observer is not None and header.HasField("stats"):
                     self.observer.call_ended(self.handler.name, header)
@@ -383,7 +356,7 @@ class Slot:
 
     def disconnect(self) -> None:
         """The connection ended: no new calls go to this worker."""
-        self._writer = None
+        self._writer = self._out = None
         self._cancelled.clear()
         if self._state is State.READY:
             self._state = State.DRAINING
@@ -394,6 +367,6 @@ class Slot:
         if self.observer is not None:
             self.observer.calls_ended(self.handler.name, error.error_type, len(self._calls))
         for sink in self._calls.values():
-            sink.queue.put_nowait(error)
+            sink.put(error)
         self._calls.clear()
         self.idle.set()

@@ -40,8 +40,11 @@ class FakeWriter:
         self.drains = 0
 
     def writelines(self, pieces: list[bytes]) -> None:
-        _prefix, head, payload = pieces
-        self.frames.append((wpb.Header.FromString(head), payload))
+        # Three pieces per frame (prefix, header, payload); several frames
+        # when the slot's queue sends a loop iteration's frames together.
+        for at in range(0, len(pieces), 3):
+            _prefix, head, payload = pieces[at : at + 3]
+            self.frames.append((wpb.Header.FromString(head), payload))
 
     def is_closing(self) -> bool:
         return self.closing

@@ -186,6 +186,7 @@ def cancelled_call(slot: Slot) -> None:
 async def test_a_cancelled_call_running_past_the_grace_recycles_its_worker() -> None:
     slot, writer = ready_slot(handler("chat"))
     cancelled_call(slot)
+    await asyncio.sleep(0)  # the slot writes a loop iteration's frames at its end
     assert writer.kinds() == [(1, "call"), (1, "cancel")]
     recorder = Recorder()
     watchdog([slot], recorder, later=29.0).check()

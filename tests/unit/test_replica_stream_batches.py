@@ -48,8 +48,8 @@ async def test_ready_responses_are_batched_but_never_over_the_message_limit() ->
         (call_id,) = list(slot._calls)
         sink = slot._calls[call_id]
         for chunk in chunks:
-            sink.queue.put_nowait((wpb.Header(call_id=call_id, chunk=wpb.Chunk()), chunk))
-        sink.queue.put_nowait((wpb.Header(call_id=call_id, end=wpb.End()), b""))
+            sink.put((wpb.Header(call_id=call_id, chunk=wpb.Chunk()), chunk))
+        sink.put((wpb.Header(call_id=call_id, end=wpb.End()), b""))
     assert [c for b in batches for c in b] == chunks
     for batch in batches:
         assert len(rpc.pack_batch(batch)) <= LIMIT  # one gRPC message
