@@ -66,6 +66,31 @@ async def read_frame(
     return header, payload
 
 
+# Most bytes one read takes from a stream reader: whatever it holds, so every
+# frame that arrived together is cut in one go.
+READ_SIZE = 1 << 20
+
+
+async def read_frames(
+    reader: asyncio.StreamReader, frames: FrameBuffer
+) -> list[tuple[wpb.Header, bytes]]:
+    """Every frame completed by what ``reader`` holds next: at least one, in
+    order (it waits for them). One await for a batch, where :func:`read_frame`
+    takes three per frame. Raises ConnectionClosed at end of stream (a partly
+    received frame is lost with the peer) and PayloadTooLarge as
+    :meth:`FrameBuffer.feed`."""
+    while True:
+        try:
+            data = await reader.read(READ_SIZE)
+        except ConnectionError as exc:
+            raise ConnectionClosed(str(exc) or "connection closed") from None
+        if not data:
+            raise ConnectionClosed("connection closed")
+        got = frames.feed(data)
+        if got:
+            return got
+
+
 def encode_frame(header: wpb.Header, payload: bytes = b"") -> list[bytes]:
     """The byte pieces of one frame, for ``StreamWriter.writelines``."""
     head = header.SerializeToString()

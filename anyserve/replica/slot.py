@@ -334,25 +334,26 @@ class Slot:
         """Hand each frame from the worker to its call until the connection ends
         (raises wire.ConnectionClosed then)."""
         unyielded = 0
+        frames = wire.FrameBuffer(max_frame)
         while True:
-            header, payload = await wire.read_frame(reader, max_frame)
-            sink = self._calls.get(header.call_id)
-            if sink is not None:
-                sink.put((header, payload))
-                # Only a call's last frame carries stats.
-                if self.observer is not None and header.HasField("stats"):
-                    self.observer.call_ended(self.handler.name, header)
-            elif header.WhichOneof("kind") == "cancel":
-                # The worker confirms a cancelled call has ended.
-                self._cancelled.pop(header.call_id, None)
-            # read_frame does not suspend while frames are buffered, so a worker
-            # flooding a stream would keep the callers from running until the
-            # socket is drained (the first token waits for the last): let them
-            # run every few frames.
-            unyielded += 1
-            if unyielded >= YIELD_EVERY:
-                unyielded = 0
-                await asyncio.sleep(0)
+            for header, payload in await wire.read_frames(reader, frames):
+                sink = self._calls.get(header.call_id)
+                if sink is not None:
+                    sink.put((header, payload))
+                    # Only a call's last frame carries stats.
+                    if self.observer is not None and header.HasField("stats"):
+                        self.observer.call_ended(self.handler.name, header)
+                elif header.WhichOneof("kind") == "cancel":
+                    # The worker confirms a cancelled call has ended.
+                    self._cancelled.pop(header.call_id, None)
+                # Reading does not suspend while bytes are buffered, so a worker
+                # flooding a stream would keep the callers from running until the
+                # socket is drained (the first token waits for the last): let
+                # them run every few frames.
+                unyielded += 1
+                if unyielded >= YIELD_EVERY:
+                    unyielded = 0
+                    await asyncio.sleep(0)
 
     def disconnect(self) -> None:
         """The connection ended: no new calls go to this worker."""

@@ -118,23 +118,28 @@ class WorkerServer:
             self._serving.cancel()
 
     async def _read_frames(self) -> None:
+        frames = wire.FrameBuffer(self.max_frame)
         while True:
             try:
-                header, payload = await wire.read_frame(self.reader, self.max_frame)
+                batch = await wire.read_frames(self.reader, frames)
             except wire.ConnectionClosed:
                 return
-            kind = header.WhichOneof("kind")
-            if kind == "call":
-                self.calls[header.call_id] = WorkerCall()
-                self._tasks.start(self._run(header.call_id, header.call, payload))
-            elif kind == "cancel":
-                self._cancel_requested(header.call_id)
-            elif kind == "credit":
-                call = self.calls.get(header.call_id)
-                if call is not None:
-                    call.grant(header.credit.chunks)
-            else:
-                log.warning("ignoring unexpected %s frame from the dispatcher", kind)
+            for header, payload in batch:
+                self._on_frame(header, payload)
+
+    def _on_frame(self, header: wpb.Header, payload: bytes) -> None:
+        kind = header.WhichOneof("kind")
+        if kind == "call":
+            self.calls[header.call_id] = WorkerCall()
+            self._tasks.start(self._run(header.call_id, header.call, payload))
+        elif kind == "cancel":
+            self._cancel_requested(header.call_id)
+        elif kind == "credit":
+            call = self.calls.get(header.call_id)
+            if call is not None:
+                call.grant(header.credit.chunks)
+        else:
+            log.warning("ignoring unexpected %s frame from the dispatcher", kind)
 
     def _cancel_requested(self, call_id: int) -> None:
         """The dispatcher cancelled a call. It is told when the call has really
