@@ -46,6 +46,8 @@ _MAX_SESSION = 256
 # What a request with neither sequence nor session routes within (stateless,
 # so one serves every request; nullcontext supports ``async with``).
 _UNPINNED: AbstractAsyncContextManager[None] = nullcontext()
+# What the sequence parameters' keys (SEQUENCE_ID, _START, _END) all begin with.
+SEQUENCE_MARK = b"sequence_"
 
 
 @dataclass(eq=False)
@@ -119,7 +121,9 @@ class Sequences:
         does not know, and Unavailable when the sequence's replica has gone
         (when the block is entered).
         """
-        _, seq = peek_request(payload)
+        # Sequence parameters are map keys "sequence_..." in the bytes: a
+        # request without the word has none, and is not parsed here.
+        seq = peek_request(payload)[1] if SEQUENCE_MARK in payload else None
         if seq is None and not session:
             return _UNPINNED  # most requests: no generator-based context per request
         return self._route(meta, seq, session)

@@ -14,7 +14,7 @@ import pytest
 from anyserve import AnyServe, versions
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry
-from anyserve.api_server.sequences import Sequences
+from anyserve.api_server.sequences import SEQUENCE_MARK, Sequences
 from anyserve.capability import Capability
 from anyserve.errors import InvalidArgument, NotFound, Unavailable
 from anyserve.proto import InferParameter, ModelInferRequest
@@ -23,7 +23,15 @@ from anyserve.replica.manager import Manager
 from anyserve.replica.processes import WorkerConfig
 from anyserve.replica.sequences import SequenceSlots
 from anyserve.replica.slot import Slot, State
-from anyserve.sequence import SequenceFlags, SequenceStates, from_parameters, peek_request
+from anyserve.sequence import (
+    SEQUENCE_END,
+    SEQUENCE_ID,
+    SEQUENCE_START,
+    SequenceFlags,
+    SequenceStates,
+    from_parameters,
+    peek_request,
+)
 from tests.unit.replica_fakes import handler
 
 pytestmark = pytest.mark.anyio
@@ -278,3 +286,13 @@ def test_resolution_takes_the_version_asked_for_else_the_latest() -> None:
         dispatcher.resolve({}, "m", stream=False, version="3")
     with pytest.raises(NotFound, match=r"^Request for unknown model: 'x' is not found"):
         dispatcher.resolve({}, "x", stream=False)
+
+
+def test_the_api_server_skips_parsing_only_requests_without_sequence_keys() -> None:
+    # Sequences.route parses a request only when its bytes hold the mark.
+    assert all(
+        k.encode().startswith(SEQUENCE_MARK) for k in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END)
+    )
+    with_seq = request(sequence_id=7, sequence_start=True).SerializeToString()
+    assert SEQUENCE_MARK in with_seq and peek_request(with_seq)[1] is not None
+    assert SEQUENCE_MARK not in request().SerializeToString()
