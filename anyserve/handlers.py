@@ -83,11 +83,12 @@ def normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
 
         async def run_async(request: Any, context: Context, emit: Emit) -> None:
             async with context.limiter:
-                if arity == 3:
-                    stream_obj = Stream(emit, context)
-                    await func(request, context, stream_obj)
+                if arity == 2:  # the usual form: no argument tuple built and sliced per call
+                    await emit(await func(request, context))
+                elif arity == 3:
+                    await func(request, context, Stream(emit, context))
                 else:
-                    await emit(await func(*args(request, context, None)))
+                    await emit(await func(request))
 
         return run_async, False
 

@@ -40,9 +40,12 @@ def input_buffers(request: ModelInferRequest, zero_copy: bool) -> list[Any] | No
     Raises InvalidArgument when another input is not raw (the API server
     makes it so) and NotFound when a segment is gone.
     """
+    for tensor in request.inputs:
+        if shm.PATH in tensor.parameters:
+            break
+    else:
+        return None  # the common case, checked without a Ref per input
     refs = [shm.Ref.of(tensor.parameters) for tensor in request.inputs]
-    if not any(refs):
-        return None
     raw = request.raw_input_contents
     if raw and len(raw) != len(refs):
         raise InvalidArgument(
@@ -87,6 +90,8 @@ def place_outputs(request: ModelInferRequest, response: ModelInferResponse) -> N
     Raises InvalidArgument when an output does not fit the region the client
     gave it (Triton's rule: the region must hold the whole output).
     """
+    if not request.outputs and shm.OUTPUTS not in request.parameters:
+        return  # the common case, checked without building the tables below
     regions = {
         out.name: (ref, out.parameters[shm.REGION].string_param)
         for out in request.outputs

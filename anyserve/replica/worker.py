@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from anyserve.call_tasks import CallTasks
 from anyserve.calls import ApiCaller
 from anyserve.context import Caller, Context, StreamClosed
 from anyserve.errors import AnyServeError, InvalidArgument, to_frame
+from anyserve.handlers import Emit
 from anyserve.objects import ObjectStore
 from anyserve.objects.peers import OBJECT_SOURCE_ENV
 from anyserve.proto import InferParameter, ModelInferRequest
@@ -53,6 +55,8 @@ HANDLER_ENV = "ANYSERVE_HANDLER"
 # "1" in a worker's environment: check every response against the handler's
 # declared outputs (a contract check for test suites; off in production).
 CHECK_OUTPUTS_ENV = "ANYSERVE_CHECK_OUTPUTS"
+# The context of a call with no inputs to attach (reentrant: one will do).
+_NOTHING = contextlib.nullcontext()
 
 
 class WorkerServer:
@@ -130,8 +134,8 @@ class WorkerServer:
     def _on_frame(self, header: wpb.Header, payload: bytes) -> None:
         kind = header.WhichOneof("kind")
         if kind == "call":
-            self.calls[header.call_id] = WorkerCall()
-            self._tasks.start(self._run(header.call_id, header.call, payload))
+            state = self.calls[header.call_id] = WorkerCall(header.call_id)
+            self._tasks.start(self._run(state, header.call, payload))
         elif kind == "cancel":
             self._cancel_requested(header.call_id)
         elif kind == "credit":
@@ -174,20 +178,17 @@ class WorkerServer:
         wire.check_answer(payload, self.max_frame)
         self._frames.write(header, payload)
 
-    async def _run(self, call_id: int, call: wpb.Call, payload: bytes) -> None:
-        state = self.calls[call_id]
+    async def _run(self, state: WorkerCall, call: wpb.Call, payload: bytes) -> None:
         try:
             if not state.scope.cancel_called:  # else the caller went away already
-                await self._serve_call(call_id, call, payload, state)
+                await self._serve_call(state, call, payload)
         finally:
-            del self.calls[call_id]
+            del self.calls[state.call_id]
             if state.confirm:
-                self._confirm_cancel(call_id)
+                self._confirm_cancel(state.call_id)
 
-    async def _serve_call(
-        self, call_id: int, call: wpb.Call, payload: bytes, state: WorkerCall
-    ) -> None:
-        info = self.handler.info
+    async def _serve_call(self, state: WorkerCall, call: wpb.Call, payload: bytes) -> None:
+        call_id, info = state.call_id, self.handler.info
         try:
             request = ModelInferRequest.FromString(payload)
             check_request(info.inputs, request)
@@ -198,8 +199,10 @@ class WorkerServer:
         except Exception as exc:  # protobuf raises DecodeError, a plain Exception
             self._error(call_id, InvalidArgument(f"malformed ModelInferRequest: {exc}"))
             return
-        metadata = dict(call.metadata)
-        sequence = self.sequences.open(request.parameters)
+        fields = call.metadata  # dict(fields) would take the Mapping ABC's slower methods
+        metadata = {key: fields[key] for key in fields}
+        # Most requests carry no parameters, so no sequence to look for.
+        sequence = self.sequences.open(request.parameters) if request.parameters else None
         context = state.context = Context(
             request_id=metadata.get(rpc.REQUEST_ID) or request.id,
             metadata=metadata,
@@ -212,8 +215,55 @@ class WorkerServer:
             replica_id=self.replica_id,
             sequence=sequence,
         )
-        raw = len(request.raw_input_contents) > 0
         results: list[Any] = []
+
+        async def emit_unary(value: Any) -> None:
+            if results:
+                raise RuntimeError("a unary handler must produce exactly one response")
+            results.append(value)
+
+        emit = self._emit_stream(call_id, request, context, state) if call.stream else emit_unary
+        # Inputs in shared memory are attached for decoding; most calls have none.
+        attached = _NOTHING if shared is None else codec.attached_inputs(request, shared)
+        tokens = context.bind()
+        try:
+            with state.scope, attached:
+                if self.batcher is not None and not call.stream:
+                    deadline = anyio.current_time() + call.timeout if call.timeout > 0 else math.inf
+                    results.append(await self.batcher.submit((request, context), deadline))
+                else:
+                    await self.handler.run(request, context, emit)
+            if state.scope.cancelled_caught:
+                return  # the dispatcher already answered the caller
+            if call.stream:
+                self._send(state.end())
+            else:
+                if not results:
+                    raise RuntimeError("the handler produced no response")
+                body = self._response(results[0], request)
+                self._send(state.end(), body)
+            await self._frames.drain()
+        except StreamClosed:
+            pass  # the caller went away (cancel or lost replica): nobody to answer
+        except AnyServeError as exc:
+            self._error(call_id, exc)
+        except Exception as exc:
+            log.warning(
+                "handler %s raised on request %s:\n%s",
+                info.name,
+                context.request_id,
+                "".join(traceback.format_exception(exc)),
+            )
+            self._error(call_id, handler_error(exc))
+        finally:
+            Context.unbind(tokens)
+            self.sequences.close(sequence)
+
+    def _emit_stream(
+        self, call_id: int, request: ModelInferRequest, context: Context, state: WorkerCall
+    ) -> Emit:
+        """A stream call's ``emit``: each chunk a frame, sent at once, within its credit."""
+        raw = len(request.raw_input_contents) > 0
         first = True
 
         async def emit_stream(chunk: Any) -> None:
@@ -236,45 +286,7 @@ class WorkerServer:
             self._frames.flush()
             await self._frames.drain()
 
-        async def emit_unary(value: Any) -> None:
-            if results:
-                raise RuntimeError("a unary handler must produce exactly one response")
-            results.append(value)
-
-        emit = emit_stream if call.stream else emit_unary
-        tokens = context.bind()
-        try:
-            with state.scope, codec.attached_inputs(request, shared):
-                if self.batcher is not None and not call.stream:
-                    deadline = anyio.current_time() + call.timeout if call.timeout > 0 else math.inf
-                    results.append(await self.batcher.submit((request, context), deadline))
-                else:
-                    await self.handler.run(request, context, emit)
-            if state.scope.cancelled_caught:
-                return  # the dispatcher already answered the caller
-            if call.stream:
-                self._send(wpb.Header(call_id=call_id, end=wpb.End(), stats=state.stats()))
-            else:
-                if not results:
-                    raise RuntimeError("the handler produced no response")
-                body = self._response(results[0], request)
-                self._send(wpb.Header(call_id=call_id, end=wpb.End(), stats=state.stats()), body)
-            await self._frames.drain()
-        except StreamClosed:
-            pass  # the caller went away (cancel or lost replica): nobody to answer
-        except AnyServeError as exc:
-            self._error(call_id, exc)
-        except Exception as exc:
-            log.warning(
-                "handler %s raised on request %s:\n%s",
-                info.name,
-                context.request_id,
-                "".join(traceback.format_exception(exc)),
-            )
-            self._error(call_id, handler_error(exc))
-        finally:
-            Context.unbind(tokens)
-            self.sequences.close(sequence)
+        return emit_stream
 
     def _response(self, result: Any, request: ModelInferRequest) -> bytes:
         """One unary response: encoded, checked (checked mode), the requested
@@ -294,9 +306,9 @@ class WorkerServer:
         return response.SerializeToString()
 
     def _error(self, call_id: int, exc: AnyServeError) -> None:
+        header = wpb.Header(call_id=call_id, error=to_frame(exc))
         state = self.calls.get(call_id)
-        stats = None if state is None else state.stats()
-        self._send(wpb.Header(call_id=call_id, error=to_frame(exc), stats=stats))
+        self._send(header if state is None else state.report(header))
 
 
 async def _serve(args: argparse.Namespace, handler: Handler) -> None:
