@@ -226,9 +226,11 @@ class LaneServer:
             carried = call.metadata
             metadata = {key: carried[key] for key in carried}
             timeout = call.timeout if call.timeout > 0 else None
-            name = self.spans[1] if call.stream else self.spans[0]
             # No span, not even the context manager's generator, when not tracing.
-            span = tracing_servers.lane_span(name, metadata) if tracing.ENABLED else _NO_SPAN
+            span: contextlib.AbstractContextManager[None] = _NO_SPAN
+            if tracing.ENABLED:
+                name = self.spans[1] if call.stream else self.spans[0]
+                span = tracing_servers.lane_span(name, metadata)
             try:
                 with span:
                     if call.stream:
