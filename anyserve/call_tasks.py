@@ -60,7 +60,7 @@ class CallTasks:
         self._on_error()
 
     async def wait(self) -> None:
-        """Wait until every call's task has ended (their scopes end them);
+        """Wait until every call's task has ended (their owner ends them);
         shielded, as a task group waits for its tasks even when cancelled."""
         with anyio.CancelScope(shield=True):
             while self._tasks:
