@@ -2,8 +2,9 @@
 
 Plain ``create_task``, not anyio's ``TaskGroup.start_soon``: that builds a
 task handle and a cancel scope per task, a quarter of a process's CPU per
-call with a trivial handler. Each call keeps its own anyio cancel scope, so
-anyio's rules still hold inside it (a sync handler's thread is waited for).
+call with a trivial handler. A worker's call keeps its own anyio cancel scope,
+so anyio's rules still hold inside it (a sync handler's thread is waited for);
+a lane call, which runs no thread, is ended by cancelling its task.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ __all__ = ["CallTasks"]
 class CallTasks:
     """Calls in flight, each its own asyncio task (see the module docstring).
 
-    Cancellation goes through each call's own scope, which its owner keeps
-    (the worker's :attr:`~anyserve.replica.worker_call.WorkerCall.scope`, the
-    lane's per-call scope). Like a task group, an exception escaping a call's
+    Cancellation is the owner's: through the worker's per-call scope
+    (:attr:`~anyserve.replica.worker_call.WorkerCall.scope`), or the task
+    :meth:`start` returns (the lane's calls). Like a task group, an exception escaping a call's
     task (or given to :meth:`fail`) stops the owner: ``on_error`` is called
     and :meth:`raise_errors` raises it once the calls have ended.
     """
@@ -35,14 +36,15 @@ class CallTasks:
         # one owner run on one loop.
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` as a call's task (on the running loop)."""
+    def start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a call's task (on the running loop); returns the task."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         task = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -58,7 +60,7 @@ class CallTasks:
         self._on_error()
 
     async def wait(self) -> None:
-        """Wait until every call's task has ended (their scopes end them);
+        """Wait until every call's task has ended (their owner ends them);
         shielded, as a task group waits for its tasks even when cancelled."""
         with anyio.CancelScope(shield=True):
             while self._tasks:

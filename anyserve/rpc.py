@@ -9,6 +9,7 @@ replica and the client agree on them.
 from __future__ import annotations
 
 import socket
+from collections.abc import Container
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -136,10 +137,13 @@ def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def message_fields(buf: bytes | memoryview) -> list[tuple[int, int, int | bytes]]:
+def message_fields(
+    buf: bytes | memoryview, keep: Container[int] | None = None
+) -> list[tuple[int, int, int | bytes]]:
     """``(number, wire type, value)`` of every top-level field; a
-    length-delimited value is its bytes except for large ones (tensors), whose
-    length stands in (they are never decoded here)."""
+    length-delimited value is its bytes except for large ones (tensors), and
+    with ``keep`` for fields not numbered in it, whose length stands in (they
+    are never decoded here, so they are not copied)."""
     out: list[tuple[int, int, int | bytes]] = []
     pos, end = 0, len(buf)
     while pos < end:
@@ -152,7 +156,8 @@ def message_fields(buf: bytes | memoryview) -> list[tuple[int, int, int | bytes]
             value, pos = 0, pos + 8
         elif wire_type == 2:
             length, pos = read_varint(buf, pos)
-            value = bytes(buf[pos : pos + length]) if length <= 4096 else length
+            wanted = length <= 4096 and (keep is None or number in keep)
+            value = bytes(buf[pos : pos + length]) if wanted else length
             pos += length
         elif wire_type == 5:
             value, pos = 0, pos + 4

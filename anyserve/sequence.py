@@ -25,6 +25,7 @@ SEQUENCE_END = "sequence_end"
 
 # ModelInferRequest fields and InferParameter's oneof members.
 _MODEL_VERSION, _PARAMETERS = 2, 4
+_PEEKED = (_MODEL_VERSION, _PARAMETERS)  # the only fields copied out of a request
 _BOOL, _INT64, _STRING, _UINT64 = 1, 2, 3, 5
 
 
@@ -69,7 +70,7 @@ def peek_request(payload: bytes | memoryview) -> tuple[str, SequenceFlags | None
     """
     version, params = "", dict[str, int | str | None]()
     try:
-        for number, _, raw in message_fields(payload):
+        for number, _, raw in message_fields(payload, _PEEKED):
             if number == _MODEL_VERSION and isinstance(raw, bytes):
                 version = raw.decode("utf-8", "replace")
             elif number == _PARAMETERS and isinstance(raw, bytes):

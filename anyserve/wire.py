@@ -112,13 +112,13 @@ def write_frame(
     """
     pieces = encode_frame(header, payload)
     if max_frame is not None:
-        _check_frame(pieces, max_frame)
+        _check_frame(len(pieces[1]), len(payload), max_frame)
     writer.writelines(pieces)
 
 
-def _check_frame(pieces: list[bytes], max_frame: int) -> None:
-    payload = len(pieces[2])
-    if len(pieces[1]) + payload > max_frame:
+def _check_frame(header: int, payload: int, max_frame: int) -> None:
+    """PayloadTooLarge for a frame of these sizes over ``max_frame``."""
+    if header + payload > max_frame:
         raise PayloadTooLarge(
             f"{payload} bytes are over the {max_frame - FRAME_HEADROOM}-byte message limit"
         )
@@ -160,11 +160,12 @@ class FrameQueue:
         """Queue one frame; it is written at the end of this loop iteration.
         With ``max_frame``, a frame over it raises PayloadTooLarge and
         nothing is queued (as :func:`write_frame`)."""
-        pieces = encode_frame(header, payload)
+        # encode_frame's pieces, without its list: this runs for every frame.
+        head = header.SerializeToString()
         if max_frame is not None:
-            _check_frame(pieces, max_frame)
-        self._pieces += pieces
-        self._queued(len(pieces[1]) + len(payload))
+            _check_frame(len(head), len(payload), max_frame)
+        self._pieces += (PREFIX.pack(len(head), len(payload)), head, payload)
+        self._queued(len(head) + len(payload))
 
     def write_many(self, header: wpb.Header, payloads: list[bytes]) -> None:
         """Queue one frame per payload, all with ``header`` (serialized once)."""
@@ -239,22 +240,37 @@ class FrameBuffer:
         when a frame announces more than ``max_frame`` bytes (the stream is
         then unusable: the caller closes it)."""
         buffer = self._buffer
+        if not buffer and type(data) is bytes:
+            # Nothing held back (the usual case): frames are cut from ``data``
+            # itself, each piece copied once (not into the buffer, then out),
+            # and a payload that is the rest of ``data`` not at all.
+            frames, start = self._cut(data)
+            if start < len(data):
+                buffer += memoryview(data)[start:]
+            return frames
         buffer += data
+        with memoryview(buffer) as view:  # slices of a view copy nothing
+            frames, start = self._cut(view)
+        del buffer[:start]
+        return frames
+
+    def _cut(self, data: bytes | memoryview) -> tuple[list[tuple[wpb.Header, bytes]], int]:
+        """The whole frames at the start of ``data`` and where they end."""
         frames: list[tuple[wpb.Header, bytes]] = []
-        start, size = 0, len(buffer)
+        start, size = 0, len(data)
         while size - start >= PREFIX.size:
-            header_len, payload_len = PREFIX.unpack_from(buffer, start)
+            header_len, payload_len = PREFIX.unpack_from(data, start)
             if header_len > MAX_HEADER or header_len + payload_len > self._max_frame:
                 raise PayloadTooLarge(
                     f"frame of {header_len + payload_len} bytes is over the"
                     f" {self._max_frame}-byte limit"
                 )
             head = start + PREFIX.size
-            end = head + header_len + payload_len
+            body = head + header_len
+            end = body + payload_len
             if end > size:
                 break
-            header = wpb.Header.FromString(bytes(buffer[head : head + header_len]))
-            frames.append((header, bytes(buffer[head + header_len : end])))
+            header = wpb.Header.FromString(bytes(data[head:body]))
+            frames.append((header, bytes(data[body:end])))
             start = end
-        del buffer[:start]
-        return frames
+        return frames, start

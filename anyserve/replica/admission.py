@@ -60,6 +60,8 @@ class Admission:
         """
         cap = capacity(handler)
         queued = inflight - cap + 1  # this call's place in the queue (<= 0: runs at once)
+        if queued <= 0 <= handler.max_queue:
+            return Ticket(handler.name, 0)  # runs at once: nothing to check (most calls)
         rounds = math.ceil(queued / cap) if queued > 0 else 0
         service = self._service.get(handler.name)
         retry_after = max(1.0, service or 0.0)

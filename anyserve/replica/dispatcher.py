@@ -178,12 +178,13 @@ class Dispatcher:
         return handler, seq
 
     async def _worker(
-        self, stack: AsyncExitStack, handler: HandlerInfo, seq: SequenceFlags | None
+        self, stack: AsyncExitStack | None, handler: HandlerInfo, seq: SequenceFlags | None
     ) -> Slot:
         """A worker for the call: the sequence's one (held by ``stack`` until
         the call ends), else the least busy."""
         if seq is None:
             return await self.manager.acquire(handler.name)
+        assert stack is not None, "a sequence's worker is held by the call's exit stack"
 
         async def acquire() -> Slot:
             return await self.manager.acquire(handler.name)
@@ -200,42 +201,38 @@ class Dispatcher:
 
         Raises the anyserve error the worker (or delegation) answered with.
         """
+        queued = tracing.now()  # the "queue wait" span starts here (0: not tracing)
+        try:
+            handler, seq = self._route(payload, metadata, stream=False)
+        except (NotFound, Overloaded) as local:
+            return await self._delegate_unary(local, payload, metadata, timeout)
+        if seq is None:
+            # Nothing is held until the call ends: no exit stack (most calls).
+            return await self._unary(None, queued, handler, seq, payload, metadata, timeout)
         async with AsyncExitStack() as stack:
-            return await self._unary(stack, payload, metadata, timeout)
+            return await self._unary(stack, queued, handler, seq, payload, metadata, timeout)
 
     async def _unary(
         self,
-        stack: AsyncExitStack,
+        stack: AsyncExitStack | None,
+        queued: int,
+        handler: HandlerInfo,
+        seq: SequenceFlags | None,
         payload: bytes,
         metadata: Mapping[str, str],
         timeout: float | None,
     ) -> bytes:
-        queued = tracing.now()  # the "queue wait" span starts here (0: not tracing)
-        seq: SequenceFlags | None = None
         try:
-            handler, seq = self._route(payload, metadata, stream=False)
             slot = await self._worker(stack, handler, seq)
             ticket = self.admission.admit(handler, slot.inflight, timeout)
         except (NotFound, Overloaded) as local:
-            # Nothing here can serve it (no handler, stopped, no room to start
-            # it or to queue it): hand it back to the API server for another
-            # replica, unless the API server said there is none (or it is
-            # part of a sequence, whose state is here).
-            delegator = None if seq is not None else self._delegator_for(local, metadata)
-            if delegator is None:
+            if seq is not None:  # never delegated: the sequence's state is here
                 raise _for_caller(local) from None
-            try:
-                return await delegator.unary(payload, metadata, timeout)
-            except NotFound:
-                # Nobody else has it either: "no room here, retry later" (429)
-                # and "use the streaming endpoint" (400) tell the client more
-                # than "not found" when we do have it.
-                if isinstance(local, _BETTER_THAN_NOT_FOUND):
-                    raise _for_caller(local) from None
-                raise
+            return await self._delegate_unary(local, payload, metadata, timeout)
         started = time.monotonic()
-        # With tracing, the Call frame carries the traceparent of this replica's span.
-        metadata = tracing.to_worker(metadata, queued, handler.name, slot.id)
+        if tracing.ENABLED:
+            # The Call frame carries the traceparent of this replica's span.
+            metadata = tracing.to_worker(metadata, queued, handler.name, slot.id)
         call_id, sink = slot.open_call(payload, stream=False, metadata=metadata, timeout=timeout)
         done = False
         try:
@@ -248,6 +245,29 @@ class Dispatcher:
             return body
         finally:
             slot.close_call(call_id, cancel=not done)
+
+    async def _delegate_unary(
+        self,
+        local: NotFound | Overloaded,
+        payload: bytes,
+        metadata: Mapping[str, str],
+        timeout: float | None,
+    ) -> bytes:
+        """Nothing here can serve a call (no handler, stopped, no room to start
+        it or to queue it): hand it back to the API server for another
+        replica, unless the API server said there is none."""
+        delegator = self._delegator_for(local, metadata)
+        if delegator is None:
+            raise _for_caller(local) from None
+        try:
+            return await delegator.unary(payload, metadata, timeout)
+        except NotFound:
+            # Nobody else has it either: "no room here, retry later" (429)
+            # and "use the streaming endpoint" (400) tell the client more
+            # than "not found" when we do have it.
+            if isinstance(local, _BETTER_THAN_NOT_FOUND):
+                raise _for_caller(local) from None
+            raise
 
     async def stream(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float | None

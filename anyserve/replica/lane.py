@@ -5,6 +5,9 @@ by the same dispatcher calls as gRPC (``servicer.infer``,
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any
+
 from anyserve import rpc
 from anyserve.lane_server import LaneServer, Send
 from anyserve.replica.dispatcher import Dispatcher
@@ -14,9 +17,12 @@ from anyserve.replica.servicer import infer, stream_request
 def replica_lane(dispatcher: Dispatcher, replica_id: str, max_frame: int) -> LaneServer:
     """The lane server of replica ``replica_id`` (its Hello names the replica)."""
 
-    async def unary(payload: bytes, metadata: dict[str, str], timeout: float | None) -> bytes:
+    def unary(
+        payload: bytes, metadata: dict[str, str], timeout: float | None
+    ) -> Coroutine[Any, Any, bytes]:
+        # infer's coroutine itself, not one more awaiting it: one frame less per call.
         forward = rpc.read_hop(metadata.items()).forward
-        return await infer(dispatcher, payload, forward, timeout)
+        return infer(dispatcher, payload, forward, timeout)
 
     async def stream(
         payload: bytes, metadata: dict[str, str], timeout: float | None, send: Send
