@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from anyserve.context import Context, Stream
+from anyserve.context import Context, Stream, StreamClosed
 
 __all__ = ["BatchRunner", "Emit", "Runner", "batch_of_one", "normalise", "normalise_batch"]
 
@@ -105,10 +105,18 @@ def normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
         target = func
     else:
 
-        def call_unary(request: Any, context: Context, stream_obj: Stream) -> None:
-            stream_obj.send(func(*args(request, context, None)))
+        async def run_sync_unary(request: Any, context: Context, emit: Emit) -> None:
+            # The result comes back with the thread, not through stream.send
+            # (a second trip between the thread and the loop per call).
+            result = await anyio.to_thread.run_sync(
+                functools.partial(context.run_in_thread, func, *args(request, context, None)),
+                limiter=context.limiter,  # type: ignore[arg-type]  # a CapacityLimiter (sync)
+            )
+            if context.cancelled:  # as stream.send would have said in the thread
+                raise StreamClosed("the caller has gone")
+            await emit(result)
 
-        target = call_unary
+        return run_sync_unary, True
 
     async def run_sync(request: Any, context: Context, emit: Emit) -> None:
         stream_obj = Stream(emit, context)

@@ -75,6 +75,37 @@ async def test_the_worker_waits_for_a_sync_thread_when_the_dispatcher_goes() -> 
         assert server.calls == {}
 
 
+async def test_a_sync_call_cancelled_while_its_thread_runs_answers_only_the_cancel() -> None:
+    # The thread's result comes back with the thread (no stream.send); once
+    # the call is cancelled it must still not be sent.
+    started, release = threading.Event(), threading.Event()
+    app = AnyServe("blocking")
+
+    @app.capability(type="block")
+    def block(request: ModelInferRequest, context: Context) -> str:
+        started.set()
+        release.wait(10)
+        return "done"
+
+    async with dispatcher_end() as (reader, writer, w_reader, w_writer):
+        server = WorkerServer(app.handler("block"), w_reader, w_writer)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve)
+            wire.write_frame(writer, call(1), PAYLOAD)
+            await anyio.to_thread.run_sync(started.wait, 5)
+            wire.write_frame(writer, wpb.Header(call_id=1, cancel=wpb.Cancel()))
+            await eventually(lambda: server.calls[1].scope.cancel_called, timeout=5)
+            release.set()
+            with anyio.fail_after(5):
+                header, payload = await wire.read_frame(reader)
+            assert (header.call_id, header.WhichOneof("kind"), payload) == (1, "cancel", b"")
+            wire.write_frame(writer, call(2), PAYLOAD)  # the next frame is call 2's answer
+            with anyio.fail_after(5):
+                header, _ = await wire.read_frame(reader)
+            assert (header.call_id, header.WhichOneof("kind")) == (2, "end")
+            tg.cancel_scope.cancel()
+
+
 class BrokenWriter:
     """A worker's writer whose socket broke under it: every write raises."""
 
