@@ -82,7 +82,7 @@ async def test_a_call_cancelled_in_the_same_read_never_runs(
     served: tuple[LaneServer, _Handler, _Client],
 ) -> None:
     server, handler, client = served
-    client.send(_call(1), _cancel(1), _call(2))  # one write: read together
+    client.send(_call(1), _cancel(1), _call(2))  # all sent before the server reads: one read
     handler.release.set()
     header, payload = await client.next()
     assert (header.call_id, header.WhichOneof("kind"), payload) == (2, "end", b"answer:x")
