@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from anyserve import codec, rpc, shm, tracing
+from anyserve import codec, rpc, tracing
 from anyserve.capability import Capability, query_to_metadata
 from anyserve.context import Context
 from anyserve.errors import (
@@ -24,7 +24,7 @@ from anyserve.errors import (
     from_rpc_error,
     from_stream_response,
 )
-from anyserve.lane_client import Lane, LaneSlot, Refused
+from anyserve.lane_client import Lane, LaneSlot, Refused, lane_on_this_host
 from anyserve.objects.peers import OBJECT_SOURCE, PeerFetcher
 from anyserve.objects.store import ObjectStore
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse
@@ -36,16 +36,6 @@ log = logging.getLogger("anyserve.calls")
 
 # Seconds to open the API server's local lane before a call goes over gRPC.
 _LANE_OPEN_WITHIN = 2.0
-
-
-def _lane_of(said: object) -> tuple[str, str] | None:
-    """(path, name) of the lane ``/health`` described, when it is on this host."""
-    if not isinstance(said, dict):
-        return None
-    path, name, host = said.get("path"), said.get("name"), said.get("host")
-    if not (isinstance(path, str) and isinstance(name, str) and host):
-        return None
-    return (path, name) if host == shm.host_id() else None
 
 
 # Longest chain of nested context.call()s before it is treated as runaway.
@@ -213,7 +203,7 @@ class ApiCaller:
                 endpoint = answer.get("grpc_endpoint") if isinstance(answer, dict) else None
                 if endpoint:
                     self.api_server, self._grpc_endpoint = url, str(endpoint)
-                    self._lane = _lane_of(answer.get("lane"))
+                    self._lane = lane_on_this_host(answer.get("lane"))
                     return
                 problems.append(f"the API server at {url} did not say its gRPC endpoint")
         raise Unavailable("; ".join(problems) or "no API server URL given")

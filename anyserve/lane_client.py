@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import anyio
 
-from anyserve import wire
+from anyserve import shm, wire
 from anyserve._proto import worker_pb2 as wpb
 from anyserve.errors import (
     DeadlineExceeded,
@@ -40,6 +40,18 @@ _DEADLINE = "Deadline Exceeded"
 # Credit goes back once half the window (responses or bytes) has been taken.
 _CREDIT_COUNT = wire.LANE_WINDOW // 2
 _CREDIT_BYTES = wire.LANE_WINDOW_BYTES // 2
+
+
+def lane_on_this_host(said: object) -> tuple[str, str] | None:
+    """``(path, name)`` of the lane an API server described (``{"path",
+    "name", "host"}`` in its ``/health`` and ``/register`` answers) when it
+    is on this host, else None."""
+    if not isinstance(said, dict):
+        return None
+    path, name, host = said.get("path"), said.get("name"), said.get("host")
+    if not (isinstance(path, str) and isinstance(name, str) and host):
+        return None
+    return (path, name) if host == shm.host_id() else None
 
 
 class Refused(Exception):

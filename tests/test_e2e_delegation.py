@@ -102,3 +102,19 @@ async def test_stale_route_to_a_replica_is_delegated(bench: Cluster) -> None:
     assert pb_served_by(response) == "heavy_app"
     found = codec.decode_outputs(response)
     assert found["text_output"] == b"heavy work done" and found["replica"] == b"heavy_app"
+
+
+async def test_a_replica_on_the_api_servers_host_delegates_through_its_lane(
+    bench: Cluster,
+) -> None:
+    # The /register answer names the API server's lane; the replica's
+    # delegated call goes through it (its taken count), not gRPC.
+    lane = bench.api.lane
+    chat = bench.replica("chat_app")
+    assert lane is not None and chat.registration is not None
+    assert chat.registration.lane == bench.api.state.lane
+    before = lane.taken
+    async with GrpcClient(chat.endpoint) as client:
+        response = await client.infer(ModelInferRequest(id="stale-2"), capability={"type": "heavy"})
+    assert pb_served_by(response) == "heavy_app"
+    assert lane.taken == before + 1

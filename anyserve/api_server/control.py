@@ -123,6 +123,8 @@ async def register(state: ApiState, request: Request) -> Response:
             "grpc_endpoint": state.grpc_endpoint(request.url.hostname),
             "heartbeat_interval": cfg.heartbeat_interval,
             "ttl": cfg.effective_ttl,
+            # A replica on this host delegates through it (anyserve.calls.ApiChannel).
+            **_lane(state),
         }
     )
 
@@ -170,6 +172,13 @@ async def health(state: ApiState, request: Request) -> Response:
         "grpc_endpoint": state.grpc_endpoint(request.url.hostname),
         "registry": state.backend.status(),
     }
-    if state.lane is not None:  # context.call on this host may use it (lane_client)
-        body["lane"] = {"path": state.lane[0], "name": state.lane[1], "host": shm.host_id()}
+    body.update(_lane(state))  # context.call on this host may use it (lane_client)
     return json_response(body)
+
+
+def _lane(state: ApiState) -> dict[str, Any]:
+    """``{"lane": {"path", "name", "host"}}`` when this server has a local
+    lane (:func:`anyserve.lane_client.lane_on_this_host` reads it), else {}."""
+    if state.lane is None:
+        return {}
+    return {"lane": {"path": state.lane[0], "name": state.lane[1], "host": shm.host_id()}}

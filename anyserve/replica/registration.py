@@ -23,6 +23,8 @@ from typing import Any
 import anyio
 import httpx
 
+from anyserve.lane_client import lane_on_this_host
+
 logger = logging.getLogger(__name__)
 
 # Shutdown must not wait long for an API server that is gone.
@@ -63,6 +65,7 @@ class Registration:
         self._wake: anyio.Event | None = None
         self._first: anyio.Event | None = None
         self._grpc_endpoint: str | None = None
+        self._lane: tuple[str, str] | None = None
         self._outage = False
         self._registered = False
 
@@ -75,6 +78,12 @@ class Registration:
     def grpc_endpoint(self) -> str | None:
         """The API server's gRPC entry (host:port) from its last answer, or None."""
         return self._grpc_endpoint
+
+    @property
+    def lane(self) -> tuple[str, str] | None:
+        """The API server's local lane ``(path, name)`` from its last answer,
+        when it is on this host (delegated calls go through it), else None."""
+        return self._lane
 
     @property
     def interval(self) -> float:
@@ -157,6 +166,8 @@ class Registration:
         endpoint = answer.get("grpc_endpoint")
         if isinstance(endpoint, str) and endpoint:
             self._grpc_endpoint = endpoint
+        # Each answer says it afresh: another API server (a failover) has its own.
+        self._lane = lane_on_this_host(answer.get("lane"))
         interval = answer.get("heartbeat_interval")
         if isinstance(interval, int | float) and interval > 0:
             self._interval = float(interval)

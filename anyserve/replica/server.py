@@ -237,7 +237,9 @@ class Replica:
         registration, api_channel, delegator = None, None, None
         if cfg.api_server:
             registration = Registration(cfg.api_server, self.registration_body, token=cfg.token)
-            api_channel = ApiChannel(lambda: registration.grpc_endpoint, cfg.token)
+            api_channel = ApiChannel(
+                lambda: registration.grpc_endpoint, cfg.token, lambda: registration.lane
+            )
             delegator = ApiDelegator(replica_id, api_channel)
         manager = Manager(
             handlers,
