@@ -154,8 +154,17 @@ class Lane(asyncio.Protocol):
         if not self.usable:  # lost since it was chosen: nothing is sent
             raise Refused()
         self._last_id += 1
-        call = wpb.Call(stream=stream, timeout=timeout or 0.0, metadata=dict(metadata))
-        self._send(wpb.Header(call_id=self._last_id, call=call), body)
+        # Filled in place inside its Header: a Call built apart (and a dict
+        # for its map) is copied in, more than twice the cost per call.
+        header = wpb.Header(call_id=self._last_id)
+        call = header.call
+        call.SetInParent()  # a Call even with every field at its default
+        call.stream = stream
+        call.timeout = timeout or 0.0
+        carried = call.metadata
+        for key, value in metadata:
+            carried[key] = value
+        self._send(header, body)
         return self._last_id
 
     def _send(self, header: wpb.Header, payload: bytes = b"") -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from anyserve import rpc
-from anyserve.capability import Capability, query_from_headers, query_to_metadata
+from anyserve.capability import HEADER_PREFIX, Capability, normalise_key, query_to_metadata
 from anyserve.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
 # The headers (metadata keys) parse_meta reads besides the capability query.
 _FIELDS = frozenset({rpc.REQUEST_ID, rpc.DELEGATED_FROM, rpc.VISITED, rpc.CALL_CHAIN})
+_PREFIX_LEN = len(HEADER_PREFIX)
 
 
 @dataclass(slots=True)
@@ -102,16 +103,20 @@ def parse_meta(
     A client cannot raise the hop limit through headers: the hop count is the
     length of the visited list, which only grows.
     """
-    text: list[tuple[str, str]] = []
+    # One pass for the query (what capability.query_from_headers reads) and
+    # the other fields: this runs for every request.
+    query: dict[str, str] = {}
     fields: dict[str, str] = {}
     for key, value in pairs:
         if isinstance(value, bytes):  # "-bin" gRPC metadata; never ours
             continue
         key = key.lower()
-        text.append((key, value))
+        if key.startswith(HEADER_PREFIX):
+            query[normalise_key(key[_PREFIX_LEN:])] = value.strip()
         if key in _FIELDS:
             fields[key] = value.strip()
-    query = {k: _check_value(k, v) for k, v in query_from_headers(text).items()}
+    for key, value in query.items():
+        _check_value(key, value)
     if query and (
         len(query) > _MAX_QUERY_KEYS or sum([len(k) + len(v) for k, v in query.items()]) > _MAX_TEXT
     ):
