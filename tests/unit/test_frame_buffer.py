@@ -40,3 +40,15 @@ def test_a_frame_announcing_more_than_the_limit_is_refused_before_it_arrives() -
     prefix, head, _ = wire.encode_frame(header, b"x" * 2000)
     with pytest.raises(PayloadTooLarge, match="over the 1000-byte limit"):
         wire.FrameBuffer(max_frame=1000).feed(prefix + head)
+
+
+def test_a_call_header_is_the_call_it_describes() -> None:
+    # wire.call_header fills the Call in place; it reads back as one built apart.
+    pairs = [("x-request-id", "r"), ("x-capability-type", "echo"), ("x-request-id", "r2")]
+    header = wire.call_header(7, stream=True, timeout=2.5, metadata=pairs)
+    built = wpb.Call(stream=True, timeout=2.5, metadata=dict(pairs))
+    assert wpb.Header.FromString(header.SerializeToString()) == wpb.Header(call_id=7, call=built)
+    bare = wpb.Header.FromString(
+        wire.call_header(8, stream=False, timeout=None, metadata=[]).SerializeToString()
+    )
+    assert bare.WhichOneof("kind") == "call" and bare.call.timeout == 0.0  # 0: no deadline
