@@ -44,7 +44,9 @@ async def dispatcher_end() -> AsyncIterator[
         w_writer.close()
 
 
-async def test_the_worker_waits_for_a_sync_thread_when_the_dispatcher_goes() -> None:
+def blocking_app() -> tuple[AnyServe, threading.Event, threading.Event]:
+    """An app whose sync handler ``block`` sets ``started``, then waits for
+    ``release`` (at most 10 s) before answering."""
     started, release = threading.Event(), threading.Event()
     app = AnyServe("blocking")
 
@@ -54,6 +56,11 @@ async def test_the_worker_waits_for_a_sync_thread_when_the_dispatcher_goes() -> 
         release.wait(10)
         return "done"
 
+    return app, started, release
+
+
+async def test_the_worker_waits_for_a_sync_thread_when_the_dispatcher_goes() -> None:
+    app, started, release = blocking_app()
     async with dispatcher_end() as (_, writer, w_reader, w_writer):
         server = WorkerServer(app.handler("block"), w_reader, w_writer)
         served = anyio.Event()
@@ -78,15 +85,7 @@ async def test_the_worker_waits_for_a_sync_thread_when_the_dispatcher_goes() -> 
 async def test_a_sync_call_cancelled_while_its_thread_runs_answers_only_the_cancel() -> None:
     # The thread's result comes back with the thread (no stream.send); once
     # the call is cancelled it must still not be sent.
-    started, release = threading.Event(), threading.Event()
-    app = AnyServe("blocking")
-
-    @app.capability(type="block")
-    def block(request: ModelInferRequest, context: Context) -> str:
-        started.set()
-        release.wait(10)
-        return "done"
-
+    app, started, release = blocking_app()
     async with dispatcher_end() as (reader, writer, w_reader, w_writer):
         server = WorkerServer(app.handler("block"), w_reader, w_writer)
         async with anyio.create_task_group() as tg:
