@@ -353,11 +353,11 @@ class LaneSlot:
     async def get(self, path: str, name: str, within: float, what: str = "") -> Lane | None:
         """The open lane to the server named ``name`` at ``path``, opening it
         (within ``within`` seconds) when needed; None when it cannot be."""
-        lane = self._current(path, name)
+        lane = self.current(path, name)
         if lane is not None or asyncio.get_running_loop().time() < self._retry_at:
             return lane
         async with self._lock:  # one attempt at a time, not one per call
-            lane = self._current(path, name)
+            lane = self.current(path, name)
             if lane is not None:
                 return lane
             self.close()
@@ -375,7 +375,9 @@ class LaneSlot:
             self._lane, self._key = lane, (path, name)
             return lane
 
-    def _current(self, path: str, name: str) -> Lane | None:
+    def current(self, path: str, name: str) -> Lane | None:
+        """The lane while it is open to the server named ``name`` at ``path``
+        (None also when it was opened to another), without waiting."""
         lane = self.lane
         return lane if lane is not None and self._key == (path, name) else None
 

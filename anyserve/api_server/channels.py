@@ -60,6 +60,8 @@ class ReplicaConnection(Protocol):
 
     async def connect(self, within: float) -> bool: ...
 
+    def open_lane(self, replica: ReplicaEntry) -> Lane | None: ...
+
     async def local(self, replica: ReplicaEntry, within: float) -> Lane | None: ...
 
     def unary(self, path: str) -> Unary: ...
@@ -116,6 +118,11 @@ class Connection:
     def lane(self) -> Lane | None:
         """The local lane to this endpoint's replica while it is open."""
         return self._lanes.lane
+
+    def open_lane(self, replica: ReplicaEntry) -> Lane | None:
+        """The local lane to ``replica`` if it is open already, else None
+        (nothing is opened: :meth:`local` does that)."""
+        return self._lanes.current(replica.lane, replica.replica_id)
 
     async def local(self, replica: ReplicaEntry, within: float) -> Lane | None:
         """The local lane to ``replica`` (it registered one, on this host:

@@ -39,15 +39,23 @@ from contextlib import asynccontextmanager
 
 import grpc.aio
 
-from anyserve import rpc, shm, tracing, versions
-from anyserve.api_server.abandoned import Abandoned, answer, new_call_id
+from anyserve import rpc, shm, versions
+from anyserve.api_server.abandoned import Abandoned, answer
 from anyserve.api_server.channels import (
     Connections,
     ReplicaStream,
     StreamResponses,
 )
 from anyserve.api_server.config import NoMatchPolicy
-from anyserve.api_server.leases import Attempts, Lease, NotSent, never_sent
+from anyserve.api_server.leases import (
+    Attempts,
+    Lease,
+    NotSent,
+    call_metadata,
+    never_sent,
+    remaining,
+    send_one,
+)
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry, ReplicaEntry
 from anyserve.errors import (
@@ -106,8 +114,30 @@ class Router:
         """
         attempts = self._attempts(meta)
         while True:
+            picked = self._pick(meta, attempts, allow_random)
+            replica, others = picked
+            conn = self.pool.get(replica.endpoint)
+            lane = None
+            if path == rpc.MODEL_INFER and self._local(replica):
+                lane = conn.open_lane(replica)
+            if lane is not None:
+                # Its lane is open (most calls on one host): nothing to connect,
+                # so no lease held across a connection attempt.
+                replica.in_flight += 1
+                conn.calls += 1
+                try:
+                    metadata, _ = call_metadata(meta, replica, others)
+                    return await lane.unary(body, metadata, remaining(attempts.deadline))
+                except Refused:
+                    self._not_sent(meta, replica, attempts)
+                    continue
+                finally:
+                    replica.in_flight -= 1
+                    conn.calls -= 1
             try:
-                async with self.lease(meta, allow_random=allow_random, attempts=attempts) as lease:
+                async with self.lease(
+                    meta, allow_random=allow_random, attempts=attempts, picked=picked
+                ) as lease:
                     if lease.lane is not None and path == rpc.MODEL_INFER:
                         try:
                             return await lease.lane.unary(body, lease.metadata, lease.remaining())
@@ -169,7 +199,7 @@ class Router:
                     )
                     stream: ReplicaStream | None = None
                     try:
-                        await self._send_one(call, body)
+                        await send_one(call, body)
                         # Reading starts once the request is out: a read
                         # that begins while gRPC still sends the headers can
                         # leave the write waiting for them forever.
@@ -183,23 +213,6 @@ class Router:
                         self.abandoned.add(lease.conn, call, lease.call_id)
             except NotSent:
                 continue  # lease() marked the replica unreachable
-
-    @staticmethod
-    async def _send_one(call: grpc.aio.StreamStreamCall, body: bytes) -> None:
-        """Write the request and half-close; raises NotSent when the call
-        failed before it left, the anyserve error when it failed otherwise."""
-        try:
-            await call.write(body)
-            await call.done_writing()
-        except asyncio.InvalidStateError:
-            # The call already ended: read() reports its status, unless it
-            # never left.
-            if never_sent(await call.code(), await call.details()):
-                raise NotSent from None
-        except grpc.aio.AioRpcError as exc:
-            if never_sent(exc.code(), exc.details()):
-                raise NotSent from None
-            raise from_rpc_error(exc) from None
 
     def _attempts(self, meta: RequestMeta) -> Attempts:
         self._check_hops(meta)
@@ -216,58 +229,35 @@ class Router:
         *,
         allow_random: bool = True,
         attempts: Attempts | None = None,
+        picked: tuple[ReplicaEntry, int] | None = None,
     ) -> AsyncIterator[Lease]:
         """Choose and connect a replica for ``meta``, holding an in-flight slot.
 
         Tries further candidates only when a connection could not be made
         (see the module docstring); raises when none is left. A block that
         raises ``NotSent`` marks its replica unreachable in ``attempts`` (the
-        caller then leases again with the same ``attempts``). ``meta.pin``: see sequences.py.
+        caller then leases again with the same ``attempts``). ``picked``: the
+        first choice, already made by :meth:`_pick`. ``meta.pin``: see sequences.py.
         """
         if attempts is None:
             attempts = self._attempts(meta)
         deadline = attempts.deadline
-        unreachable = attempts.unreachable
         while True:
-            replica, attempts.random_mode, others = self._choose(
-                meta, unreachable, attempts.random_mode, allow_random
-            )
-            meta.replica_id = replica.replica_id
-            meta.capability = replica.best(meta.query, meta.model_name)
-            self.on_decision("chosen")
+            replica, others = picked or self._pick(meta, attempts, allow_random)
+            picked = None
             conn = self.pool.get(replica.endpoint)
             replica.in_flight += 1
             conn.calls += 1
             try:
                 left = deadline - time.monotonic()
                 within = min(self.connect_timeout, max(left, 0.0))
-                lane = None
-                if replica.lane and replica.host == self.host and self.host:
-                    lane = await conn.local(replica, within)
+                lane = await conn.local(replica, within) if self._local(replica) else None
                 if lane is not None or await conn.connect(within):
                     try:
-                        metadata = meta.metadata()
-                        call_id = new_call_id()
-                        metadata.append((rpc.CALL_ID, call_id))
-                        if not others:
-                            metadata.append((rpc.SOLE_CANDIDATE, "1"))
-                        if tracing.ENABLED:  # names the replica on the span, passes it on
-                            tracing.routed(
-                                metadata, replica.replica_id, meta.query, meta.model_name
-                            )
-                        if meta.pin is not None:
-                            meta.pin.chose(replica)
+                        metadata, call_id = call_metadata(meta, replica, others)
                         yield Lease(replica, conn, metadata, deadline, call_id, lane)
                     except NotSent:
-                        logger.warning(
-                            "request %s: connection to replica %s at %s failed before the"
-                            " request was sent; trying another",
-                            meta.request_id,
-                            replica.replica_id,
-                            replica.endpoint,
-                        )
-                        unreachable.append(replica)
-                        self.on_decision("retried")
+                        self._not_sent(meta, replica, attempts)
                         raise
                     return
             finally:
@@ -283,8 +273,37 @@ class Router:
                 replica.replica_id,
                 replica.endpoint,
             )
-            unreachable.append(replica)
+            attempts.unreachable.append(replica)
             self.on_decision("retried")
+
+    def _pick(
+        self, meta: RequestMeta, attempts: Attempts, allow_random: bool
+    ) -> tuple[ReplicaEntry, int]:
+        """The replica for the next attempt and how many others could have
+        taken it; notes the choice on ``meta``."""
+        replica, attempts.random_mode, others = self._choose(
+            meta, attempts.unreachable, attempts.random_mode, allow_random
+        )
+        meta.replica_id = replica.replica_id
+        meta.capability = replica.best(meta.query, meta.model_name)
+        self.on_decision("chosen")
+        return replica, others
+
+    def _local(self, replica: ReplicaEntry) -> bool:
+        """Whether ``replica`` registered a lane on this host."""
+        return bool(replica.lane and self.host and replica.host == self.host)
+
+    def _not_sent(self, meta: RequestMeta, replica: ReplicaEntry, attempts: Attempts) -> None:
+        """The call to ``replica`` never left: mark it unreachable for this request."""
+        logger.warning(
+            "request %s: connection to replica %s at %s failed before the"
+            " request was sent; trying another",
+            meta.request_id,
+            replica.replica_id,
+            replica.endpoint,
+        )
+        attempts.unreachable.append(replica)
+        self.on_decision("retried")
 
     def _check_hops(self, meta: RequestMeta) -> None:
         # The count is the visited list itself: a forged header can only make

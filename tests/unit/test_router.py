@@ -21,6 +21,7 @@ from anyserve.errors import (
     Overloaded,
     Unavailable,
 )
+from anyserve.lane_client import Refused
 
 pytestmark = pytest.mark.anyio
 
@@ -40,12 +41,18 @@ class FakeConnection:
         self.reachable = reachable
         self.answers: list[bytes | BaseException] = []
         self.sent: list[tuple[bytes, list[tuple[str, str]]]] = []
+        self.lane: FakeLane | None = None  # an open local lane (lane_client.Lane)
 
     async def connect(self, within: float) -> bool:
         return self.reachable
 
-    async def local(self, replica: Any, within: float) -> None:
-        raise AssertionError("these replicas registered no local lane")
+    def open_lane(self, replica: Any) -> FakeLane | None:
+        assert replica.lane, "only replicas that registered a lane are asked for it"
+        return self.lane
+
+    async def local(self, replica: Any, within: float) -> FakeLane | None:
+        assert replica.lane, "only replicas that registered a lane are asked for it"
+        return self.lane
 
     def unary(self, path: str) -> Any:
         connection = self
@@ -78,6 +85,23 @@ class FakeConnection:
 
     def stream(self) -> Any:
         raise NotImplementedError("these tests route unary calls only")
+
+
+class FakeLane:
+    """An open local lane that answers every call with ``answer`` (or raises it)."""
+
+    def __init__(self, answer: bytes | BaseException) -> None:
+        self.answer = answer
+        self.sent: list[tuple[bytes, dict[str, str], float | None]] = []
+        self.in_flight_seen: list[int] = []  # the replica's count during each call
+        self.replica: Any = None
+
+    async def unary(self, body: bytes, metadata: Any, timeout: float | None) -> bytes:
+        self.sent.append((body, dict(metadata), timeout))
+        self.in_flight_seen.append(self.replica.in_flight)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
 
 
 class FakeConnections:
@@ -245,3 +269,29 @@ async def test_the_replica_is_told_when_it_is_the_only_candidate() -> None:
         await send(router, meta({"type": "chat"}))
     for conn in pool.by_endpoint.values():
         assert all(rpc.SOLE_CANDIDATE not in dict(md) for _, md in conn.sent)
+
+
+async def test_an_open_lane_carries_the_call_and_one_refused_unrun_goes_elsewhere() -> None:
+    router, registry, pool = make_router([])
+    decisions: list[str] = []
+    router.on_decision = decisions.append
+    for replica_id in ("a", "b"):  # on this host, each with its lane open
+        registry.upsert(
+            replica_id, f"{replica_id}:1", [Capability(type="chat")], host=router.host, lane="/l"
+        )
+    a, b = registry.get("a"), registry.get("b")
+    assert a is not None and b is not None
+    b.in_flight = 1  # a is chosen first
+    pool.get("a:1").lane = lane_a = FakeLane(Refused())  # stopping: not taken
+    pool.get("b:1").lane = lane_b = FakeLane(b"from b's lane")
+    lane_a.replica, lane_b.replica = a, b
+    request = meta({"type": "chat"}, x_request_id="r-1")
+    assert (await router.unary(rpc.MODEL_INFER, b"req", request)).decode() == "from b's lane"
+    assert [body for body, _, _ in lane_a.sent + lane_b.sent] == [b"req", b"req"]
+    assert lane_a.in_flight_seen == [1] and lane_b.in_flight_seen == [2]  # held during the call
+    _, metadata, timeout = lane_b.sent[0]
+    assert metadata[rpc.REQUEST_ID] == "r-1" and metadata[rpc.CALL_ID]
+    assert timeout is not None and 0 < timeout <= 5.0
+    assert decisions == ["chosen", "retried", "chosen"]
+    assert (a.in_flight, b.in_flight) == (0, 1) and pool.get("a:1").calls == 0
+    assert pool.get("a:1").sent == pool.get("b:1").sent == []  # nothing over gRPC
