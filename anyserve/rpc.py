@@ -175,21 +175,40 @@ def peek_string_field(buf: bytes | memoryview, field: int) -> str:
     ModelInferRequest). Returns "" when absent; raises ValueError when the bytes
     are not a well-formed message.
     """
+    return peek_string_fields(buf, (field,))[0]
+
+
+def peek_string_fields(buf: bytes | memoryview, fields: tuple[int, ...]) -> list[str]:
+    """The top-level string fields numbered in ``fields`` of a serialized
+    message, in that order, read in one walk without parsing the rest: ""
+    for one absent, the last occurrence for one repeated (as a parser
+    keeps). Raises ValueError when the bytes are not a well-formed message."""
+    found = [""] * len(fields)
     pos = 0
     end = len(buf)
-    found = ""
     while pos < end:
-        key, pos = read_varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
+        # Keys and lengths under 128 are one byte: read inline, as this walks
+        # every request a replica routes; read_varint takes the rest.
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = read_varint(buf, pos)
+        wire_type = key & 7
+        if wire_type == 2:
+            if pos < end and buf[pos] < 0x80:
+                length = buf[pos]
+                pos += 1
+            else:
+                length, pos = read_varint(buf, pos)
+            if key >> 3 in fields:
+                value = bytes(buf[pos : pos + length]).decode("utf-8", "replace")
+                found[fields.index(key >> 3)] = value
+            pos += length
+        elif wire_type == 0:
             _, pos = read_varint(buf, pos)
         elif wire_type == 1:
             pos += 8
-        elif wire_type == 2:
-            length, pos = read_varint(buf, pos)
-            if number == field:
-                found = bytes(buf[pos : pos + length]).decode("utf-8", "replace")
-            pos += length
         elif wire_type == 5:
             pos += 4
         else:

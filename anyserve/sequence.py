@@ -5,7 +5,7 @@ A request belongs to a stateful sequence when its ``parameters`` hold a
 ``sequence_end`` (bools) mark its first and last request. The API server and
 the replica route and order on these without parsing the request (its tensors
 may be large): :func:`peek_sequence` walks the top-level fields and decodes only
-the parameter entries. The model version (field 2) is peeked the same way.
+the parameter entries; :func:`peek_request` adds the model name and version.
 """
 
 from __future__ import annotations
@@ -17,15 +17,20 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from anyserve.errors import InvalidArgument
-from anyserve.rpc import message_fields
+from anyserve.rpc import message_fields, peek_string_fields
 
 SEQUENCE_ID = "sequence_id"
 SEQUENCE_START = "sequence_start"
 SEQUENCE_END = "sequence_end"
 
+# What the keys SEQUENCE_ID, _START and _END all begin with: a request whose
+# bytes lack it has no sequence parameters.
+SEQUENCE_MARK = b"sequence_"
+
 # ModelInferRequest fields and InferParameter's oneof members.
-_MODEL_VERSION, _PARAMETERS = 2, 4
-_PEEKED = (_MODEL_VERSION, _PARAMETERS)  # the only fields copied out of a request
+_NAME_AND_VERSION = (1, 2)  # model_name, model_version
+_PARAMETERS = 4
+_PEEKED = (_PARAMETERS,)  # the only field copied out of a request
 _BOOL, _INT64, _STRING, _UINT64 = 1, 2, 3, 5
 
 
@@ -62,35 +67,49 @@ def _parameter(entry: bytes) -> tuple[str, int | str | None]:
     return key, value_
 
 
-def peek_request(payload: bytes | memoryview) -> tuple[str, SequenceFlags | None]:
-    """``(model_version, sequence or None)`` of a serialized ModelInferRequest.
+def peek_request(payload: bytes | memoryview) -> tuple[str, str, SequenceFlags | None]:
+    """``(model_name, model_version, sequence or None)`` of a serialized
+    ModelInferRequest, in one walk over its top-level fields (the parameters
+    are decoded only when :func:`peek_sequence` finds the mark).
 
-    Raises InvalidArgument for malformed bytes or a ``sequence_id`` that is
-    neither an int nor a string, or start/end flags without an id.
+    Raises InvalidArgument as :func:`peek_sequence`, and for malformed bytes.
     """
-    version, params = "", dict[str, int | str | None]()
+    try:
+        name, version = peek_string_fields(payload, _NAME_AND_VERSION)
+    except ValueError as exc:
+        raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+    return name, version, peek_sequence(payload)
+
+
+def peek_sequence(payload: bytes | memoryview) -> SequenceFlags | None:
+    """The sequence of a serialized ModelInferRequest, or None.
+
+    Its parameters are decoded only when the bytes hold :data:`SEQUENCE_MARK`:
+    most requests have none, and routing every request reads this. With the
+    mark, raises InvalidArgument for malformed bytes, a ``sequence_id`` that
+    is neither an int nor a string, or start/end flags without an id.
+    """
+    if SEQUENCE_MARK not in payload:
+        return None
+    params = dict[str, int | str | None]()
     try:
         for number, _, raw in message_fields(payload, _PEEKED):
-            if number == _MODEL_VERSION and isinstance(raw, bytes):
-                version = raw.decode("utf-8", "replace")
-            elif number == _PARAMETERS and isinstance(raw, bytes):
+            if number == _PARAMETERS and isinstance(raw, bytes):
                 key, value = _parameter(raw)
                 if key in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END):
                     params[key] = value
     except ValueError as exc:
         raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
     if not params:
-        return version, None
+        return None
     seq_id = params.get(SEQUENCE_ID)
     if seq_id is None or seq_id == 0 or seq_id == "":
         if params.get(SEQUENCE_START) or params.get(SEQUENCE_END):
             raise InvalidArgument(
                 "sequence_start/sequence_end need a non-zero (or non-empty) sequence_id"
             )
-        return version, None
-    return version, SequenceFlags(
-        seq_id, bool(params.get(SEQUENCE_START)), bool(params.get(SEQUENCE_END))
-    )
+        return None
+    return SequenceFlags(seq_id, bool(params.get(SEQUENCE_START)), bool(params.get(SEQUENCE_END)))
 
 
 def from_parameters(parameters: object) -> SequenceFlags | None:

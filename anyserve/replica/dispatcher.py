@@ -161,13 +161,9 @@ class Dispatcher:
     ) -> tuple[HandlerInfo, SequenceFlags | None]:
         """The handler for a request and the sequence it belongs to (or None)."""
         query = query_from_headers(metadata.items())
-        model_name = ""
-        if not query:
-            try:
-                model_name = rpc.peek_string_field(payload, 1)
-            except ValueError as exc:
-                raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
-        version, seq = peek_request(payload)
+        model_name, version, seq = peek_request(payload)
+        if query:  # capability headers win over the model name
+            model_name = ""
         key = (frozenset(query.items()), model_name, version, stream)
         handler = self._resolved.get(key)
         if handler is None:
