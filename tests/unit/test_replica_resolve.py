@@ -38,7 +38,7 @@ def dispatcher() -> Dispatcher:
 def resolved(
     dispatcher: Dispatcher, query: dict[str, str], name: str = "", *, stream: bool = False
 ) -> str:
-    return dispatcher.resolve(query, name, stream=stream).name
+    return dispatcher.resolver.resolve(query, name, stream=stream).name
 
 
 # -- capability query ---------------------------------------------------------------

@@ -308,12 +308,12 @@ def test_the_version_key_is_the_handlers_version() -> None:
 def test_resolution_takes_the_version_asked_for_else_the_latest() -> None:
     infos = [dataclasses.replace(handler(f"m{v}", model="m"), version=v) for v in ("1", "10", "2")]
     dispatcher = Dispatcher(infos, Manager(infos, WorkerConfig(app="unit:app")))
-    assert dispatcher.resolve({}, "m", stream=False).name == "m10"
-    assert dispatcher.resolve({}, "m", stream=False, version="2").name == "m2"
+    assert dispatcher.resolver.resolve({}, "m", stream=False).name == "m10"
+    assert dispatcher.resolver.resolve({}, "m", stream=False, version="2").name == "m2"
     with pytest.raises(NotFound, match=r"^Request for unknown model: 'm' version 3 is not found"):
-        dispatcher.resolve({}, "m", stream=False, version="3")
+        dispatcher.resolver.resolve({}, "m", stream=False, version="3")
     with pytest.raises(NotFound, match=r"^Request for unknown model: 'x' is not found"):
-        dispatcher.resolve({}, "x", stream=False)
+        dispatcher.resolver.resolve({}, "x", stream=False)
 
 
 def test_only_requests_without_sequence_keys_skip_parsing() -> None:
