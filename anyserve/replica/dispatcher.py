@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from contextlib import AsyncExitStack, aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -112,22 +112,36 @@ class Dispatcher:
 
     # -- calls -----------------------------------------------------------------
 
-    async def unary(
+    def unary(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
-    ) -> bytes:
-        """Run a unary call; returns the serialized ModelInferResponse.
+    ) -> Coroutine[Any, Any, bytes]:
+        """A unary call to await; it returns the serialized ModelInferResponse.
         ``timeout``: seconds left (None: no deadline).
 
-        Raises the anyserve error the worker (or delegation) answered with.
+        Raises the anyserve error the worker (or delegation) answered with;
+        one about the request itself (InvalidArgument) already when called.
         """
+        # Not a coroutine: it hands over the one running the call, a frame less
+        # on each of its resumptions (this runs for every call).
         queued = tracing.now()  # the "queue wait" span starts here (0: not tracing)
         try:
             handler, seq = self.resolver.route(payload, metadata, stream=False)
         except (NotFound, Overloaded) as local:
-            return await self._delegate_unary(local, payload, metadata, timeout)
+            return self._delegate_unary(local, payload, metadata, timeout)
         if seq is None:
             # Nothing is held until the call ends: no exit stack (most calls).
-            return await self._unary(None, queued, handler, seq, payload, metadata, timeout)
+            return self._unary(None, queued, handler, seq, payload, metadata, timeout)
+        return self._sequence_unary(queued, handler, seq, payload, metadata, timeout)
+
+    async def _sequence_unary(
+        self,
+        queued: int,
+        handler: HandlerInfo,
+        seq: SequenceFlags,
+        payload: bytes,
+        metadata: Mapping[str, str],
+        timeout: float | None,
+    ) -> bytes:
         async with AsyncExitStack() as stack:
             return await self._unary(stack, queued, handler, seq, payload, metadata, timeout)
 
