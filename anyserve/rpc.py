@@ -178,20 +178,22 @@ def peek_string_field(buf: bytes | memoryview, field: int) -> str:
     ModelInferRequest). Returns "" when absent; raises ValueError when the bytes
     are not a well-formed message.
     """
-    return peek_string_fields(buf, (field,))[0]
+    found = b""
+    for _, value in peek_fields(buf, (field,)):
+        found = value  # the last one, as a parser keeps
+    return found.decode("utf-8", "replace")
 
 
-def peek_string_fields(buf: bytes | memoryview, fields: tuple[int, ...]) -> list[str]:
-    """The top-level string fields numbered in ``fields`` of a serialized
-    message, in that order, read in one walk without parsing the rest: ""
-    for one absent, the last occurrence for one repeated (as a parser
-    keeps). Raises ValueError when the bytes are not a well-formed message."""
-    found = [""] * len(fields)
+def peek_fields(buf: bytes | memoryview, wanted: Container[int]) -> list[tuple[int, bytes]]:
+    """``(number, bytes)`` of each top-level length-delimited field numbered
+    in ``wanted``, in order, in one walk that neither parses nor copies the
+    rest. Raises ValueError when the bytes are not a well-formed message."""
+    found: list[tuple[int, bytes]] = []
     pos = 0
     end = len(buf)
     while pos < end:
-        # Keys and lengths under 128 are one byte: read inline, as this walks
-        # every request a replica routes; read_varint takes the rest.
+        # Keys and lengths under 128 take one byte: read inline, as a replica
+        # walks every request it routes; read_varint takes the rest.
         key = buf[pos]
         if key < 0x80:
             pos += 1
@@ -204,9 +206,8 @@ def peek_string_fields(buf: bytes | memoryview, fields: tuple[int, ...]) -> list
                 pos += 1
             else:
                 length, pos = read_varint(buf, pos)
-            if key >> 3 in fields:
-                value = bytes(buf[pos : pos + length]).decode("utf-8", "replace")
-                found[fields.index(key >> 3)] = value
+            if key >> 3 in wanted:
+                found.append((key >> 3, bytes(buf[pos : pos + length])))
             pos += length
         elif wire_type == 0:
             _, pos = read_varint(buf, pos)

@@ -4,8 +4,8 @@ A request belongs to a stateful sequence when its ``parameters`` hold a
 ``sequence_id`` (a non-zero int or a non-empty string); ``sequence_start`` and
 ``sequence_end`` (bools) mark its first and last request. The API server and
 the replica route and order on these without parsing the request (its tensors
-may be large): :func:`peek_sequence` walks the top-level fields and decodes only
-the parameter entries; :func:`peek_request` adds the model name and version.
+may be large): :func:`peek_request` walks the top-level fields and decodes only
+the model name and version, and the parameter entries that may be these.
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from anyserve.errors import InvalidArgument
-from anyserve.rpc import message_fields, peek_string_fields
+from anyserve.rpc import message_fields, peek_fields
 
 SEQUENCE_ID = "sequence_id"
 SEQUENCE_START = "sequence_start"
 SEQUENCE_END = "sequence_end"
 
-# What the keys SEQUENCE_ID, _START and _END all begin with: a request whose
-# bytes lack it has no sequence parameters.
+# What the keys SEQUENCE_ID, _START and _END all begin with: a parameter
+# entry without it is none of them.
 SEQUENCE_MARK = b"sequence_"
 
 # ModelInferRequest fields and InferParameter's oneof members.
-_NAME_AND_VERSION = (1, 2)  # model_name, model_version
-_PARAMETERS = 4
-_PEEKED = (_PARAMETERS,)  # the only field copied out of a request
+_MODEL_NAME, _MODEL_VERSION, _PARAMETERS = 1, 2, 4
+_PEEKED = (_MODEL_NAME, _MODEL_VERSION, _PARAMETERS)  # the only fields copied out
+# Parameter entries longer than this are not sequence parameters (not read).
+_MAX_ENTRY = 4096
 _BOOL, _INT64, _STRING, _UINT64 = 1, 2, 3, 5
 
 
@@ -69,37 +70,39 @@ def _parameter(entry: bytes) -> tuple[str, int | str | None]:
 
 def peek_request(payload: bytes | memoryview) -> tuple[str, str, SequenceFlags | None]:
     """``(model_name, model_version, sequence or None)`` of a serialized
-    ModelInferRequest, in one walk over its top-level fields (the parameters
-    are decoded only when :func:`peek_sequence` finds the mark).
+    ModelInferRequest, in one walk over its top-level fields. Its parameters
+    are decoded only when one holds :data:`SEQUENCE_MARK` (most requests have
+    none, and a replica routes every request by this).
 
-    Raises InvalidArgument as :func:`peek_sequence`, and for malformed bytes.
+    Raises InvalidArgument for malformed bytes, a ``sequence_id`` that is
+    neither an int nor a string, or start/end flags without an id.
     """
+    name = version = b""
+    entries: list[bytes] = []
     try:
-        name, version = peek_string_fields(payload, _NAME_AND_VERSION)
+        for number, raw in peek_fields(payload, _PEEKED):
+            if number == _MODEL_NAME:
+                name = raw
+            elif number == _MODEL_VERSION:
+                version = raw
+            elif len(raw) <= _MAX_ENTRY:
+                entries.append(raw)
+        seq = None
+        if entries and any(SEQUENCE_MARK in entry for entry in entries):
+            seq = _sequence(entries)
     except ValueError as exc:
         raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
-    return name, version, peek_sequence(payload)
+    return name.decode("utf-8", "replace"), version.decode("utf-8", "replace"), seq
 
 
-def peek_sequence(payload: bytes | memoryview) -> SequenceFlags | None:
-    """The sequence of a serialized ModelInferRequest, or None.
-
-    Its parameters are decoded only when the bytes hold :data:`SEQUENCE_MARK`:
-    most requests have none, and routing every request reads this. With the
-    mark, raises InvalidArgument for malformed bytes, a ``sequence_id`` that
-    is neither an int nor a string, or start/end flags without an id.
-    """
-    if SEQUENCE_MARK not in payload:
-        return None
+def _sequence(entries: list[bytes]) -> SequenceFlags | None:
+    """The sequence the ``parameters`` map entries name, or None; raises
+    InvalidArgument (ValueError for malformed bytes) as :func:`peek_request`."""
     params = dict[str, int | str | None]()
-    try:
-        for number, _, raw in message_fields(payload, _PEEKED):
-            if number == _PARAMETERS and isinstance(raw, bytes):
-                key, value = _parameter(raw)
-                if key in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END):
-                    params[key] = value
-    except ValueError as exc:
-        raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+    for entry in entries:
+        key, value = _parameter(entry)
+        if key in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END):
+            params[key] = value
     if not params:
         return None
     seq_id = params.get(SEQUENCE_ID)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry, ReplicaEntry
 from anyserve.errors import InvalidArgument, Unavailable
-from anyserve.sequence import IdleTable, SequenceFlags, peek_sequence
+from anyserve.sequence import SEQUENCE_MARK, IdleTable, SequenceFlags, peek_request
 
 #: Seconds a sequence or session may go without a request before it is forgotten.
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -119,8 +119,9 @@ class Sequences:
         does not know, and Unavailable when the sequence's replica has gone
         (when the block is entered).
         """
-        # A request without sequence parameters is not parsed (peek_sequence).
-        seq = peek_sequence(payload)
+        # Sequence parameters are map keys "sequence_..." in the bytes: a
+        # request without the word has none, and is not parsed here.
+        seq = peek_request(payload)[2] if SEQUENCE_MARK in payload else None
         if seq is None and not session:
             return _UNPINNED  # most requests: no generator-based context per request
         return self._route(meta, seq, session)

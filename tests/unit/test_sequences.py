@@ -32,7 +32,6 @@ from anyserve.sequence import (
     SequenceStates,
     from_parameters,
     peek_request,
-    peek_sequence,
 )
 from tests.unit.replica_fakes import handler
 
@@ -79,7 +78,6 @@ def test_sequence_flags_are_peeked_and_parsed_alike(params: dict[str, Any], expe
     message = request("2", **params)
     message.raw_input_contents.append(b"x" * 10_000)  # a large field is skipped, not read
     assert peek_request(message.SerializeToString()) == ("m", "2", expected)
-    assert peek_sequence(message.SerializeToString()) == expected
     assert from_parameters(message.parameters) == expected
 
 
@@ -108,17 +106,16 @@ def test_flags_without_an_id_and_malformed_bytes_are_refused() -> None:
     with pytest.raises(InvalidArgument, match="need a non-zero"):
         peek_request(request(sequence_start=True).SerializeToString())
     whole = request("1", sequence_id=5).SerializeToString()
-    for malformed in (b"\x0a\x05ab", b"\x0f", whole[:-3], b"\x12\xff"):
+    bad_entry = b"\x22\x0f\x0a\x0bsequence_id\x12\x05\x08"  # its value is cut short
+    for malformed in (b"\x0a\x05ab", b"\x0f", whole[:-3], b"\x12\xff", bad_entry):
         with pytest.raises(InvalidArgument, match=r"^malformed ModelInferRequest: "):
             peek_request(malformed)
-    with pytest.raises(InvalidArgument, match=r"^malformed ModelInferRequest: "):
-        peek_sequence(whole[:-3])  # the mark is there: its parameters are read
 
 
 def test_a_uint64_id_is_taken_too() -> None:
     message = ModelInferRequest()
     message.parameters["sequence_id"].CopyFrom(InferParameter(uint64_param=2**63 + 1))
-    assert peek_sequence(message.SerializeToString()) == SequenceFlags(2**63 + 1)
+    assert peek_request(message.SerializeToString())[2] == SequenceFlags(2**63 + 1)
 
 
 # --------------------------------------------------------------------------- worker state
@@ -316,12 +313,17 @@ def test_resolution_takes_the_version_asked_for_else_the_latest() -> None:
         dispatcher.resolver.resolve({}, "x", stream=False)
 
 
-def test_only_requests_without_sequence_keys_skip_parsing() -> None:
-    # peek_sequence parses a request only when its bytes hold the mark.
+def test_only_parameters_with_the_sequence_mark_are_parsed() -> None:
+    # The API server parses a request only when its bytes hold the mark, the
+    # replica's peek_request only the parameter entries that hold it.
     assert all(
         k.encode().startswith(SEQUENCE_MARK) for k in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END)
     )
     with_seq = request(sequence_id=7, sequence_start=True).SerializeToString()
-    assert SEQUENCE_MARK in with_seq and peek_sequence(with_seq) is not None
+    assert SEQUENCE_MARK in with_seq and peek_request(with_seq)[2] is not None
     assert SEQUENCE_MARK not in request().SerializeToString()
-    assert peek_sequence(b"\x0f") is None  # not even checked without the mark
+    # A parameter entry without the mark is not read (this one is malformed).
+    assert peek_request(b"\x22\x02\x12\x09") == ("", "", None)
+    # Nor is the mark outside the parameters (a tensor's bytes).
+    elsewhere = ModelInferRequest(raw_input_contents=[b"sequence_id"]).SerializeToString()
+    assert peek_request(elsewhere) == ("", "", None)
