@@ -12,12 +12,14 @@ from collections.abc import Mapping
 
 from anyserve import versions
 from anyserve.app import HandlerInfo
+from anyserve.capability import HEADER_PREFIX as HEADER
 from anyserve.capability import Capability, query_from_headers, rank
 from anyserve.errors import InvalidArgument, NotFound
 from anyserve.sequence import SequenceFlags, peek_request
 
 # Resolutions remembered; bounded because queries come from the network.
 _REMEMBERED = 4096
+_PREFIX = len(HEADER)
 
 
 class StreamOnly(NotFound):
@@ -37,7 +39,7 @@ class Resolver:
 
     def __init__(self, handlers: list[HandlerInfo]) -> None:
         self.handlers = handlers
-        self._resolved: dict[tuple[frozenset[tuple[str, str]], str, str, bool], HandlerInfo] = {}
+        self._resolved: dict[tuple[tuple[tuple[str, str], ...], str, str, bool], HandlerInfo] = {}
 
     def resolve(
         self, query: Mapping[str, str], model_name: str, *, stream: bool, version: str = ""
@@ -92,13 +94,16 @@ class Resolver:
         """The handler for a serialized request and the sequence it belongs
         to (or None). Raises as :meth:`resolve`, and InvalidArgument as
         :func:`~anyserve.sequence.peek_request`."""
-        query = query_from_headers(metadata.items())
+        # The capability pairs as they came (what query_from_headers reads) key
+        # the resolution: the query is built only for one not remembered.
+        pairs = tuple([item for item in metadata.items() if item[0][:_PREFIX].lower() == HEADER])
         model_name, version, seq = peek_request(payload)
-        if query:  # capability headers win over the model name
+        if pairs:  # capability headers win over the model name
             model_name = ""
-        key = (frozenset(query.items()), model_name, version, stream)
+        key = (pairs, model_name, version, stream)
         handler = self._resolved.get(key)
         if handler is None:
+            query = query_from_headers(pairs)
             handler = self.resolve(query, model_name, stream=stream, version=version)
             if len(self._resolved) >= _REMEMBERED:
                 self._resolved.clear()
