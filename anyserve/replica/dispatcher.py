@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Mapping
 from contextlib import AsyncExitStack, aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -96,19 +96,20 @@ class Dispatcher:
         #: Which handler serves a request.
         self.resolver = Resolver(handlers)
 
-    async def _worker(
+    def _worker(
         self, stack: AsyncExitStack | None, handler: HandlerInfo, seq: SequenceFlags | None
-    ) -> Slot:
-        """A worker for the call: the sequence's one (held by ``stack`` until
-        the call ends), else the least busy."""
+    ) -> Awaitable[Slot]:
+        """A worker for the call, to await: the sequence's one (held by
+        ``stack`` until the call ends), else the least busy. Not a coroutine
+        itself: one frame less per call, as :meth:`unary`."""
         if seq is None:
-            return await self.manager.acquire(handler.name)
+            return self.manager.acquire(handler.name)
         assert stack is not None, "a sequence's worker is held by the call's exit stack"
 
         async def acquire() -> Slot:
             return await self.manager.acquire(handler.name)
 
-        return await stack.enter_async_context(self.sequences.hold(handler.name, seq, acquire))
+        return stack.enter_async_context(self.sequences.hold(handler.name, seq, acquire))
 
     # -- calls -----------------------------------------------------------------
 
