@@ -5,7 +5,8 @@ A request belongs to a stateful sequence when its ``parameters`` hold a
 ``sequence_end`` (bools) mark its first and last request. The API server and
 the replica route and order on these without parsing the request (its tensors
 may be large): :func:`peek_request` walks the top-level fields and decodes only
-the model name and version, and the parameter entries that may be these.
+the model name and version, and the parameter entries when one may be a
+sequence parameter.
 """
 
 from __future__ import annotations
