@@ -9,7 +9,7 @@ replica and the client agree on them.
 from __future__ import annotations
 
 import socket
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -48,6 +48,9 @@ SOLE_CANDIDATE = "x-anyserve-sole-candidate"
 # prefix and a counter), which CANCEL takes to end the call without a gRPC
 # cancellation (anyserve/replica/in_flight.py). Per hop; never forwarded.
 CALL_ID = "x-anyserve-call"
+# The per-hop keys a replica reads from a call's metadata (read_hop) and
+# leaves out of what it forwards.
+_PER_HOP = frozenset((BATCH, CALL_ID))
 CALLS_SERVICE = "anyserve.calls.Calls"
 CANCEL = f"/{CALLS_SERVICE}/Cancel"
 
@@ -175,21 +178,41 @@ def peek_string_field(buf: bytes | memoryview, field: int) -> str:
     ModelInferRequest). Returns "" when absent; raises ValueError when the bytes
     are not a well-formed message.
     """
+    found = b""
+    for _, value in peek_fields(buf, (field,)):
+        found = value  # the last one, as a parser keeps
+    return found.decode("utf-8", "replace")
+
+
+def peek_fields(buf: bytes | memoryview, wanted: Container[int]) -> list[tuple[int, bytes]]:
+    """``(number, bytes)`` of each top-level length-delimited field numbered
+    in ``wanted``, in order, in one walk that neither parses nor copies the
+    rest. Raises ValueError when the bytes are not a well-formed message."""
+    found: list[tuple[int, bytes]] = []
     pos = 0
     end = len(buf)
-    found = ""
     while pos < end:
-        key, pos = read_varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
+        # Keys and lengths under 128 take one byte: read inline, as a replica
+        # walks every request it routes; read_varint takes the rest.
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = read_varint(buf, pos)
+        wire_type = key & 7
+        if wire_type == 2:
+            if pos < end and buf[pos] < 0x80:
+                length = buf[pos]
+                pos += 1
+            else:
+                length, pos = read_varint(buf, pos)
+            if key >> 3 in wanted:
+                found.append((key >> 3, bytes(buf[pos : pos + length])))
+            pos += length
+        elif wire_type == 0:
             _, pos = read_varint(buf, pos)
         elif wire_type == 1:
             pos += 8
-        elif wire_type == 2:
-            length, pos = read_varint(buf, pos)
-            if number == field:
-                found = bytes(buf[pos : pos + length]).decode("utf-8", "replace")
-            pos += length
         elif wire_type == 5:
             pos += 4
         else:
@@ -207,23 +230,36 @@ class Hop(NamedTuple):
     batched: bool  # BATCH "1": stream responses packed (pack_batch)
 
 
+def forwarded(metadata: Mapping[str, str]) -> dict[str, str]:
+    """What of a call's metadata travels with the request to the next hop:
+    every ``x-*`` key (capability query, request id, hop list, call chain)
+    but binary ``-bin`` ones and the per-hop keys; grpc internals and
+    credentials stay behind. Reads each key once, ``metadata[key]`` only for
+    the kept ones (a local lane call's protobuf map is read as it is, not
+    copied first)."""
+    return {
+        key: metadata[key]
+        for key in metadata
+        if key.startswith("x-") and not key.endswith("-bin") and key not in _PER_HOP
+    }
+
+
 def read_hop(metadata: object) -> Hop:
-    """One pass over a call's metadata: what travels with the request to the
-    next hop (every ``x-*`` key: capability query, request id, hop list, call
-    chain; grpc internals, binary ``-bin`` values, credentials and the per-hop
-    keys stay behind), and the per-hop keys BATCH and CALL_ID."""
+    """One pass over a gRPC call's metadata pairs: what :func:`forwarded`
+    keeps of them (a loop of its own, not a dict of the pairs first: a third
+    less per call), and the per-hop keys BATCH and CALL_ID."""
     forward: dict[str, str] = {}
     call_id: str | None = None
     batched = False
     for key, value in metadata or ():  # type: ignore[attr-defined]
         if not key.startswith("x-") or key.endswith("-bin") or not isinstance(value, str):
             continue
-        if key == CALL_ID:
-            call_id = value
-        elif key == BATCH:
-            batched = value == "1"
-        else:
+        if key not in _PER_HOP:
             forward[key] = value
+        elif key == CALL_ID:
+            call_id = value
+        else:
+            batched = value == "1"
     return Hop(forward, call_id, batched)
 
 

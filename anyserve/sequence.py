@@ -4,8 +4,9 @@ A request belongs to a stateful sequence when its ``parameters`` hold a
 ``sequence_id`` (a non-zero int or a non-empty string); ``sequence_start`` and
 ``sequence_end`` (bools) mark its first and last request. The API server and
 the replica route and order on these without parsing the request (its tensors
-may be large): :func:`peek_sequence` walks the top-level fields and decodes only
-the parameter entries. The model version (field 2) is peeked the same way.
+may be large): :func:`peek_request` walks the top-level fields and decodes only
+the model name and version, and the parameter entries when one may be a
+sequence parameter.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from anyserve.errors import InvalidArgument
-from anyserve.rpc import message_fields
+from anyserve.rpc import message_fields, peek_fields
 
 SEQUENCE_ID = "sequence_id"
 SEQUENCE_START = "sequence_start"
 SEQUENCE_END = "sequence_end"
 
+# What the keys SEQUENCE_ID, _START and _END all begin with: a parameter
+# entry without it is none of them.
+SEQUENCE_MARK = b"sequence_"
+
 # ModelInferRequest fields and InferParameter's oneof members.
-_MODEL_VERSION, _PARAMETERS = 2, 4
-_PEEKED = (_MODEL_VERSION, _PARAMETERS)  # the only fields copied out of a request
+_MODEL_NAME, _MODEL_VERSION, _PARAMETERS = 1, 2, 4
+_PEEKED = (_MODEL_NAME, _MODEL_VERSION, _PARAMETERS)  # the only fields copied out
+# Parameter entries longer than this are not sequence parameters (not read).
+_MAX_ENTRY = 4096
 _BOOL, _INT64, _STRING, _UINT64 = 1, 2, 3, 5
 
 
@@ -62,35 +69,51 @@ def _parameter(entry: bytes) -> tuple[str, int | str | None]:
     return key, value_
 
 
-def peek_request(payload: bytes | memoryview) -> tuple[str, SequenceFlags | None]:
-    """``(model_version, sequence or None)`` of a serialized ModelInferRequest.
+def peek_request(payload: bytes | memoryview) -> tuple[str, str, SequenceFlags | None]:
+    """``(model_name, model_version, sequence or None)`` of a serialized
+    ModelInferRequest, in one walk over its top-level fields. Its parameters
+    are decoded only when one holds :data:`SEQUENCE_MARK` (most requests have
+    none, and a replica routes every request by this).
 
-    Raises InvalidArgument for malformed bytes or a ``sequence_id`` that is
+    Raises InvalidArgument for malformed bytes, a ``sequence_id`` that is
     neither an int nor a string, or start/end flags without an id.
     """
-    version, params = "", dict[str, int | str | None]()
+    name = version = b""
+    entries: list[bytes] = []
     try:
-        for number, _, raw in message_fields(payload, _PEEKED):
-            if number == _MODEL_VERSION and isinstance(raw, bytes):
-                version = raw.decode("utf-8", "replace")
-            elif number == _PARAMETERS and isinstance(raw, bytes):
-                key, value = _parameter(raw)
-                if key in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END):
-                    params[key] = value
+        for number, raw in peek_fields(payload, _PEEKED):
+            if number == _MODEL_NAME:
+                name = raw
+            elif number == _MODEL_VERSION:
+                version = raw
+            elif len(raw) <= _MAX_ENTRY:
+                entries.append(raw)
+        seq = None
+        if entries and any(SEQUENCE_MARK in entry for entry in entries):
+            seq = _sequence(entries)
     except ValueError as exc:
         raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+    return name.decode("utf-8", "replace"), version.decode("utf-8", "replace"), seq
+
+
+def _sequence(entries: list[bytes]) -> SequenceFlags | None:
+    """The sequence the ``parameters`` map entries name, or None; raises
+    InvalidArgument (ValueError for malformed bytes) as :func:`peek_request`."""
+    params = dict[str, int | str | None]()
+    for entry in entries:
+        key, value = _parameter(entry)
+        if key in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END):
+            params[key] = value
     if not params:
-        return version, None
+        return None
     seq_id = params.get(SEQUENCE_ID)
     if seq_id is None or seq_id == 0 or seq_id == "":
         if params.get(SEQUENCE_START) or params.get(SEQUENCE_END):
             raise InvalidArgument(
                 "sequence_start/sequence_end need a non-zero (or non-empty) sequence_id"
             )
-        return version, None
-    return version, SequenceFlags(
-        seq_id, bool(params.get(SEQUENCE_START)), bool(params.get(SEQUENCE_END))
-    )
+        return None
+    return SequenceFlags(seq_id, bool(params.get(SEQUENCE_START)), bool(params.get(SEQUENCE_END)))
 
 
 def from_parameters(parameters: object) -> SequenceFlags | None:

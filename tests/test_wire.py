@@ -64,3 +64,23 @@ def test_peek_and_wrap_without_parsing() -> None:
         rpc.peek_string_field(data[:50], 1)
     wrapped = ModelStreamInferResponse.FromString(rpc.wrap_stream_response(b"\x1a\x01x"))
     assert wrapped.infer_response.id == "x"
+
+
+def test_a_lane_calls_map_is_forwarded_as_grpc_pairs_are() -> None:
+    # The lane reads the Call's map with rpc.forwarded, gRPC's pairs with read_hop.
+    pairs = [
+        ("x-capability-type", "echo"),
+        ("x-request-id", "r1"),
+        (rpc.CALL_ID, "c-1"),
+        (rpc.BATCH, "1"),
+        (rpc.SOLE_CANDIDATE, "1"),
+        ("x-trace-bin", "AAEC"),
+        ("authorization", "Bearer t"),
+        ("user-agent", "grpc-python"),
+        ("traceparent", "00-ab-cd-01"),
+    ]
+    call = wpb.Call(metadata=dict(pairs))
+    hop = rpc.read_hop(pairs)
+    assert rpc.forwarded(call.metadata) == hop.forward == dict(pairs[:2] + pairs[4:5])
+    assert (hop.call_id, hop.batched) == ("c-1", True)
+    assert rpc.read_hop([(rpc.BATCH, "0"), ("x-a", b"\0")]) == ({}, None, False)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -334,16 +334,19 @@ def entry_lane(state: ApiState, name: str) -> LaneServer:
     host sends instead of gRPC (``/health`` says where it is)."""
     entry = GrpcEntry(state)
 
-    async def unary(payload: bytes, metadata: dict[str, str], timeout: float | None) -> bytes:
-        return await entry.infer(payload, lambda n: entry.meta_of(metadata.items(), timeout, n))
+    # The Call's map read into pairs once: its items() view is a Python generator.
+    async def unary(payload: bytes, metadata: Mapping[str, str], timeout: float | None) -> bytes:
+        pairs = [(key, metadata[key]) for key in metadata]
+        return await entry.infer(payload, lambda n: entry.meta_of(pairs, timeout, n))
 
     async def stream(
-        payload: bytes, metadata: dict[str, str], timeout: float | None, send: Send
+        payload: bytes, metadata: Mapping[str, str], timeout: float | None, send: Send
     ) -> None:
         async def one(message: bytes) -> None:
             await send([message])
 
-        await entry.relay(payload, lambda n: entry.meta_of(metadata.items(), timeout, n), one)
+        pairs = [(key, metadata[key]) for key in metadata]
+        await entry.relay(payload, lambda n: entry.meta_of(pairs, timeout, n), one)
 
     spans = (f"{rpc.SERVICE}/ModelInfer", f"{rpc.SERVICE}/ModelStreamInfer")
     return LaneServer(name, unary, stream, wire.DEFAULT_MAX_FRAME, spans)

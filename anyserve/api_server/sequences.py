@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry, ReplicaEntry
 from anyserve.errors import InvalidArgument, Unavailable
-from anyserve.sequence import IdleTable, SequenceFlags, peek_request
+from anyserve.sequence import SEQUENCE_MARK, IdleTable, SequenceFlags, peek_request
 
 #: Seconds a sequence or session may go without a request before it is forgotten.
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -46,8 +46,6 @@ _MAX_SESSION = 256
 # What a request with neither sequence nor session routes within (stateless,
 # so one serves every request; nullcontext supports ``async with``).
 _UNPINNED: AbstractAsyncContextManager[None] = nullcontext()
-# What the sequence parameters' keys (SEQUENCE_ID, _START, _END) all begin with.
-SEQUENCE_MARK = b"sequence_"
 
 
 @dataclass(eq=False)
@@ -123,7 +121,7 @@ class Sequences:
         """
         # Sequence parameters are map keys "sequence_..." in the bytes: a
         # request without the word has none, and is not parsed here.
-        seq = peek_request(payload)[1] if SEQUENCE_MARK in payload else None
+        seq = peek_request(payload)[2] if SEQUENCE_MARK in payload else None
         if seq is None and not session:
             return _UNPINNED  # most requests: no generator-based context per request
         return self._route(meta, seq, session)

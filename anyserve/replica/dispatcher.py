@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Mapping
 from contextlib import AsyncExitStack, aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
-from anyserve import rpc, tracing, versions, wire
+from anyserve import rpc, tracing, wire
 from anyserve.app import HandlerInfo
-from anyserve.capability import Capability, query_from_headers, rank
 from anyserve.errors import (
     AnyServeError,
     InvalidArgument,
@@ -32,9 +31,10 @@ from anyserve.errors import (
 from anyserve.proto import ModelStreamInferResponse
 from anyserve.replica.admission import Admission
 from anyserve.replica.manager import Manager
+from anyserve.replica.resolution import Resolver, StreamOnly, UnknownVersion
 from anyserve.replica.sequences import DEFAULT_IDLE_TIMEOUT, SequenceSlots
 from anyserve.replica.slot import Slot
-from anyserve.sequence import SequenceFlags, peek_request
+from anyserve.sequence import SequenceFlags
 
 if TYPE_CHECKING:
     # Types only: prometheus_client loads only with --metrics-port.
@@ -62,24 +62,14 @@ class Delegator(Protocol):
     ) -> AsyncGenerator[bytes, None]: ...
 
 
-class _StreamOnly(NotFound):
-    """A unary request that only a streaming handler here matches. Another
-    replica may still serve it unary; when none does, the client's mistake is
-    the endpoint: :func:`_for_caller` makes it an InvalidArgument."""
-
-
-class _UnknownVersion(NotFound):
-    """A model served here, but not in the version asked for. Another replica
-    may serve that version; when none does, this answer (in Triton's words)
-    tells the client more than the delegation's "not found"."""
-
-
 # Local answers that stand when a delegation finds nobody else either.
-_BETTER_THAN_NOT_FOUND = (Overloaded, _StreamOnly, _UnknownVersion)
+_BETTER_THAN_NOT_FOUND = (Overloaded, StreamOnly, UnknownVersion)
 
 
 def _for_caller(local: AnyServeError) -> AnyServeError:
-    return InvalidArgument(local.message) if isinstance(local, _StreamOnly) else local
+    """What the caller is told when ``local`` stands: a request only a
+    streaming handler matches came to the wrong endpoint."""
+    return InvalidArgument(local.message) if isinstance(local, StreamOnly) else local
 
 
 class Dispatcher:
@@ -103,112 +93,56 @@ class Dispatcher:
         self.sequences = SequenceSlots(sequence_idle_timeout)
         # The replica's metrics, when it exports them (counts delegations).
         self.observer: SlotObserver | None = None
-        # Handlers never change while a replica runs, so a resolution can be
-        # reused; bounded because queries come from the network.
-        self._resolved: dict[tuple[frozenset[tuple[str, str]], str, str, bool], HandlerInfo] = {}
+        #: Which handler serves a request.
+        self.resolver = Resolver(handlers)
 
-    # -- resolution ------------------------------------------------------------
-
-    def resolve(
-        self, query: Mapping[str, str], model_name: str, *, stream: bool, version: str = ""
-    ) -> HandlerInfo:
-        """The handler for a request, or NotFound saying why there is none
-        (in Triton's words when a model name or version is unknown).
-
-        Capability headers win over the model name; ``version`` keeps the
-        handlers of that model version only. Of several matches the best
-        :func:`~anyserve.capability.rank` wins, then the latest version (of
-        equal ones, the first handler). Stream requests prefer stream handlers
-        and fall back to unary ones; a unary request that only a stream
-        handler matches is told to use the streaming endpoint.
-        """
-        if query:
-            wanted = str(Capability(query))
-        elif model_name:
-            wanted = f"model {model_name!r}"
-        else:
-            raise InvalidArgument("no capability metadata (x-capability-*) and no model_name")
-        # Of equal ranks, the latest version first.
-        scored = [
-            ((found, _latest_first(h.version)), h)
-            for h in self.handlers
-            if (found := rank(h.capability, query, model_name)) is not None
-        ]
-        if scored and version:
-            name = model_name or scored[0][1].capability.name
-            scored = [(score, h) for score, h in scored if h.version == version]
-            if not scored:
-                detail = f"this replica serves {wanted} in other versions only"
-                raise _UnknownVersion(versions.unknown_model(name, version, detail))
-        if not scored:
-            detail = f"no handler for {wanted} on this replica"
-            if not query:
-                detail = versions.unknown_model(model_name, "", detail)
-            raise NotFound(detail)
-        kinds = [True, False] if stream else [False]
-        for kind in kinds:
-            of_kind = [(score, h) for score, h in scored if h.stream is kind]
-            if of_kind:
-                return min(of_kind, key=lambda item: item[0])[1]
-        raise _StreamOnly(
-            f"{wanted} is served by a streaming handler only: send it to the streaming"
-            " endpoint (/infer/stream, /v2/models/{name}/generate_stream or gRPC"
-            " ModelStreamInfer)"
-        )
-
-    def _route(
-        self, payload: bytes, metadata: Mapping[str, str], *, stream: bool
-    ) -> tuple[HandlerInfo, SequenceFlags | None]:
-        """The handler for a request and the sequence it belongs to (or None)."""
-        query = query_from_headers(metadata.items())
-        model_name = ""
-        if not query:
-            try:
-                model_name = rpc.peek_string_field(payload, 1)
-            except ValueError as exc:
-                raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
-        version, seq = peek_request(payload)
-        key = (frozenset(query.items()), model_name, version, stream)
-        handler = self._resolved.get(key)
-        if handler is None:
-            handler = self.resolve(query, model_name, stream=stream, version=version)
-            if len(self._resolved) >= 4096:
-                self._resolved.clear()
-            self._resolved[key] = handler
-        return handler, seq
-
-    async def _worker(
+    def _worker(
         self, stack: AsyncExitStack | None, handler: HandlerInfo, seq: SequenceFlags | None
-    ) -> Slot:
-        """A worker for the call: the sequence's one (held by ``stack`` until
-        the call ends), else the least busy."""
+    ) -> Awaitable[Slot]:
+        """A worker for the call, to await: the sequence's one (held by
+        ``stack`` until the call ends), else the least busy. Not a coroutine
+        itself: one frame less per call, as :meth:`unary`."""
         if seq is None:
-            return await self.manager.acquire(handler.name)
+            return self.manager.acquire(handler.name)
         assert stack is not None, "a sequence's worker is held by the call's exit stack"
 
         async def acquire() -> Slot:
             return await self.manager.acquire(handler.name)
 
-        return await stack.enter_async_context(self.sequences.hold(handler.name, seq, acquire))
+        return stack.enter_async_context(self.sequences.hold(handler.name, seq, acquire))
 
     # -- calls -----------------------------------------------------------------
 
-    async def unary(
+    def unary(
         self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
-    ) -> bytes:
-        """Run a unary call; returns the serialized ModelInferResponse.
+    ) -> Coroutine[Any, Any, bytes]:
+        """A unary call to await; it returns the serialized ModelInferResponse.
         ``timeout``: seconds left (None: no deadline).
 
-        Raises the anyserve error the worker (or delegation) answered with.
+        Raises the anyserve error the worker (or delegation) answered with;
+        one about the request itself (InvalidArgument) already when called.
         """
+        # Not a coroutine: it hands over the one running the call, a frame less
+        # on each of its resumptions (this runs for every call).
         queued = tracing.now()  # the "queue wait" span starts here (0: not tracing)
         try:
-            handler, seq = self._route(payload, metadata, stream=False)
+            handler, seq = self.resolver.route(payload, metadata, stream=False)
         except (NotFound, Overloaded) as local:
-            return await self._delegate_unary(local, payload, metadata, timeout)
+            return self._delegate_unary(local, payload, metadata, timeout)
         if seq is None:
             # Nothing is held until the call ends: no exit stack (most calls).
-            return await self._unary(None, queued, handler, seq, payload, metadata, timeout)
+            return self._unary(None, queued, handler, seq, payload, metadata, timeout)
+        return self._sequence_unary(queued, handler, seq, payload, metadata, timeout)
+
+    async def _sequence_unary(
+        self,
+        queued: int,
+        handler: HandlerInfo,
+        seq: SequenceFlags,
+        payload: bytes,
+        metadata: Mapping[str, str],
+        timeout: float | None,
+    ) -> bytes:
         async with AsyncExitStack() as stack:
             return await self._unary(stack, queued, handler, seq, payload, metadata, timeout)
 
@@ -301,7 +235,7 @@ class Dispatcher:
         queued = tracing.now()
         seq: SequenceFlags | None = None
         try:
-            handler, seq = self._route(payload, metadata, stream=True)
+            handler, seq = self.resolver.route(payload, metadata, stream=True)
             slot = await self._worker(stack, handler, seq)
             # A stream's length says nothing of its handler's speed: only the
             # queue length is checked.
@@ -390,9 +324,3 @@ def _not_found_in_band(message: bytes) -> bool:
     """Whether a serialized stream response is an in-band NotFound error."""
     error = from_stream_response(ModelStreamInferResponse.FromString(message))
     return isinstance(error, NotFound)
-
-
-def _latest_first(version: str) -> tuple[int, int, str]:
-    """Sort key putting the latest version first (numbers, highest first)."""
-    group, number, text = versions.order(version)
-    return (-group, -number, text)

@@ -5,7 +5,7 @@ by the same dispatcher calls as gRPC (``servicer.infer``,
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from anyserve import rpc
@@ -18,17 +18,15 @@ def replica_lane(dispatcher: Dispatcher, replica_id: str, max_frame: int) -> Lan
     """The lane server of replica ``replica_id`` (its Hello names the replica)."""
 
     def unary(
-        payload: bytes, metadata: dict[str, str], timeout: float | None
+        payload: bytes, metadata: Mapping[str, str], timeout: float | None
     ) -> Coroutine[Any, Any, bytes]:
         # infer's coroutine itself, not one more awaiting it: one frame less per call.
-        forward = rpc.read_hop(metadata.items()).forward
-        return infer(dispatcher, payload, forward, timeout)
+        return infer(dispatcher, payload, rpc.forwarded(metadata), timeout)
 
     async def stream(
-        payload: bytes, metadata: dict[str, str], timeout: float | None, send: Send
+        payload: bytes, metadata: Mapping[str, str], timeout: float | None, send: Send
     ) -> None:
-        forward = rpc.read_hop(metadata.items()).forward
-        await stream_request(dispatcher, payload, forward, timeout, send)
+        await stream_request(dispatcher, payload, rpc.forwarded(metadata), timeout, send)
 
     spans = ("dispatch ModelInfer", "dispatch ModelStreamInfer")
     return LaneServer(replica_id, unary, stream, max_frame, spans)

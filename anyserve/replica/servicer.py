@@ -181,9 +181,9 @@ class InferenceServicer:
         pairs = context.invocation_metadata() or ()
         query = query_from_headers((k, v) for k, v in pairs if isinstance(v, str))
         try:
-            handler = self.dispatcher.resolve(query, name, stream=False, version=version)
+            handler = self.dispatcher.resolver.resolve(query, name, stream=False, version=version)
         except NotFound:
-            handler = self.dispatcher.resolve(query, name, stream=True, version=version)
+            handler = self.dispatcher.resolver.resolve(query, name, stream=True, version=version)
         return handler, handler.capability.name if query else name
 
     def _versions(self, name: str) -> list[str]:

@@ -26,7 +26,6 @@ waits on its events:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -283,8 +282,11 @@ class Slot:
         """Wait while the socket buffer to the worker is full (backpressure)."""
         writer = self._writer
         if writer is not None:
-            with contextlib.suppress(ConnectionError):
+            # Not contextlib.suppress: an object and two calls less per call.
+            try:
                 await writer.drain()
+            except ConnectionError:
+                return  # the connection's reader reports it lost
 
     def grant(self, call_id: int, chunks: int) -> None:
         """Let the worker send ``chunks`` more responses of a stream call."""

@@ -4,7 +4,7 @@ runs no further and answers nothing, whether its task had started or not."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import anyio
 import pytest
@@ -25,7 +25,9 @@ class _Handler:
         self.cancelled = 0
         self.release = asyncio.Event()
 
-    async def unary(self, payload: bytes, metadata: dict[str, str], timeout: float | None) -> bytes:
+    async def unary(
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None
+    ) -> bytes:
         self.started += 1
         try:
             await self.release.wait()
@@ -35,7 +37,7 @@ class _Handler:
         return b"answer:" + payload
 
     async def stream(
-        self, payload: bytes, metadata: dict[str, str], timeout: float | None, send: Send
+        self, payload: bytes, metadata: Mapping[str, str], timeout: float | None, send: Send
     ) -> None:
         raise AssertionError("no stream calls here")
 

@@ -7,10 +7,12 @@ import pytest
 
 from anyserve.app import HandlerInfo
 from anyserve.errors import InvalidArgument, NotFound
+from anyserve.proto import InferParameter, ModelInferRequest
 from anyserve.replica.admin import AdminServicer
 from anyserve.replica.dispatcher import Dispatcher
 from anyserve.replica.manager import Manager
 from anyserve.replica.processes import WorkerConfig
+from anyserve.sequence import SequenceFlags
 from tests.unit.replica_fakes import handler
 
 HANDLERS = [
@@ -38,7 +40,7 @@ def dispatcher() -> Dispatcher:
 def resolved(
     dispatcher: Dispatcher, query: dict[str, str], name: str = "", *, stream: bool = False
 ) -> str:
-    return dispatcher.resolve(query, name, stream=stream).name
+    return dispatcher.resolver.resolve(query, name, stream=stream).name
 
 
 # -- capability query ---------------------------------------------------------------
@@ -119,6 +121,30 @@ def test_unary_requests_never_reach_stream_handlers(dispatcher: Dispatcher) -> N
     )
     with pytest.raises(NotFound, match="model 'gen' is served by a streaming handler"):
         resolved(dispatcher, {}, "gen")
+
+
+# -- routing a serialized request -----------------------------------------------------
+
+
+def test_a_request_is_routed_as_resolved_and_its_resolution_remembered(
+    dispatcher: Dispatcher,
+) -> None:
+    route = dispatcher.resolver.route
+    body = ModelInferRequest(model_name="llama-70b").SerializeToString()
+    seq = ModelInferRequest(
+        model_name="embed", parameters={"sequence_id": InferParameter(int64_param=3)}
+    ).SerializeToString()
+    for _ in range(2):  # resolved, then remembered
+        assert route(body, {"x-request-id": "r"}, stream=False) == (HANDLERS[1], None)
+        # Capability headers (read as query_from_headers reads them) win over the name.
+        for key in ("x-capability-type", "x-Capability-Type", "X-CAPABILITY-TYPE"):
+            assert route(body, {key: " embed"}, stream=False)[0].name == "embed"
+        assert route(body, {"x-capability-speed": "fast"}, stream=True)[0].name == "embed_fast"
+        assert route(seq, {}, stream=False)[1] == SequenceFlags(3)
+        with pytest.raises(InvalidArgument, match="empty capability key"):
+            route(body, {"x-capability-": "x"}, stream=False)
+        with pytest.raises(InvalidArgument, match="malformed ModelInferRequest"):
+            route(body[:-1], {"x-capability-type": "embed"}, stream=False)
 
 
 # -- the admin service ------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from anyserve import AnyServe, versions
 from anyserve.api_server.meta import RequestMeta
 from anyserve.api_server.registry import Registry
-from anyserve.api_server.sequences import SEQUENCE_MARK, Sequences
+from anyserve.api_server.sequences import Sequences
 from anyserve.capability import Capability
 from anyserve.errors import InvalidArgument, NotFound, Unavailable
 from anyserve.proto import InferParameter, ModelInferRequest
@@ -26,6 +26,7 @@ from anyserve.replica.slot import Slot, State
 from anyserve.sequence import (
     SEQUENCE_END,
     SEQUENCE_ID,
+    SEQUENCE_MARK,
     SEQUENCE_START,
     SequenceFlags,
     SequenceStates,
@@ -76,21 +77,45 @@ class Clock:
 def test_sequence_flags_are_peeked_and_parsed_alike(params: dict[str, Any], expected: Any) -> None:
     message = request("2", **params)
     message.raw_input_contents.append(b"x" * 10_000)  # a large field is skipped, not read
-    assert peek_request(message.SerializeToString()) == ("2", expected)
+    assert peek_request(message.SerializeToString()) == ("m", "2", expected)
     assert from_parameters(message.parameters) == expected
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        ModelInferRequest(),
+        ModelInferRequest(model_name="m"),
+        ModelInferRequest(model_version="3"),
+        ModelInferRequest(model_version="2", inputs=[{"name": "t" * 300}], model_name="m"),
+        ModelInferRequest(id="x", model_version="3", model_name="m", raw_input_contents=[b"x"] * 9),
+        request("1", sequence_id="s", sequence_end=True),
+    ],
+)
+def test_the_peek_reads_what_a_parser_reads(message: ModelInferRequest) -> None:
+    data = message.SerializeToString()
+    parsed = ModelInferRequest.FromString(data)
+    expected = (parsed.model_name, parsed.model_version, from_parameters(parsed.parameters))
+    assert peek_request(data) == expected
+    # A field given twice: the last one counts, as for a parser.
+    again = ModelInferRequest(model_name="n", model_version="4").SerializeToString()
+    assert peek_request(data + again)[:2] == ("n", "4")
 
 
 def test_flags_without_an_id_and_malformed_bytes_are_refused() -> None:
     with pytest.raises(InvalidArgument, match="need a non-zero"):
         peek_request(request(sequence_start=True).SerializeToString())
-    with pytest.raises(InvalidArgument, match="malformed"):
-        peek_request(b"\x0a\x05ab")
+    whole = request("1", sequence_id=5).SerializeToString()
+    bad_entry = b"\x22\x0f\x0a\x0bsequence_id\x12\x05\x08"  # its value is cut short
+    for malformed in (b"\x0a\x05ab", b"\x0f", whole[:-3], b"\x12\xff", bad_entry):
+        with pytest.raises(InvalidArgument, match=r"^malformed ModelInferRequest: "):
+            peek_request(malformed)
 
 
 def test_a_uint64_id_is_taken_too() -> None:
     message = ModelInferRequest()
     message.parameters["sequence_id"].CopyFrom(InferParameter(uint64_param=2**63 + 1))
-    assert peek_request(message.SerializeToString())[1] == SequenceFlags(2**63 + 1)
+    assert peek_request(message.SerializeToString())[2] == SequenceFlags(2**63 + 1)
 
 
 # --------------------------------------------------------------------------- worker state
@@ -280,19 +305,25 @@ def test_the_version_key_is_the_handlers_version() -> None:
 def test_resolution_takes_the_version_asked_for_else_the_latest() -> None:
     infos = [dataclasses.replace(handler(f"m{v}", model="m"), version=v) for v in ("1", "10", "2")]
     dispatcher = Dispatcher(infos, Manager(infos, WorkerConfig(app="unit:app")))
-    assert dispatcher.resolve({}, "m", stream=False).name == "m10"
-    assert dispatcher.resolve({}, "m", stream=False, version="2").name == "m2"
+    assert dispatcher.resolver.resolve({}, "m", stream=False).name == "m10"
+    assert dispatcher.resolver.resolve({}, "m", stream=False, version="2").name == "m2"
     with pytest.raises(NotFound, match=r"^Request for unknown model: 'm' version 3 is not found"):
-        dispatcher.resolve({}, "m", stream=False, version="3")
+        dispatcher.resolver.resolve({}, "m", stream=False, version="3")
     with pytest.raises(NotFound, match=r"^Request for unknown model: 'x' is not found"):
-        dispatcher.resolve({}, "x", stream=False)
+        dispatcher.resolver.resolve({}, "x", stream=False)
 
 
-def test_the_api_server_skips_parsing_only_requests_without_sequence_keys() -> None:
-    # Sequences.route parses a request only when its bytes hold the mark.
+def test_only_parameters_with_the_sequence_mark_are_parsed() -> None:
+    # The API server parses a request only when its bytes hold the mark, the
+    # replica's peek_request only the parameter entries that hold it.
     assert all(
         k.encode().startswith(SEQUENCE_MARK) for k in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END)
     )
     with_seq = request(sequence_id=7, sequence_start=True).SerializeToString()
-    assert SEQUENCE_MARK in with_seq and peek_request(with_seq)[1] is not None
+    assert SEQUENCE_MARK in with_seq and peek_request(with_seq)[2] is not None
     assert SEQUENCE_MARK not in request().SerializeToString()
+    # A parameter entry without the mark is not read (this one is malformed).
+    assert peek_request(b"\x22\x02\x12\x09") == ("", "", None)
+    # Nor is the mark outside the parameters (a tensor's bytes).
+    elsewhere = ModelInferRequest(raw_input_contents=[b"sequence_id"]).SerializeToString()
+    assert peek_request(elsewhere) == ("", "", None)
