@@ -327,3 +327,20 @@ def test_only_parameters_with_the_sequence_mark_are_parsed() -> None:
     # Nor is the mark outside the parameters (a tensor's bytes).
     elsewhere = ModelInferRequest(raw_input_contents=[b"sequence_id"]).SerializeToString()
     assert peek_request(elsewhere) == ("", "", None)
+
+
+async def test_a_large_request_is_walked_for_its_sequence_not_searched() -> None:
+    # Past 64 KiB the API server walks the fields (skipping tensors) instead
+    # of searching every byte for the mark: both ways must find the sequence.
+    table = Sequences(registry_with("r1"))
+    tensor = bytes(1 << 20)
+    big = request(sequence_id=9, sequence_start=True)
+    big.raw_input_contents.append(tensor)
+    m = meta()
+    async with table.route(big.SerializeToString(), m):
+        assert m.pin is not None
+    plain = request()
+    plain.raw_input_contents.append(tensor + b"sequence_id")  # the mark in a tensor only
+    m = meta()
+    async with table.route(plain.SerializeToString(), m):
+        assert m.pin is None
