@@ -73,6 +73,8 @@ logger = logging.getLogger(__name__)
 #: Retry-After (seconds) of a capability that is down: an operator must restart
 #: it, so a client polling faster only adds load.
 DOWN_RETRY_AFTER = 30.0
+# Why a call is tried elsewhere when its replica took nothing (the log says).
+_NOT_SENT = "did not take the request (the connection failed before it left, or it is stopping)"
 
 
 class Router:
@@ -129,7 +131,7 @@ class Router:
                     metadata, _ = call_metadata(meta, replica, others)
                     return await lane.unary(body, metadata, remaining(attempts.deadline))
                 except Refused:
-                    self._not_sent(meta, replica, attempts)
+                    self._skip(meta, replica, attempts, _NOT_SENT)
                     continue
                 finally:
                     replica.in_flight -= 1
@@ -257,7 +259,7 @@ class Router:
                         metadata, call_id = call_metadata(meta, replica, others)
                         yield Lease(replica, conn, metadata, deadline, call_id, lane)
                     except NotSent:
-                        self._not_sent(meta, replica, attempts)
+                        self._skip(meta, replica, attempts, _NOT_SENT)
                         raise
                     return
             finally:
@@ -267,14 +269,7 @@ class Router:
                 raise DeadlineExceeded(
                     f"deadline passed while connecting to replica {replica.replica_id}"
                 )
-            logger.warning(
-                "request %s: replica %s at %s is unreachable; trying another",
-                meta.request_id,
-                replica.replica_id,
-                replica.endpoint,
-            )
-            attempts.unreachable.append(replica)
-            self.on_decision("retried")
+            self._skip(meta, replica, attempts, "is unreachable")
 
     def _pick(
         self, meta: RequestMeta, attempts: Attempts, allow_random: bool
@@ -293,14 +288,15 @@ class Router:
         """Whether ``replica`` registered a lane on this host."""
         return bool(replica.lane and self.host and replica.host == self.host)
 
-    def _not_sent(self, meta: RequestMeta, replica: ReplicaEntry, attempts: Attempts) -> None:
-        """The call to ``replica`` never left: mark it unreachable for this request."""
+    def _skip(self, meta: RequestMeta, replica: ReplicaEntry, attempts: Attempts, why: str) -> None:
+        """``replica`` was not reached (``why``, for the log): mark it
+        unreachable for this request, which tries another."""
         logger.warning(
-            "request %s: connection to replica %s at %s failed before the"
-            " request was sent; trying another",
+            "request %s: replica %s at %s %s; trying another",
             meta.request_id,
             replica.replica_id,
             replica.endpoint,
+            why,
         )
         attempts.unreachable.append(replica)
         self.on_decision("retried")
