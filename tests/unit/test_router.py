@@ -46,11 +46,12 @@ class FakeConnection:
     async def connect(self, within: float) -> bool:
         return self.reachable
 
-    def open_lane(self, replica: Any) -> FakeLane | None:
+    # Any: a FakeLane stands in for a lane_client.Lane.
+    def open_lane(self, replica: Any) -> Any:
         assert replica.lane, "only replicas that registered a lane are asked for it"
         return self.lane
 
-    async def local(self, replica: Any, within: float) -> FakeLane | None:
+    async def local(self, replica: Any, within: float) -> Any:
         assert replica.lane, "only replicas that registered a lane are asked for it"
         return self.lane
 
