@@ -178,17 +178,21 @@ def peek_string_field(buf: bytes | memoryview, field: int) -> str:
     ModelInferRequest). Returns "" when absent; raises ValueError when the bytes
     are not a well-formed message.
     """
-    found = b""
+    found: bytes | memoryview = b""
     for _, value in peek_fields(buf, (field,)):
         found = value  # the last one, as a parser keeps
-    return found.decode("utf-8", "replace")
+    return str(found, "utf-8", "replace")
 
 
-def peek_fields(buf: bytes | memoryview, wanted: Container[int]) -> list[tuple[int, bytes]]:
-    """``(number, bytes)`` of each top-level length-delimited field numbered
+def peek_fields(
+    buf: bytes | memoryview, wanted: Container[int], copy_up_to: int | None = None
+) -> list[tuple[int, bytes | memoryview]]:
+    """``(number, value)`` of each top-level length-delimited field numbered
     in ``wanted``, in order, in one walk that neither parses nor copies the
-    rest. Raises ValueError when the bytes are not a well-formed message."""
-    found: list[tuple[int, bytes]] = []
+    rest. A value is a slice of ``buf`` (a copy from bytes), except that one
+    longer than ``copy_up_to`` is a memoryview of it, never copied. Raises
+    ValueError when the bytes are not a well-formed message."""
+    found: list[tuple[int, bytes | memoryview]] = []
     pos = 0
     end = len(buf)
     while pos < end:
@@ -207,7 +211,10 @@ def peek_fields(buf: bytes | memoryview, wanted: Container[int]) -> list[tuple[i
             else:
                 length, pos = read_varint(buf, pos)
             if key >> 3 in wanted:
-                found.append((key >> 3, bytes(buf[pos : pos + length])))
+                if copy_up_to is None or length <= copy_up_to:
+                    found.append((key >> 3, buf[pos : pos + length]))
+                else:  # a big field the caller may not read: not copied
+                    found.append((key >> 3, memoryview(buf)[pos : pos + length]))
             pos += length
         elif wire_type == 0:
             _, pos = read_varint(buf, pos)

@@ -78,22 +78,24 @@ def peek_request(payload: bytes | memoryview) -> tuple[str, str, SequenceFlags |
     Raises InvalidArgument for malformed bytes, a ``sequence_id`` that is
     neither an int nor a string, or start/end flags without an id.
     """
-    name = version = b""
+    name: bytes | memoryview = b""
+    version: bytes | memoryview = b""
     entries: list[bytes] = []
     try:
-        for number, raw in peek_fields(payload, _PEEKED):
+        # A longer parameter entry is no sequence parameter: skipped, uncopied.
+        for number, raw in peek_fields(payload, _PEEKED, _MAX_ENTRY):
             if number == _MODEL_NAME:
                 name = raw
             elif number == _MODEL_VERSION:
                 version = raw
             elif len(raw) <= _MAX_ENTRY:
-                entries.append(raw)
+                entries.append(bytes(raw))  # the same object when raw is bytes
         seq = None
         if entries and any(SEQUENCE_MARK in entry for entry in entries):
             seq = _sequence(entries)
     except ValueError as exc:
         raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
-    return name.decode("utf-8", "replace"), version.decode("utf-8", "replace"), seq
+    return str(name, "utf-8", "replace"), str(version, "utf-8", "replace"), seq
 
 
 def _sequence(entries: list[bytes]) -> SequenceFlags | None:

@@ -6,6 +6,7 @@ version resolution."""
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 from typing import Any
 
 import anyio
@@ -344,3 +345,19 @@ async def test_a_large_request_is_walked_for_its_sequence_not_searched() -> None
     m = meta()
     async with table.route(plain.SerializeToString(), m):
         assert m.pin is None
+
+
+def test_a_long_parameter_entry_is_not_copied_to_be_skipped() -> None:
+    # Only short entries can be sequence parameters: a long one (here 4 MiB)
+    # is passed over without a copy, which would double the request's memory.
+    big = request(sequence_id=3)
+    big.parameters["blob"].string_param = "x" * (4 << 20)
+    payload = big.SerializeToString()
+    tracemalloc.start()
+    try:
+        flags = peek_request(payload)[2]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert flags is not None and flags.id == 3
+    assert peak < 64 * 1024
