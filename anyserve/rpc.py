@@ -140,13 +140,10 @@ def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def message_fields(
-    buf: bytes | memoryview, keep: Container[int] | None = None
-) -> list[tuple[int, int, int | bytes]]:
+def message_fields(buf: bytes | memoryview) -> list[tuple[int, int, int | bytes]]:
     """``(number, wire type, value)`` of every top-level field; a
-    length-delimited value is its bytes except for large ones (tensors), and
-    with ``keep`` for fields not numbered in it, whose length stands in (they
-    are never decoded here, so they are not copied)."""
+    length-delimited value is its bytes except for large ones (tensors),
+    whose length stands in (they are never decoded here, so not copied)."""
     out: list[tuple[int, int, int | bytes]] = []
     pos, end = 0, len(buf)
     while pos < end:
@@ -159,8 +156,7 @@ def message_fields(
             value, pos = 0, pos + 8
         elif wire_type == 2:
             length, pos = read_varint(buf, pos)
-            wanted = length <= 4096 and (keep is None or number in keep)
-            value = bytes(buf[pos : pos + length]) if wanted else length
+            value = bytes(buf[pos : pos + length]) if length <= 4096 else length
             pos += length
         elif wire_type == 5:
             value, pos = 0, pos + 4
