@@ -131,11 +131,6 @@ async def _measure(servers: Servers) -> list[dict[str, Any]]:
     unary = {name: load.UnaryResult.merge(results) for name, results in windows.items()}
     b, r, a = unary["bare"], unary["replica"], unary["anyserve"]
     ratio = _ratio(b.rps, a.rps)
-    # Window by window (the same round), to show how far one window's ratio strays.
-    each = [
-        _ratio(bare.rps, ours.rps)
-        for bare, ours in zip(windows["bare"], windows["anyserve"], strict=True)
-    ]
     label = f"unary c={CONCURRENCY}"
     return [
         _row(
@@ -145,7 +140,7 @@ async def _measure(servers: Servers) -> list[dict[str, Any]]:
             a.rps,
             f">= {TARGET:.2f}x bare",
             f"vs bare {'met' if ratio >= TARGET else 'NOT met'};"
-            f" {len(each)} windows {min(each):.2f}-{max(each):.2f}x",
+            f" {load.window_spread(windows['bare'], windows['anyserve'])}",
         ),
         _row(f"{label} p50 ms", b.p50_ms, r.p50_ms, a.p50_ms, note="lower is better"),
         _row(f"{label} p99 ms", b.p99_ms, r.p99_ms, a.p99_ms, note="lower is better"),

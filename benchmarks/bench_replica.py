@@ -109,15 +109,8 @@ async def _measure(servers: Servers) -> list[dict[str, Any]]:
         note = ""
         if concurrency == 64:
             verdict = "met" if r.rps >= TARGET_C64 * b.rps else "NOT met"
-            # Window by window (the same round): how far one window's ratio strays.
-            each = [
-                ours.rps / bare.rps if bare.rps else float("nan")
-                for bare, ours in zip(windows["bare"], windows["replica"], strict=True)
-            ]
-            note = (
-                f"target >= {TARGET_C64:.2f}x: {verdict};"
-                f" {len(each)} windows {min(each):.2f}-{max(each):.2f}x"
-            )
+            spread = load.window_spread(windows["bare"], windows["replica"])
+            note = f"target >= {TARGET_C64:.2f}x: {verdict}; {spread}"
         rows.append(_row(f"unary c={concurrency} requests/s", b.rps, r.rps, note))
         rows.append(_row(f"unary c={concurrency} p50 ms", b.p50_ms, r.p50_ms, "lower is better"))
         rows.append(_row(f"unary c={concurrency} p99 ms", b.p99_ms, r.p99_ms, "lower is better"))

@@ -97,6 +97,14 @@ class StreamResult:
         )
 
 
+def window_spread(base: Sequence[UnaryResult], ours: Sequence[UnaryResult]) -> str:
+    """``"N windows LOW-HIGHx"``: the lowest and highest ratio of requests/s
+    of ``ours`` to ``base`` window by window (windows of the same round pair
+    up), to show how far a single window's ratio strays."""
+    each = [o.rps / b.rps if b.rps else float("nan") for b, o in zip(base, ours, strict=True)]
+    return f"{len(each)} windows {min(each):.2f}-{max(each):.2f}x"
+
+
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     if not sorted_values:
