@@ -24,7 +24,8 @@ from anyserve.errors import (
     from_rpc_error,
     from_stream_response,
 )
-from anyserve.lane_client import Lane, LaneSlot, Refused, lane_on_this_host
+from anyserve.lane_client import Lane, Refused
+from anyserve.lane_slot import LaneSlot, lane_on_this_host
 from anyserve.objects.peers import OBJECT_SOURCE, PeerFetcher
 from anyserve.objects.store import ObjectStore
 from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInferResponse

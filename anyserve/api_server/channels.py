@@ -21,7 +21,8 @@ import grpc.aio
 
 from anyserve import rpc
 from anyserve.errors import AnyServeError, HandlerError, Unavailable, from_rpc_error
-from anyserve.lane_client import Lane, LaneSlot
+from anyserve.lane_client import Lane
+from anyserve.lane_slot import LaneSlot
 
 if TYPE_CHECKING:
     from anyserve.api_server.registry import ReplicaEntry

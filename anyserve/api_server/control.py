@@ -178,7 +178,7 @@ async def health(state: ApiState, request: Request) -> Response:
 
 def _lane(state: ApiState) -> dict[str, Any]:
     """``{"lane": {"path", "name", "host"}}`` when this server has a local
-    lane (:func:`anyserve.lane_client.lane_on_this_host` reads it), else {}."""
+    lane (:func:`anyserve.lane_slot.lane_on_this_host` reads it), else {}."""
     if state.lane is None:
         return {}
     return {"lane": {"path": state.lane[0], "name": state.lane[1], "host": shm.host_id()}}

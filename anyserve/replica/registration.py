@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import httpx
 
-from anyserve.lane_client import lane_on_this_host
+from anyserve.lane_slot import lane_on_this_host
 
 logger = logging.getLogger(__name__)
 
