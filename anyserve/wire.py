@@ -143,6 +143,11 @@ def _check_frame(header: int, payload: int, max_frame: int) -> None:
         )
 
 
+# How long a frame queued with ``wait`` may wait for company (FrameQueue):
+# two of uvloop's 1 ms timer ticks.
+WAIT_LIMIT = 0.002
+
+
 class FrameQueue:
     """Frames queued during one event-loop iteration, then written with one
     ``writelines`` call (the same bytes as writing them one by one).
@@ -170,21 +175,34 @@ class FrameQueue:
         self._pieces: list[bytes] = []
         self._size = 0
         self._flush_soon: asyncio.Handle | None = None
+        self._waiting = False  # _flush_soon is the timer of frames that wait
         self._broken = False
         # Looked up once: asyncio.get_running_loop() is a system call (getpid)
         # per frame otherwise. A queue serves the loop it is first used on.
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def write(self, header: wpb.Header, payload: bytes = b"", max_frame: int | None = None) -> None:
+    def write(
+        self,
+        header: wpb.Header,
+        payload: bytes = b"",
+        max_frame: int | None = None,
+        *,
+        wait: bool = False,
+    ) -> None:
         """Queue one frame; it is written at the end of this loop iteration.
         With ``max_frame``, a frame over it raises PayloadTooLarge and
-        nothing is queued (as :func:`write_frame`)."""
+        nothing is queued (as :func:`write_frame`).
+
+        With ``wait``, the frame may wait up to ``WAIT_LIMIT`` seconds for
+        company (the frames queued meanwhile leave with it); a frame queued
+        without ``wait`` takes every waiting frame along at the end of its
+        iteration."""
         # encode_frame's pieces, without its list: this runs for every frame.
         head = header.SerializeToString()
         if max_frame is not None:
             _check_frame(len(head), len(payload), max_frame)
         self._pieces += (PREFIX.pack(len(head), len(payload)), head, payload)
-        self._queued(len(head) + len(payload))
+        self._queued(len(head) + len(payload), wait)
 
     def write_many(self, header: wpb.Header, payloads: list[bytes]) -> None:
         """Queue one frame per payload, all with ``header`` (serialized once)."""
@@ -193,20 +211,29 @@ class FrameQueue:
         for payload in payloads:
             self._pieces += (PREFIX.pack(len(head), len(payload)), head, payload)
             size += len(head) + len(payload)
-        self._queued(size)
+        self._queued(size, False)
 
-    def _queued(self, size: int) -> None:
+    def _queued(self, size: int, wait: bool) -> None:
         self._size += size
         if self._size >= self._flush_at:
             self.flush()
-        elif self._flush_soon is None:
-            loop = self._loop
-            if loop is None:
-                try:
-                    loop = self._loop = asyncio.get_running_loop()
-                except RuntimeError:  # no loop to wait for: the frame goes now
-                    self.flush()
-                    return
+            return
+        due = self._flush_soon
+        if due is not None:
+            if wait or not self._waiting:
+                return  # it leaves with the frames already due
+            due.cancel()  # the waiting frames go now, with this one
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop to wait for: the frame goes now
+                self.flush()
+                return
+        self._waiting = wait
+        if wait:
+            self._flush_soon = loop.call_later(WAIT_LIMIT, self.flush)
+        else:
             self._flush_soon = loop.call_soon(self.flush)
 
     @property

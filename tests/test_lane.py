@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
-from anyserve import codec, shm
+from anyserve import codec, lane_client, shm
 from anyserve._proto.grpc_predict_v2_pb2 import (
     ModelInferRequest,
     ModelInferResponse,
@@ -71,6 +72,45 @@ async def test_unary_calls_and_errors_come_back(lane: Lane) -> None:
     assert outputs["text_output"] == b"async:hi"
     with pytest.raises(HandlerError, match="the model is on fire"):
         await lane.unary(_request("x"), _metadata(type="fail"), 10.0)
+
+
+async def test_gathering_calls_on_a_busy_lane_wait_and_each_get_their_own_answer(
+    lane: Lane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Eight slow calls keep the lane busy; the echo calls sent behind them, one
+    # per loop iteration, then wait for company (Lane._may_wait) and leave
+    # together. The gap allowed is wide, so that a busy machine cannot
+    # space the calls out past it.
+    monkeypatch.setattr(lane_client, "_GATHER_GAP", 60.0)
+    waited: list[bool] = []
+    may_wait = lane._may_wait
+
+    def counted() -> bool:
+        waited.append(may_wait())
+        return waited[-1]
+
+    monkeypatch.setattr(lane, "_may_wait", counted)
+    answers: dict[str, bytes] = {}
+
+    async def call(kind: str, i: int) -> None:
+        meta = _metadata(type=kind, form="async")
+        answer = await lane.unary(_request(f"call {i}"), meta, 10.0, gather=True)
+        answers[f"{kind} {i}"] = codec.decode_outputs(ModelInferResponse.FromString(answer))[
+            "text_output"
+        ]
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(call, "slow", i)
+            for i in range(24):
+                await anyio.lowlevel.checkpoint()
+                tg.start_soon(call, "echo", i)
+    assert waited.count(True) >= 24  # the echo calls, at least, waited
+    assert answers == {
+        **{f"slow {i}": b"done" for i in range(8)},
+        **{f"echo {i}": f"async:call {i}".encode() for i in range(24)},
+    }
 
 
 async def test_a_socket_that_is_not_the_replica_named_is_refused(replica: Replica) -> None:

@@ -122,11 +122,15 @@ class GrpcEntry:
     @grpc_method
     async def model_infer(self, request: bytes, context: Context) -> bytes:
         """Route one ModelInferRequest and return the replica's response bytes."""
-        return await self.infer(request, lambda name: self._meta(context, name))
+        # gather: grpc.aio hands this server one call per loop iteration.
+        return await self.infer(request, lambda name: self._meta(context, name), gather=True)
 
-    async def infer(self, request: bytes, meta_of: Callable[[str], RequestMeta]) -> bytes:
+    async def infer(
+        self, request: bytes, meta_of: Callable[[str], RequestMeta], *, gather: bool = False
+    ) -> bytes:
         """Route one ModelInferRequest (gRPC or the lane; ``meta_of``: its
-        routing facts given its model name); raises the anyserve error."""
+        routing facts given its model name; ``gather``: see ``Router.unary``);
+        raises the anyserve error."""
         meta = meta_of(self._peek(request, 1))
         if not meta.query and not meta.model_name:
             raise InvalidArgument("set x-capability-* metadata or the request's model_name")
@@ -134,7 +138,9 @@ class GrpcEntry:
         try:
             request = self._state.shared_memory.rewrite(request, meta)
             async with self._state.sequences.route(request, meta):
-                answer = await self._state.router.unary(rpc.MODEL_INFER, request, meta)
+                answer = await self._state.router.unary(
+                    rpc.MODEL_INFER, request, meta, gather=gather
+                )
             status = 200
             return answer
         except AnyServeError as exc:

@@ -107,9 +107,17 @@ class Router:
         self.on_decision: Callable[[str], None] = lambda decision: None
 
     async def unary(
-        self, path: str, body: bytes, meta: RequestMeta, *, allow_random: bool = True
+        self,
+        path: str,
+        body: bytes,
+        meta: RequestMeta,
+        *,
+        allow_random: bool = True,
+        gather: bool = False,
     ) -> bytes:
         """Send ``body`` to ``path`` on a chosen replica; return its response bytes.
+        ``gather``: the call may wait a moment on a busy lane for company
+        (``Lane.unary``).
 
         Raises NotFound, LoopDetected, Overloaded, Unavailable, DeadlineExceeded
         or the error the replica answered with.
@@ -129,7 +137,8 @@ class Router:
                 conn.calls += 1
                 try:
                     metadata, _ = call_metadata(meta, replica, others)
-                    return await lane.unary(body, metadata, remaining(attempts.deadline))
+                    left = remaining(attempts.deadline)
+                    return await lane.unary(body, metadata, left, gather=gather)
                 except Refused:
                     self._skip(meta, replica, attempts, _NOT_SENT)
                     continue
@@ -142,7 +151,9 @@ class Router:
                 ) as lease:
                     if lease.lane is not None and path == rpc.MODEL_INFER:
                         try:
-                            return await lease.lane.unary(body, lease.metadata, lease.remaining())
+                            return await lease.lane.unary(
+                                body, lease.metadata, lease.remaining(), gather=gather
+                            )
                         except Refused:
                             raise NotSent from None
                     call = lease.conn.unary(path)(

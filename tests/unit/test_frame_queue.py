@@ -11,6 +11,7 @@ import pytest
 
 from anyserve import wire
 from anyserve._proto import worker_pb2 as wpb
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -108,3 +109,49 @@ async def test_a_failed_write_goes_to_on_error_once_and_later_frames_are_dropped
     queue.write(end(2))
     await next_iteration()
     assert recorder.writes == [] and errors == [broken]
+
+
+async def test_waiting_frames_leave_together_when_their_time_is_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder, errors = Recorder(), list[Exception]()
+    queue = queue_on(recorder, errors)
+    monkeypatch.setattr(wire, "WAIT_LIMIT", 0.05)
+    queue.write(end(1), wait=True)
+    for i in range(3):
+        await next_iteration()
+        queue.write(end(2 + i), wait=True)  # company, a loop iteration apart
+    assert recorder.writes == []  # still waiting: their time is not up
+    await eventually(lambda: recorder.writes, timeout=5.0, interval=0.005)
+    assert recorder.writes == [b"".join(b"".join(wire.encode_frame(end(i))) for i in range(1, 5))]
+    assert errors == []
+
+
+async def test_a_frame_that_may_not_wait_takes_the_waiting_ones_along(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder, errors = Recorder(), list[Exception]()
+    queue = queue_on(recorder, errors)
+    monkeypatch.setattr(wire, "WAIT_LIMIT", 3600.0)  # never, in this test
+    queue.write(end(1), wait=True)
+    await next_iteration()
+    assert recorder.writes == []
+    queue.write(end(2))  # e.g. a Cancel: it goes at the end of this iteration
+    queue.write(end(3), wait=True)  # queued behind it, it leaves with it
+    await next_iteration()
+    assert recorder.writes == [b"".join(b"".join(wire.encode_frame(end(i))) for i in (1, 2, 3))]
+    queue.write(end(4), wait=True)  # waits again: the timer it sets is a new one
+    await next_iteration()
+    assert len(recorder.writes) == 1
+    queue.flush()
+    assert recorder.writes[1] == b"".join(wire.encode_frame(end(4)))
+
+
+async def test_waiting_frames_of_flush_at_bytes_go_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder, errors = Recorder(), list[Exception]()
+    queue = queue_on(recorder, errors, flush_at=1024)
+    monkeypatch.setattr(wire, "WAIT_LIMIT", 3600.0)
+    queue.write(end(1), b"x" * 600, wait=True)
+    assert recorder.writes == []
+    queue.write(end(2), b"y" * 600, wait=True)
+    assert len(recorder.writes) == 1  # 1,200 bytes queued: no reason to wait

@@ -95,10 +95,14 @@ class FakeLane:
         self.answer = answer
         self.sent: list[tuple[bytes, dict[str, str], float | None]] = []
         self.in_flight_seen: list[int] = []  # the replica's count during each call
+        self.gathered: list[bool] = []
         self.replica: Any = None
 
-    async def unary(self, body: bytes, metadata: Any, timeout: float | None) -> bytes:
+    async def unary(
+        self, body: bytes, metadata: Any, timeout: float | None, *, gather: bool = False
+    ) -> bytes:
         self.sent.append((body, dict(metadata), timeout))
+        self.gathered.append(gather)
         self.in_flight_seen.append(self.replica.in_flight)
         if isinstance(self.answer, BaseException):
             raise self.answer
@@ -287,8 +291,10 @@ async def test_an_open_lane_carries_the_call_and_one_refused_unrun_goes_elsewher
     pool.get("b:1").lane = lane_b = FakeLane(b"from b's lane")
     lane_a.replica, lane_b.replica = a, b
     request = meta({"type": "chat"}, x_request_id="r-1")
-    assert (await router.unary(rpc.MODEL_INFER, b"req", request)).decode() == "from b's lane"
+    answer = await router.unary(rpc.MODEL_INFER, b"req", request, gather=True)
+    assert answer.decode() == "from b's lane"
     assert [body for body, _, _ in lane_a.sent + lane_b.sent] == [b"req", b"req"]
+    assert lane_a.gathered == lane_b.gathered == [True]  # the caller's choice, passed on
     assert lane_a.in_flight_seen == [1] and lane_b.in_flight_seen == [2]  # held during the call
     _, metadata, timeout = lane_b.sent[0]
     assert metadata[rpc.REQUEST_ID] == "r-1" and metadata[rpc.CALL_ID]
