@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import time
 from typing import Any, cast
 
@@ -31,8 +30,6 @@ from anyserve.errors import (
     Unavailable,
     from_frame,
 )
-
-log = logging.getLogger("anyserve.lane")
 
 _CANCEL = wpb.Cancel()
 # What gRPC's client says when a call's deadline passes (errors.from_grpc):
