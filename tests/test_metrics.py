@@ -10,14 +10,22 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import grpc.aio
 import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from anyserve import codec, rpc
+from anyserve._proto.grpc_predict_v2_pb2 import (
+    ModelInferRequest,
+    ModelInferResponse,
+    ModelStreamInferResponse,
+)
 from anyserve.api_server.config import ApiServerConfig
 from anyserve.cluster import Cluster, start_cluster
 from tests.api_calls import text_body
@@ -112,7 +120,7 @@ async def test_counts_by_capability_status_and_streams(cluster: Cluster) -> None
     assert value(samples, "anyserve_api_routing_decisions_total", decision="chosen") >= 12
     assert value(samples, "anyserve_api_routing_decisions_total", decision="no_match") >= 1
     assert value(samples, "anyserve_api_replicas_registered") == 1
-    assert value(samples, "anyserve_api_capabilities_served") == 4
+    assert value(samples, "anyserve_api_capabilities_served") == 5
     assert value(samples, "anyserve_api_requests_in_flight") == 0
 
 
@@ -135,6 +143,32 @@ async def test_grpc_requests_are_counted(cluster: Cluster) -> None:
     name = "anyserve_api_requests_total"
     labels = {"capability": ALPHA, "endpoint": "grpc", "code": "200"}
     assert value(after, name, **labels) - value(before, name, **labels) == 2
+
+
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelStreamInfer"])
+async def test_grpc_requests_in_flight_are_counted(
+    cluster: Cluster, tmp_path: Path, method: str
+) -> None:
+    release = tmp_path / method
+    request = ModelInferRequest(model_name="held", id=method)
+    request.inputs.append(codec.encode_input("text_input", str(release)))
+    body = request.SerializeToString()
+    gauge = "anyserve_api_requests_in_flight"
+    async with grpc.aio.insecure_channel(cluster.api.grpc_endpoint) as channel:
+        if method == "ModelInfer":
+            call: Any = channel.unary_unary(rpc.MODEL_INFER)(body, timeout=30)
+        else:
+            call = channel.stream_stream(rpc.MODEL_STREAM_INFER)(iter([body]), timeout=30)
+        await eventually(release.with_suffix(".started").exists, what="the handler started")
+        assert value(await scrape(cluster.url), gauge) == 1
+        release.touch()
+        if method == "ModelInfer":
+            answer = ModelInferResponse.FromString(await call)
+        else:
+            answer = ModelStreamInferResponse.FromString(await call.read()).infer_response
+        assert codec.decode_outputs(answer)["text_output"] == b"released"
+        await eventually(lambda: call.done(), what="the call ended")
+    assert value(await scrape(cluster.url), gauge) == 0
 
 
 async def test_refused_registration_is_counted(cluster: Cluster) -> None:

@@ -135,6 +135,8 @@ class GrpcEntry:
         if not meta.query and not meta.model_name:
             raise InvalidArgument("set x-capability-* metadata or the request's model_name")
         start, status, answer = time.perf_counter(), _CANCELLED, b""
+        metrics = self._state.metrics
+        metrics.in_flight += 1
         try:
             request = self._state.shared_memory.rewrite(request, meta)
             async with self._state.sequences.route(request, meta):
@@ -147,6 +149,7 @@ class GrpcEntry:
             status = exc.http_status
             raise
         finally:
+            metrics.in_flight -= 1
             self._observe("ModelInfer", meta, status, start, len(request), len(answer))
 
     def _observe(
@@ -220,6 +223,8 @@ class GrpcEntry:
             await send(to_stream_error(exc, request_id, model_name))
             return
         start, status, size, first = time.perf_counter(), _CANCELLED, 0, None
+        metrics = self._state.metrics
+        metrics.in_flight += 1
         try:
             # Taking a sequence's turn is the first await here: requests of
             # one sequence are relayed, and answered, in arrival order.
@@ -241,6 +246,7 @@ class GrpcEntry:
             status = exc.http_status
             await send(to_stream_error(exc, request_id, model_name))
         finally:
+            metrics.in_flight -= 1
             self._observe("ModelStreamInfer", meta, status, start, len(request), size, first)
 
     # ----------------------------------------------------------------- metadata

@@ -186,7 +186,8 @@ class ApiMetrics:
     """
 
     def __init__(self, census: Census | None = None) -> None:
-        #: Inference requests being served now (the middleware keeps it).
+        #: Inference requests being served now, HTTP and gRPC (the HTTP
+        #: middleware and the gRPC entry keep it).
         self.in_flight = 0
         self.decisions = dict.fromkeys(DECISIONS, 0)
         self.registration_failures = 0

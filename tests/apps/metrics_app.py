@@ -1,9 +1,12 @@
 """Handlers for tests/test_metrics.py: a unary one that fails on request, a
-stream, and one that counts in a handler-defined metric."""
+stream, one that counts in a handler-defined metric, and one that answers
+only once the test lets it."""
 
 from __future__ import annotations
 
 import os
+
+import anyio
 
 from anyserve import AnyServe, Context, codec
 from anyserve.errors import InvalidArgument
@@ -47,3 +50,15 @@ def counted(request: ModelInferRequest, context: Context) -> str:
         len(text)
     )
     return str(os.getpid())
+
+
+@app.capability(model="held", type="echo")
+async def held(request: ModelInferRequest, context: Context) -> str:
+    # Says it started (<path>.started), then answers once <path> exists: a
+    # request the test holds in flight while it scrapes /metrics.
+    path = anyio.Path(_text(request))
+    await anyio.Path(f"{path}.started").touch()
+    with anyio.fail_after(30):
+        while not await path.exists():
+            await anyio.sleep(0.01)
+    return "released"
