@@ -165,8 +165,7 @@ class Lane(asyncio.Protocol):
             raise Refused()
         self._last_id += 1
         header = wire.call_header(self._last_id, stream=stream, timeout=timeout, metadata=metadata)
-        if self._out is not None:
-            self._out.write(header, body, wait=gather and self._may_wait())
+        self._send(header, body, wait=gather and self._may_wait())
         return self._last_id
 
     def _may_wait(self) -> bool:
@@ -185,9 +184,9 @@ class Lane(asyncio.Protocol):
         self._last_gathered = now
         return recent and len(self._unary) >= _GATHER_BUSY
 
-    def _send(self, header: wpb.Header, payload: bytes = b"") -> None:
+    def _send(self, header: wpb.Header, payload: bytes = b"", *, wait: bool = False) -> None:
         if self._out is not None:
-            self._out.write(header, payload)
+            self._out.write(header, payload, wait=wait)
 
     def _expire(self, call_id: int) -> None:
         future = self._unary.pop(call_id, None)

@@ -157,7 +157,8 @@ class FrameQueue:
     that finishes several calls in one iteration (the common case under load),
     or either end of the local lane, sends their frames together. Frames keep
     their order (one queue), and one as large as ``flush_at`` goes out at
-    once, so big answers are not held.
+    once, so big answers are not held. A frame queued with ``wait`` may wait
+    a little longer, for frames of later iterations (``write``).
     Called outside an event loop, it writes each frame at once.
     Nothing is written once the writer is closing (the peer is gone); a write
     that fails goes to ``on_error``, once: the connection is then unusable and

@@ -1,6 +1,7 @@
 """wire.FrameQueue: frames queued in one loop iteration go out in one write,
 byte for byte what write_frame writes; big frames, a closed peer and a failed
-write. A fake writer records each writelines call (no socket)."""
+write; frames that wait for company. A fake writer records each writelines
+call (no socket)."""
 
 from __future__ import annotations
 
