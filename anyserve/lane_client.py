@@ -252,9 +252,13 @@ class Lane(asyncio.Protocol):
             self._hello.set_exception(ConnectionError(why))
         unary, self._unary = self._unary, {}
         streams, self._streams = self._streams, {}
-        for future in unary.values():
+        # A call still queued here (waiting for company) never reached the
+        # server: Refused, so that the caller may send it elsewhere.
+        unsent = [] if self._out is None else self._out.unsent()
+        never_sent = {header.call_id for header in unsent if header.HasField("call")}
+        for call_id, future in unary.items():
             if not future.done():
-                future.set_exception(Unavailable(why))
+                future.set_exception(Refused() if call_id in never_sent else Unavailable(why))
         for stream in streams.values():
             stream.finish(Unavailable(why))
 

@@ -257,6 +257,11 @@ class FrameQueue:
             self._broken = True
             self._on_error(exc)
 
+    def unsent(self) -> list[wpb.Header]:
+        """The headers of the frames queued and not written yet, parsed again:
+        for a connection that failed, which of its calls never left."""
+        return [wpb.Header.FromString(head) for head in self._pieces[1::3]]
+
     async def drain(self) -> None:
         """Wait while the writer's buffer is over its high-water mark
         (``StreamWriter.drain``): backpressure, one iteration behind the queue.
