@@ -9,7 +9,10 @@ seconds of mixed traffic:
 * unary JSON calls to an async and a sync handler;
 * SSE streams read to the end, and streams the client leaves after a few events;
 * unary calls the client gives up on before the answer (disconnects);
-* big bodies: a 4 MiB JSON FP32 tensor and the same as Triton's binary extension.
+* big bodies: a 4 MiB JSON FP32 tensor and the same as Triton's binary extension;
+* unary calls through the API server's gRPC entry, and calls there whose
+  deadline passes before the answer (left out with ``--url`` unless ``--grpc``
+  names that entry).
 
 It checks that every answer a client waited for is right (status 200, right
 values, streams ending with ``event: done``) and that every process's resident
@@ -37,7 +40,10 @@ from pathlib import Path
 
 import aiohttp
 import anyio
+import grpc.aio
 
+from anyserve import codec, rpc
+from anyserve.proto import ModelInferRequest, ModelInferResponse
 from benchmarks.procs import ServerProcess
 
 APP = "benchmarks.soak_app:app"
@@ -101,10 +107,22 @@ class Clients:
         ("unary_left", 8),
         ("big_json", 5),
         ("big_binary", 5),
+        ("grpc_unary", 10),
+        ("grpc_left", 4),
     )
+    GRPC = frozenset({"grpc_unary", "grpc_left"})
 
-    def __init__(self, url: str, tally: Tally, skip: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        url: str,
+        tally: Tally,
+        skip: frozenset[str] = frozenset(),
+        grpc_target: str | None = None,
+    ) -> None:
         self.url = url
+        self.grpc_target = grpc_target
+        if grpc_target is None:
+            skip |= self.GRPC
         self.tally = tally
         values = [float(i % 1000) for i in range(BIG_VALUES)]
         self.big_sum = float(sum(values))
@@ -118,6 +136,7 @@ class Clients:
         self.busy = 0
         self.quiet = asyncio.Event()  # set whenever busy drops to 0
         self.http: aiohttp.ClientSession | None = None
+        self.channel: grpc.aio.Channel | None = None
         self.until = 0.0  # monotonic time the clients stop
 
     def connect(self, concurrency: int) -> None:
@@ -126,6 +145,8 @@ class Clients:
         self.http = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=60)
         )
+        if self.grpc_target is not None:
+            self.channel = grpc.aio.insecure_channel(self.grpc_target, options=rpc.grpc_options())
 
     async def run(self) -> None:
         rng = random.Random()
@@ -142,7 +163,13 @@ class Clients:
             try:
                 await getattr(self, kind)(http, rng)
                 self.tally.done[kind] += 1
-            except (aiohttp.ClientError, TimeoutError, AssertionError, ValueError) as exc:
+            except (
+                aiohttp.ClientError,
+                grpc.aio.AioRpcError,
+                TimeoutError,
+                AssertionError,
+                ValueError,
+            ) as exc:
                 took = time.monotonic() - began
                 self.tally.error(kind, f"{type(exc).__name__} after {took:.1f} s: {exc}")
             finally:
@@ -157,10 +184,17 @@ class Clients:
         self.going.clear()
         if self.busy:
             await self.quiet.wait()
+        await self.close()
+        await anyio.sleep(1.0)
+
+    async def close(self) -> None:
+        """Close the clients' connections."""
         if self.http is not None:
             await self.http.close()
             self.http = None
-        await anyio.sleep(1.0)
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
 
     async def _post(self, http: aiohttp.ClientSession, kind: str, body: bytes) -> dict[str, object]:
         async with http.post(
@@ -244,6 +278,34 @@ class Clients:
             assert response.status == 200, f"{response.status} {text}"
             self._check_sum(json.loads(text))
 
+    async def grpc_unary(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
+        text = f"grpc {rng.random()}"
+        answer = await self._grpc("echo", text, timeout=60.0)
+        got = codec.decode_outputs(ModelInferResponse.FromString(answer))["text_output"]
+        assert got == text.encode(), got
+
+    async def grpc_left(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
+        try:
+            await self._grpc("slow", "x", timeout=rng.uniform(0.01, 0.1), ms=500)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return  # the deadline asked for
+            raise
+        raise AssertionError("answered before its deadline passed")
+
+    async def _grpc(self, kind: str, text: str, timeout: float, **parameters: int) -> bytes:
+        assert self.channel is not None
+        request = ModelInferRequest()
+        request.inputs.append(codec.encode_input("text", text))
+        for name, value in parameters.items():
+            request.parameters[name].int64_param = value
+        call = self.channel.unary_unary(rpc.MODEL_INFER)
+        answer = await call(
+            request.SerializeToString(), metadata=(("x-capability-type", kind),), timeout=timeout
+        )
+        assert isinstance(answer, bytes)
+        return answer
+
     def _check_sum(self, doc: dict[str, object]) -> None:
         outputs = {o["name"]: o["data"] for o in doc["outputs"]}  # type: ignore[attr-defined]
         assert outputs["n"] == [BIG_VALUES], outputs
@@ -309,7 +371,8 @@ async def soak(
     """Run the load; ``procs`` names the processes to watch (looked up at each
     measurement: a recycled worker is the same name with a new pid)."""
     tally = Tally()
-    clients = Clients(url, tally, frozenset(args.skip.split(",")) if args.skip else frozenset())
+    skip = frozenset(args.skip.split(",")) if args.skip else frozenset()
+    clients = Clients(url, tally, skip, args.grpc)
     begun = time.monotonic()
     clients.until = begun + WARMUP + args.duration
     before: dict[str, tuple[float, int]] = {}
@@ -333,8 +396,7 @@ async def soak(
             clients.until = 0.0
             clients.going.set()
     finally:
-        if clients.http is not None:
-            await clients.http.close()
+        await clients.close()
     elapsed = time.monotonic() - begun
     return report(tally, before, after, elapsed, args)
 
@@ -376,13 +438,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--duration", type=float, default=300.0, help="seconds after warm-up")
     parser.add_argument("--concurrency", type=int, default=64, help="clients at once")
     parser.add_argument("--url", help="an API server already running (no process figures)")
+    parser.add_argument("--grpc", help="with --url: its gRPC entry, host:port")
     kinds = ", ".join(kind for kind, _ in Clients.MIX)
     parser.add_argument("--skip", default="", help=f"kinds left out, comma-separated: {kinds}")
     args = parser.parse_args(argv)
     if args.url:
         return anyio.run(soak, args.url, None, args)
     with ServerProcess("benchmarks.cluster_proc", "api") as api:
-        url = api.endpoint.split()[0]
+        url, args.grpc = api.endpoint.split()
         with ServerProcess(
             "benchmarks.cluster_proc", "replica", "--api-server", url, "--app", APP
         ) as replica:
