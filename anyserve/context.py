@@ -24,6 +24,7 @@ from anyserve.metrics.worker import HANDLER_METRICS, HandlerMetrics
 from anyserve.objects.peers import source_of
 from anyserve.proto import ModelInferResponse, ModelStreamInferResponse
 from anyserve.sequence import SequenceContext
+from anyserve.sync_pool import SyncPool
 
 
 class StreamClosed(Exception):
@@ -84,7 +85,7 @@ class Context:
         request_id: str,
         metadata: Mapping[str, str],
         capability: Capability,
-        limiter: anyio.CapacityLimiter | asyncio.Semaphore,
+        limiter: SyncPool | asyncio.Semaphore,
         is_sync: bool,
         timeout: float = 0.0,
         store: _objects.ObjectStore | None = None,

@@ -9,7 +9,7 @@ emits exactly once).
 Forms accepted (``stream=False`` unless said):
 
 * ``def h(request, context) -> response`` and ``def h(request) -> response``
-  (sync; runs in a bounded thread pool);
+  (sync; runs on the worker's threads, :class:`~anyserve.sync_pool.SyncPool`);
 * ``async def h(request, context) -> response``;
 * ``def h(request, context, stream)`` with ``stream=True`` (the classic form:
   ``stream.send(chunk)`` blocks while the consumer is slow and raises
@@ -28,16 +28,15 @@ of output name to value); :mod:`anyserve.codec` encodes them in the worker.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import aclosing
-from typing import Any
-
-import anyio
-import anyio.to_thread
+from typing import Any, cast
 
 from anyserve.context import Context, Stream, StreamClosed
+from anyserve.sync_pool import SyncPool
 
 __all__ = ["BatchRunner", "Emit", "Runner", "batch_of_one", "normalise", "normalise_batch"]
 
@@ -45,6 +44,19 @@ Emit = Callable[[Any], Coroutine[Any, Any, None]]
 Runner = Callable[[Any, Context, Emit], Awaitable[None]]
 # A batched handler, normalised: its list of results (checked by the batcher).
 BatchRunner = Callable[[list[Any], list[Context]], Awaitable[Any]]
+
+
+def slots(context: Context) -> asyncio.Semaphore:
+    """What bounds an async handler's calls in flight (its context's ``limiter``)."""
+    return cast(asyncio.Semaphore, context.limiter)  # sync_pool.call_limiter made it
+
+
+def threads(context: Context) -> SyncPool:
+    """The threads a sync handler's calls run on (its context's ``limiter``)."""
+    pool = context.limiter
+    if not isinstance(pool, SyncPool):
+        raise TypeError("a sync handler's context needs a SyncPool as its limiter")
+    return pool
 
 
 def positional_arity(func: Callable[..., Any]) -> int:
@@ -73,7 +85,7 @@ def normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
     if inspect.isasyncgenfunction(func):
 
         async def run_async_gen(request: Any, context: Context, emit: Emit) -> None:
-            async with context.limiter, aclosing(func(*args(request, context, None))) as chunks:
+            async with slots(context), aclosing(func(*args(request, context, None))) as chunks:
                 async for chunk in chunks:
                     await emit(chunk)
 
@@ -82,7 +94,7 @@ def normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
     if inspect.iscoroutinefunction(func):
 
         async def run_async(request: Any, context: Context, emit: Emit) -> None:
-            async with context.limiter:
+            async with slots(context):
                 if arity == 2:  # the usual form: no argument tuple built and sliced per call
                     await emit(await func(request, context))
                 elif arity == 3:
@@ -92,8 +104,9 @@ def normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
 
         return run_async, False
 
-    # Sync forms run in a worker thread so the event loop stays free; the thread
-    # reaches the loop only through Stream.send (anyio.from_thread).
+    # Sync forms run on the worker's threads so the event loop stays free; a
+    # thread reaches the loop only through anyio.from_thread (Stream.send,
+    # context.call).
     if inspect.isgeneratorfunction(func):
 
         def drain_gen(request: Any, context: Context, stream_obj: Stream) -> None:
@@ -108,9 +121,8 @@ def normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
         async def run_sync_unary(request: Any, context: Context, emit: Emit) -> None:
             # The result comes back with the thread, not through stream.send
             # (a second trip between the thread and the loop per call).
-            result = await anyio.to_thread.run_sync(
-                functools.partial(context.run_in_thread, func, *args(request, context, None)),
-                limiter=context.limiter,  # type: ignore[arg-type]  # a CapacityLimiter (sync)
+            result = await threads(context).run(
+                functools.partial(context.run_in_thread, func, *args(request, context, None))
             )
             if context.cancelled:  # as stream.send would have said in the thread
                 raise StreamClosed("the caller has gone")
@@ -120,9 +132,8 @@ def normalise(func: Callable[..., Any], stream: bool) -> tuple[Runner, bool]:
 
     async def run_sync(request: Any, context: Context, emit: Emit) -> None:
         stream_obj = Stream(emit, context)
-        await anyio.to_thread.run_sync(
-            functools.partial(context.run_in_thread, target, request, context, stream_obj),
-            limiter=context.limiter,  # type: ignore[arg-type]  # a CapacityLimiter for sync handlers
+        await threads(context).run(
+            functools.partial(context.run_in_thread, target, request, context, stream_obj)
         )
 
     return run_sync, True
@@ -146,16 +157,13 @@ def normalise_batch(func: Callable[..., Any]) -> tuple[BatchRunner, bool]:
     if inspect.iscoroutinefunction(func):
 
         async def run_batch_async(requests: list[Any], contexts: list[Context]) -> Any:
-            async with contexts[0].limiter:
+            async with slots(contexts[0]):
                 return await call(requests, contexts)
 
         return run_batch_async, False
 
     async def run_batch_sync(requests: list[Any], contexts: list[Context]) -> Any:
-        return await anyio.to_thread.run_sync(
-            functools.partial(call, requests, contexts),
-            limiter=contexts[0].limiter,  # type: ignore[arg-type]  # a CapacityLimiter (sync)
-        )
+        return await threads(contexts[0]).run(functools.partial(call, requests, contexts))
 
     return run_batch_sync, True
 

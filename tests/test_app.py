@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import pytest
 
 from anyserve import AnyServe, Context, Stream, StreamClosed
@@ -16,12 +15,13 @@ pytestmark = pytest.mark.anyio
 
 def make_context(is_sync: bool) -> Context:
     from anyserve.capability import Capability
+    from anyserve.sync_pool import call_limiter
 
     return Context(
         request_id="r",
         metadata={},
         capability=Capability(type="t"),
-        limiter=anyio.CapacityLimiter(2),
+        limiter=call_limiter(is_sync, 2),
         is_sync=is_sync,
     )
 

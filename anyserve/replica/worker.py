@@ -45,6 +45,7 @@ from anyserve.replica.batching import Batcher, handler_batcher, handler_error
 from anyserve.replica.worker_call import WorkerCall
 from anyserve.sequence import SequenceStates
 from anyserve.signature import check_request, check_response, select_outputs
+from anyserve.sync_pool import SyncPool, call_limiter
 
 log = logging.getLogger("anyserve.worker")
 
@@ -81,13 +82,7 @@ class WorkerServer:
         self.store = store
         self.caller = caller
         self.max_frame = max_frame
-        # Threads for sync handlers; a plain semaphore (no loop round-trip per
-        # acquire, unlike CapacityLimiter) bounds async ones.
-        self.limiter: anyio.CapacityLimiter | asyncio.Semaphore = (
-            anyio.CapacityLimiter(handler.info.max_concurrency)
-            if handler.is_sync
-            else asyncio.Semaphore(handler.info.max_concurrency)
-        )
+        self.limiter = call_limiter(handler.is_sync, handler.info.max_concurrency)
         self.calls: dict[int, WorkerCall] = {}
         # The calls' tasks, and the frames they answer with (written together
         # once per loop iteration); a failure in either stops serve().
@@ -105,6 +100,8 @@ class WorkerServer:
             self._serving = tg.cancel_scope
             if self.batcher is not None:
                 tg.start_soon(self.batcher.serve)
+            if isinstance(self.limiter, SyncPool):
+                tg.start_soon(self.limiter.serve)  # the sync handler's threads
             try:
                 await self._read_frames()
             finally:

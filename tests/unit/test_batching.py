@@ -10,7 +10,6 @@ to (wrongly) hurry its batch. The last tests run real handler forms through
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +22,7 @@ from anyserve.capability import Capability
 from anyserve.errors import HandlerError, InvalidArgument, Unavailable
 from anyserve.proto import ModelInferRequest
 from anyserve.replica.batching import Batcher, check_results, handler_batcher, handler_error
+from anyserve.sync_pool import SyncPool, call_limiter
 from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
@@ -305,7 +305,7 @@ def context(request_id: str, limiter: Any) -> Context:
         metadata={},
         capability=Capability(type="embed"),
         limiter=limiter,
-        is_sync=isinstance(limiter, anyio.CapacityLimiter),
+        is_sync=isinstance(limiter, SyncPool),
     )
 
 
@@ -314,11 +314,7 @@ async def run_handler(app: AnyServe, name: str, texts: list[str]) -> list[Any]:
     handler = app.handler(name)
     b = handler_batcher(handler)
     assert b is not None
-    limiter: Any = (
-        anyio.CapacityLimiter(handler.info.max_concurrency)
-        if handler.is_sync
-        else asyncio.Semaphore(handler.info.max_concurrency)
-    )
+    limiter = call_limiter(handler.is_sync, handler.info.max_concurrency)
     items = [(ModelInferRequest(id=text), context(f"req-{text}", limiter)) for text in texts]
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
