@@ -45,15 +45,16 @@ def call_limiter(is_sync: bool, concurrency: int) -> SyncPool | asyncio.Semaphor
 class _Job:
     """One call: run on a thread, its outcome set on the loop."""
 
-    __slots__ = ("context", "ended", "func", "future")
+    __slots__ = ("context", "finished", "func", "future", "waiter")
 
     def __init__(self, func: Callable[[], object], future: asyncio.Future[Any]) -> None:
         self.context = contextvars.copy_context()
         self.func = func
         self.future = future
-        # Set when the thread is done with it (only waited on once cancelled:
-        # cancelling the caller cancels ``future`` itself).
-        self.ended: asyncio.Future[None] | None = None
+        self.finished = False  # the thread is done with it
+        # What a cancelled caller waits on while the thread runs it (cancelling
+        # the caller has cancelled ``future`` itself).
+        self.waiter: asyncio.Future[None] | None = None
 
 
 class _Thread:
@@ -129,10 +130,10 @@ class SyncPool:
         except asyncio.CancelledError:
             if job in self._queued:  # no thread took it: it never runs
                 self._queued.remove(job)
-            elif job.ended is None:  # a thread runs it: wait for the end
-                job.ended = loop.create_future()
+            elif not job.finished:  # a thread runs it: wait for the end
+                job.waiter = loop.create_future()
                 with anyio.CancelScope(shield=True):
-                    await job.ended
+                    await job.waiter
             raise
 
     def _ended(
@@ -140,10 +141,9 @@ class SyncPool:
     ) -> None:
         # On the loop: the call's outcome, and the thread's next call.
         future = job.future
-        if job.ended is None:
-            job.ended = future  # marks it done: a cancellation now need not wait
-        else:
-            job.ended.set_result(None)  # its caller was cancelled and waits for this
+        job.finished = True
+        if job.waiter is not None:
+            job.waiter.set_result(None)  # its caller was cancelled and waits for this
         if not future.done():
             if error is None:
                 future.set_result(result)
