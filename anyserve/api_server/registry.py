@@ -23,12 +23,17 @@ import random
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from anyserve.capability import Capability, rank
 
 # Rank of a replica for one request: lower is better.
 Rank = tuple[int, ...]
+# What candidates() looks a request up by: its query's pairs and model name.
+Key = tuple[tuple[tuple[str, str], ...], str]
+# Queries ranked and kept at once (candidates); a client asking for ever new
+# ones makes the registry rank again, not grow.
+_RANKED_SIZE = 256
 
 
 @dataclass(eq=False, slots=True)
@@ -56,24 +61,24 @@ class ReplicaEntry:
     def rank(self, query: Mapping[str, str], name: str) -> Rank | None:
         """``(capability rank, loadable?)`` of this replica's best capability
         for a request (see :func:`anyserve.capability.rank`), or None."""
-        best: Rank | None = None
-        for loadable, caps in ((0, self.capabilities), (1, self.loadable)):
-            for cap in caps:
-                found = rank(cap, query, name)
-                if found is not None and (best is None or (*found, loadable) < best):
-                    best = (*found, loadable)
-        return best
+        found = self.ranked_best(query, name)
+        return None if found is None else found[0]
 
     def best(self, query: Mapping[str, str], name: str) -> Capability | None:
         """The capability of this replica that answers a request best (the one
         :meth:`rank` ranks by), or None."""
+        found = self.ranked_best(query, name)
+        return None if found is None else found[1]
+
+    def ranked_best(self, query: Mapping[str, str], name: str) -> tuple[Rank, Capability] | None:
+        """:meth:`rank` and :meth:`best` at once, or None when nothing matches."""
         best: tuple[Rank, Capability] | None = None
         for loadable, caps in ((0, self.capabilities), (1, self.loadable)):
             for cap in caps:
                 found = rank(cap, query, name)
                 if found is not None and (best is None or (*found, loadable) < best[0]):
                     best = ((*found, loadable), cap)
-        return None if best is None else best[1]
+        return best
 
     def to_json(self, now: float) -> dict[str, Any]:
         """The ``GET /registry`` view of this replica (``now`` is wall-clock time)."""
@@ -91,6 +96,20 @@ class ReplicaEntry:
         }
 
 
+class Served(NamedTuple):
+    """A replica that can serve a request, how well, and by which capability."""
+
+    rank: Rank
+    replica: ReplicaEntry
+    capability: Capability | None  # None: not known to match (a random pick)
+
+    @classmethod
+    def of(cls, replica: ReplicaEntry, query: Mapping[str, str], name: str) -> Served:
+        """``replica`` with its best capability for the request (None if none)."""
+        found = replica.ranked_best(query, name)
+        return cls((), replica, None) if found is None else cls(found[0], replica, found[1])
+
+
 class Registry:
     """Replicas by id. Not thread-safe: used from the server's event loop only."""
 
@@ -103,6 +122,10 @@ class Registry:
         # replicas that can match it: with 1,000 replicas of 10 capabilities,
         # scanning them all cost ~6 ms per request.
         self._index: dict[tuple[str, str], set[str]] = {}
+        # (query pairs, name) -> the replicas that can serve it with their
+        # rank, best first: ranked once per change of who serves what, not
+        # once per request (see candidates). Cleared by every such change.
+        self._ranked: dict[Key, list[Served]] = {}
 
     def upsert(
         self,
@@ -136,6 +159,7 @@ class Registry:
         if served != (replica.capabilities, replica.loadable, replica.failed):
             # A heartbeat usually repeats what it said: reindex only on a change.
             self._unindex(replica)
+            self._ranked.clear()
             replica.capabilities, replica.loadable, replica.failed = served
             for pair in _pairs(replica):
                 self._index.setdefault(pair, set()).add(replica_id)
@@ -153,6 +177,7 @@ class Registry:
         replica = self._replicas.pop(replica_id, None)
         if replica is not None:
             self._unindex(replica)
+            self._ranked.clear()
         return replica
 
     def expire(self) -> list[ReplicaEntry]:
@@ -162,6 +187,7 @@ class Registry:
         for replica in stale:
             del self._replicas[replica.replica_id]
             self._unindex(replica)
+            self._ranked.clear()
         return stale
 
     def get(self, replica_id: str) -> ReplicaEntry | None:
@@ -195,18 +221,48 @@ class Registry:
         name), best first: closest match, loaded before loadable, least in
         flight, ties in random order. Replicas in ``exclude`` are skipped;
         with ``host``, so are replicas on another host."""
+        return [served.replica for served in self.serving(query, name, exclude, host)]
+
+    def serving(
+        self,
+        query: Mapping[str, str],
+        name: str,
+        exclude: Collection[str] = (),
+        host: str = "",
+    ) -> list[Served]:
+        """:meth:`candidates`, each with the capability it serves the request by."""
+        key = (tuple(query.items()), name)
+        served = self._ranked.get(key)
+        if served is None:
+            served = self._rank(query, name)
+            if len(self._ranked) >= _RANKED_SIZE:
+                self._ranked.clear()
+            self._ranked[key] = served
         now = self._clock()
-        ranked: list[tuple[Rank, int, float, ReplicaEntry]] = []
-        for replica in self._matching(query, name):
+        if len(served) == 1:  # most requests: nothing to sort
+            replica = served[0].replica
             if replica.replica_id in exclude or not self._alive(replica, now):
-                continue
-            if host and replica.host != host:
-                continue
-            found = replica.rank(query, name)
-            if found is not None:
-                ranked.append((found, replica.in_flight, random.random(), replica))
+                return []
+            return [] if host and replica.host != host else [served[0]]
+        ranked = [
+            (one.rank, one.replica.in_flight, random.random(), one)
+            for one in served
+            if one.replica.replica_id not in exclude
+            and self._alive(one.replica, now)
+            and not (host and one.replica.host != host)
+        ]
         ranked.sort(key=lambda item: item[:3])
         return [item[3] for item in ranked]
+
+    def _rank(self, query: Mapping[str, str], name: str) -> list[Served]:
+        """Every registered replica that can serve the query or name, with its
+        rank, alive or not (:meth:`serving` checks that per request)."""
+        served = []
+        for replica in self._matching(query, name):
+            found = replica.ranked_best(query, name)
+            if found is not None:
+                served.append(Served(found[0], replica, found[1]))
+        return served
 
     def failed_for(self, query: Mapping[str, str], name: str) -> list[ReplicaEntry]:
         """Live replicas that have the capability asked for but report it

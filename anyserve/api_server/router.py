@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 
 import grpc.aio
@@ -57,7 +57,7 @@ from anyserve.api_server.leases import (
     send_one,
 )
 from anyserve.api_server.meta import RequestMeta
-from anyserve.api_server.registry import Registry, ReplicaEntry
+from anyserve.api_server.registry import Registry, ReplicaEntry, Served
 from anyserve.errors import (
     DeadlineExceeded,
     LoopDetected,
@@ -287,13 +287,13 @@ class Router:
     ) -> tuple[ReplicaEntry, int]:
         """The replica for the next attempt and how many others could have
         taken it; notes the choice on ``meta``."""
-        replica, attempts.random_mode, others = self._choose(
+        chosen, attempts.random_mode, others = self._choose(
             meta, attempts.unreachable, attempts.random_mode, allow_random
         )
-        meta.replica_id = replica.replica_id
-        meta.capability = replica.best(meta.query, meta.model_name)
+        meta.replica_id = chosen.replica.replica_id
+        meta.capability = chosen.capability
         self.on_decision("chosen")
-        return replica, others
+        return chosen.replica, others
 
     def _local(self, replica: ReplicaEntry) -> bool:
         """Whether ``replica`` registered a lane on this host."""
@@ -327,22 +327,24 @@ class Router:
         unreachable: list[ReplicaEntry],
         random_mode: bool,
         allow_random: bool,
-    ) -> tuple[ReplicaEntry, bool, int]:
-        """``(replica, random mode?, how many other candidates there were)``."""
+    ) -> tuple[Served, bool, int]:
+        """``(the pick with its capability, random mode?, how many others could take it)``."""
         if meta.pin is not None and (pinned := meta.pin.replica(self.registry, unreachable)):
-            return pinned, random_mode, 0  # the only candidate: not to be delegated away
-        exclude = set(meta.visited)
-        exclude.update(r.replica_id for r in unreachable)
+            return Served.of(pinned, meta.query, meta.model_name), random_mode, 0  # sole one
+        exclude: Collection[str] = ()  # most requests: nothing to skip
+        if meta.visited or unreachable:
+            exclude = {*meta.visited, *(r.replica_id for r in unreachable)}
         if not random_mode:
-            found = self.registry.candidates(meta.query, meta.model_name, exclude, meta.host)
-            if found:
-                return self._first_free(found, meta, "match"), False, len(found) - 1
+            served = self.registry.serving(meta.query, meta.model_name, exclude, meta.host)
+            if served:
+                return self._first_free(served, meta, "match"), False, len(served) - 1
             if unreachable:
                 raise self._unreachable(meta, unreachable)
         if allow_random and self.no_match == "random":
-            found = self.registry.shuffled(exclude)
+            found = [Served((), r, None) for r in self.registry.shuffled(exclude)]
             if found:
-                return self._first_free(found, meta, "random (no match)"), True, len(found) - 1
+                chosen = self._first_free(found, meta, "random (no match)")
+                return Served.of(chosen.replica, meta.query, meta.model_name), True, len(found) - 1
             if unreachable:
                 raise self._unreachable(meta, unreachable)
         if meta.visited and self._went_round(meta, allow_random):
@@ -371,8 +373,9 @@ class Router:
             return True
         return allow_random and self.no_match == "random" and len(self.registry) > 0
 
-    def _first_free(self, found: list[ReplicaEntry], meta: RequestMeta, why: str) -> ReplicaEntry:
-        for replica in found:
+    def _first_free(self, found: list[Served], meta: RequestMeta, why: str) -> Served:
+        for served in found:
+            replica = served.replica
             if replica.in_flight < self.max_inflight:
                 if logger.isEnabledFor(logging.DEBUG):
                     via = f", delegated; excluded {list(meta.visited)}" if meta.visited else ""
@@ -385,7 +388,7 @@ class Router:
                         via,
                         replica.in_flight,
                     )
-                return replica
+                return served
         raise Overloaded(
             f"every replica for {meta.describe()} has {self.max_inflight} requests in flight",
             retry_after=1.0,

@@ -56,3 +56,38 @@ def test_a_refresh_that_drops_a_capability_drops_it_from_routing() -> None:
     assert [r.replica_id for r in registry.candidates({}, "embed")] == ["r"]
     registry.remove("r")
     assert registry.candidates({}, "embed") == []
+
+
+def test_serving_ranks_as_a_scan_does_through_changes() -> None:
+    """What the registry keeps ranked between changes is what ranking every
+    replica again gives: the same replicas, best first, each with the
+    capability it serves by, least in flight first among equals."""
+    rng = random.Random(11)
+    registry = Registry(ttl=10)
+    for step in range(1000):
+        replica_id = f"r{rng.randint(0, 12)}"
+        if rng.random() < 0.7:
+            caps = [some_capability(rng) for _ in range(rng.randint(0, 3))]
+            registry.upsert(replica_id, f"{replica_id}:1", caps)
+        else:
+            registry.remove(replica_id)
+        for replica in registry:
+            replica.in_flight = rng.randint(0, 3)
+        query = {"type": rng.choice(KEYS["type"])} if step % 2 else {}
+        name = "" if query else rng.choice(["chat", "a", "b"])
+        served = registry.serving(query, name)
+        assert {s.replica.replica_id for s in served} == scanned(registry, query, name)
+        for one in served:
+            assert one.capability == one.replica.best(query, name)
+            assert one.rank == one.replica.rank(query, name)
+        order = [(s.rank, s.replica.in_flight) for s in served]
+        assert order == sorted(order), (step, order)
+
+
+def test_ranked_queries_stay_bounded() -> None:
+    registry = Registry(ttl=10)
+    registry.upsert("r", "r:1", [Capability(type="chat")])
+    for n in range(1000):
+        assert registry.candidates({"type": "chat", "n": str(n)}, "") == []
+    assert [r.replica_id for r in registry.candidates({"type": "chat"}, "")] == ["r"]
+    assert len(registry._ranked) <= 256
