@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +38,10 @@ _ID_COUNTER = itertools.count(1)
 # The headers (metadata keys) parse_meta reads besides the capability query.
 _FIELDS = frozenset({rpc.REQUEST_ID, rpc.DELEGATED_FROM, rpc.VISITED, rpc.CALL_CHAIN})
 _PREFIX_LEN = len(HEADER_PREFIX)
+# Parsed headers by their exact pairs (see parse_meta): at most this many,
+# each of pairs at most _CACHED_TEXT characters long in all.
+_CACHE_SIZE = 128
+_CACHED_TEXT = 1024
 
 
 @dataclass(slots=True)
@@ -49,7 +53,7 @@ class RequestMeta:
     always contains the delegating replica: its length is the hop count.
     """
 
-    query: dict[str, str]
+    query: Mapping[str, str]
     model_name: str
     request_id: str
     timeout: float
@@ -67,6 +71,8 @@ class RequestMeta:
     # Set when the request's tensors are in shared memory on this host
     # (anyserve.shm.host_id): only replicas there may take it.
     host: str = ""
+    # The query as replica metadata, when parse_meta has it ready.
+    query_metadata: tuple[tuple[str, str], ...] | None = None
 
     def describe(self) -> str:
         """How the request addressed its target, for error messages and logs."""
@@ -76,7 +82,8 @@ class RequestMeta:
 
     def metadata(self) -> list[tuple[str, str]]:
         """gRPC metadata for the replica (the query, request id and hop list)."""
-        md = query_to_metadata(self.query)
+        q = self.query_metadata
+        md = query_to_metadata(self.query) if q is None else list(q)
         md.append((rpc.REQUEST_ID, self.request_id))
         if self.delegated_from:
             md.append((rpc.DELEGATED_FROM, self.delegated_from))
@@ -94,6 +101,25 @@ def _check_value(key: str, value: str) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What parse_meta reads from a set of pairs (``request_id``: "" when
+    none was given, then one is made up per request)."""
+
+    query: Mapping[str, str]
+    query_metadata: tuple[tuple[str, str], ...]
+    request_id: str
+    delegated_from: str
+    visited: tuple[str, ...]
+    call_chain: str
+
+
+# Clients send the same few headers with every request: each distinct set is
+# parsed once. Shared by every request that sent it, so never mutated (the
+# query is a Mapping to everyone else).
+_parsed: dict[tuple[tuple[str, str | bytes], ...], _Parsed] = {}
+
+
 def parse_meta(
     pairs: Iterable[tuple[str, str | bytes]], *, model_name: str, timeout: float
 ) -> RequestMeta:
@@ -103,11 +129,36 @@ def parse_meta(
     A client cannot raise the hop limit through headers: the hop count is the
     length of the visited list, which only grows.
     """
+    key = pairs if type(pairs) is tuple else tuple(pairs)
+    parsed = _parsed.get(key)
+    if parsed is None:
+        parsed, size = _parse(key)
+        # A request id is per request (no hit to wait for); long sets are rare.
+        if not parsed.request_id and size <= _CACHED_TEXT:
+            if len(_parsed) >= _CACHE_SIZE:
+                _parsed.clear()
+            _parsed[key] = parsed
+    return RequestMeta(
+        query=parsed.query,
+        model_name=model_name,
+        request_id=parsed.request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):016x}",
+        timeout=timeout,
+        delegated_from=parsed.delegated_from,
+        visited=parsed.visited,
+        call_chain=parsed.call_chain,
+        query_metadata=parsed.query_metadata,
+    )
+
+
+def _parse(pairs: tuple[tuple[str, str | bytes], ...]) -> tuple[_Parsed, int]:
+    """The pairs read, and their length in characters; raises InvalidArgument."""
     # One pass for the query (what capability.query_from_headers reads) and
-    # the other fields: this runs for every request.
+    # the other fields.
     query: dict[str, str] = {}
     fields: dict[str, str] = {}
+    size = 0
     for key, value in pairs:
+        size += len(key) + len(value)
         if isinstance(value, bytes):  # "-bin" gRPC metadata; never ours
             continue
         key = key.lower()
@@ -130,7 +181,7 @@ def parse_meta(
                 raise InvalidArgument(f"header {key!r} is longer than {_MAX_TEXT} bytes")
     request_id = fields.get(rpc.REQUEST_ID, "")
     if not (0 < len(request_id) <= _MAX_ID and request_id.isascii() and request_id.isprintable()):
-        request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+        request_id = ""
     delegated_from = fields.get(rpc.DELEGATED_FROM, "")
     visited: tuple[str, ...] = ()
     if delegated_from:
@@ -145,15 +196,15 @@ def parse_meta(
     call_chain = fields.get(rpc.CALL_CHAIN, "")
     if call_chain:
         _check_value(rpc.CALL_CHAIN, call_chain)
-    return RequestMeta(
+    parsed = _Parsed(
         query=query,
-        model_name=model_name,
+        query_metadata=tuple(query_to_metadata(query)),
         request_id=request_id,
-        timeout=timeout,
         delegated_from=delegated_from,
         visited=visited,
         call_chain=call_chain,
     )
+    return parsed, size
 
 
 def http_timeout(value: str | None, default: float) -> float:
