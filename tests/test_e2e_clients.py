@@ -24,6 +24,7 @@ from anyserve import codec, rpc
 from anyserve.client import Client
 from anyserve.cluster import Cluster
 from anyserve.errors import HandlerError, LoopDetected, NotFound
+from anyserve.proto import ModelInferRequest, ModelInferResponse
 from tests.api_calls import outputs, pb_served_by, served_by, text_body, tokens
 from tests.support import parse_sse
 
@@ -217,6 +218,27 @@ async def test_tritonclient_http_and_grpc_through_the_api_server(
     assert texts(chat.as_numpy("output")) == ["Hello, world!"]
     assert texts(by_headers.as_numpy("text_output")) == ["async:yo"]
     assert pb_served_by(by_headers.get_response()) == "forms_app"
+
+
+async def test_grpc_entry_refuses_malformed_bytes_with_or_without_a_query(seed: Cluster) -> None:
+    """With capability metadata the API server forwards the bytes unread and
+    the replica refuses them; without, the API server's peek for the model
+    name does. Both are INVALID_ARGUMENT naming the problem, and the next
+    good request on the same channel is served."""
+    import grpc.aio
+
+    async with grpc.aio.insecure_channel(seed.api.grpc_endpoint) as channel:
+        raw = channel.unary_unary(rpc.MODEL_INFER)
+        for metadata in ([("x-capability-type", "chat")], []):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await raw(b"\xff\xff\xff", metadata=metadata, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, metadata
+            assert "malformed" in (info.value.details() or ""), metadata
+        good = ModelInferRequest()
+        good.inputs.append(codec.encode_input("text_input", "yo"))
+        metadata = [("x-capability-type", "chat")]
+        answer = await raw(good.SerializeToString(), metadata=metadata, timeout=10)
+        assert pb_served_by(ModelInferResponse.FromString(answer)) == "chat_app"
 
 
 async def test_tritonclient_grpc_stream_through_the_api_server(bench: Cluster) -> None:

@@ -122,18 +122,20 @@ class GrpcEntry:
     @grpc_method
     async def model_infer(self, request: bytes, context: Context) -> bytes:
         """Route one ModelInferRequest and return the replica's response bytes."""
+        meta = self._meta(context, "")
         # gather: grpc.aio hands this server one call per loop iteration.
-        return await self.infer(request, lambda name: self._meta(context, name), gather=True)
+        return await self.infer(request, meta, gather=True)
 
-    async def infer(
-        self, request: bytes, meta_of: Callable[[str], RequestMeta], *, gather: bool = False
-    ) -> bytes:
-        """Route one ModelInferRequest (gRPC or the lane; ``meta_of``: its
-        routing facts given its model name; ``gather``: see ``Router.unary``);
-        raises the anyserve error."""
-        meta = meta_of(self._peek(request, 1))
-        if not meta.query and not meta.model_name:
-            raise InvalidArgument("set x-capability-* metadata or the request's model_name")
+    async def infer(self, request: bytes, meta: RequestMeta, *, gather: bool = False) -> bytes:
+        """Route one ModelInferRequest (gRPC or the lane) with ``meta``, its
+        routing facts but for the model name (``gather``: see
+        ``Router.unary``); raises the anyserve error."""
+        if not meta.query:
+            # Only then does the name route. With a query the bytes are not
+            # read here: the replica walks them anyway, and says if malformed.
+            meta.model_name = self._peek(request, 1)
+            if not meta.model_name:
+                raise InvalidArgument("set x-capability-* metadata or the request's model_name")
         start, status, answer = time.perf_counter(), _CANCELLED, b""
         metrics = self._state.metrics
         metrics.in_flight += 1
@@ -349,7 +351,7 @@ def entry_lane(state: ApiState, name: str) -> LaneServer:
     # The Call's map read into pairs once: its items() view is a Python generator.
     async def unary(payload: bytes, metadata: Mapping[str, str], timeout: float | None) -> bytes:
         pairs = [(key, metadata[key]) for key in metadata]
-        return await entry.infer(payload, lambda n: entry.meta_of(pairs, timeout, n))
+        return await entry.infer(payload, entry.meta_of(pairs, timeout, ""))
 
     async def stream(
         payload: bytes, metadata: Mapping[str, str], timeout: float | None, send: Send
