@@ -31,9 +31,11 @@ from anyserve.capability import Capability, rank
 Rank = tuple[int, ...]
 # What candidates() looks a request up by: its query's pairs and model name.
 Key = tuple[tuple[tuple[str, str], ...], str]
-# Queries ranked and kept at once (candidates); a client asking for ever new
-# ones makes the registry rank again, not grow.
-_RANKED_SIZE = 256
+# Rankings kept at once (Registry.serving): at most this many queries, and
+# this many replicas listed in all. A client asking for ever new queries (or
+# the same pairs in ever new orders) makes the registry rank again, not grow.
+_RANKED_QUERIES = 256
+_RANKED_REPLICAS = 16384
 
 
 @dataclass(eq=False, slots=True)
@@ -126,6 +128,7 @@ class Registry:
         # rank, best first: ranked once per change of who serves what, not
         # once per request (see candidates). Cleared by every such change.
         self._ranked: dict[Key, list[Served]] = {}
+        self._ranked_replicas = 0  # the lengths of _ranked's lists, summed
 
     def upsert(
         self,
@@ -159,7 +162,7 @@ class Registry:
         if served != (replica.capabilities, replica.loadable, replica.failed):
             # A heartbeat usually repeats what it said: reindex only on a change.
             self._unindex(replica)
-            self._ranked.clear()
+            self._forget_rankings()
             replica.capabilities, replica.loadable, replica.failed = served
             for pair in _pairs(replica):
                 self._index.setdefault(pair, set()).add(replica_id)
@@ -177,7 +180,7 @@ class Registry:
         replica = self._replicas.pop(replica_id, None)
         if replica is not None:
             self._unindex(replica)
-            self._ranked.clear()
+            self._forget_rankings()
         return replica
 
     def expire(self) -> list[ReplicaEntry]:
@@ -187,7 +190,7 @@ class Registry:
         for replica in stale:
             del self._replicas[replica.replica_id]
             self._unindex(replica)
-            self._ranked.clear()
+            self._forget_rankings()
         return stale
 
     def get(self, replica_id: str) -> ReplicaEntry | None:
@@ -235,8 +238,10 @@ class Registry:
         served = self._ranked.get(key)
         if served is None:
             served = self._rank(query, name)
-            if len(self._ranked) >= _RANKED_SIZE:
+            self._ranked_replicas += len(served)
+            if len(self._ranked) >= _RANKED_QUERIES or self._ranked_replicas > _RANKED_REPLICAS:
                 self._ranked.clear()
+                self._ranked_replicas = len(served)
             self._ranked[key] = served
         now = self._clock()
         if len(served) == 1:  # most requests: nothing to sort
@@ -307,6 +312,11 @@ class Registry:
                 ids.discard(replica.replica_id)
                 if not ids:
                     del self._index[pair]
+
+    def _forget_rankings(self) -> None:
+        """Who serves what changed: every kept ranking may be wrong."""
+        self._ranked.clear()
+        self._ranked_replicas = 0
 
     def _alive(self, replica: ReplicaEntry, now: float) -> bool:
         return now - replica.last_seen <= self.ttl

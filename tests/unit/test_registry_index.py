@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from anyserve.api_server import registry as registry_module
 from anyserve.api_server.registry import Registry
 from anyserve.capability import Capability
 
@@ -84,10 +87,21 @@ def test_serving_ranks_as_a_scan_does_through_changes() -> None:
         assert order == sorted(order), (step, order)
 
 
-def test_ranked_queries_stay_bounded() -> None:
+def test_ranked_queries_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     registry = Registry(ttl=10)
     registry.upsert("r", "r:1", [Capability(type="chat")])
     for n in range(1000):
         assert registry.candidates({"type": "chat", "n": str(n)}, "") == []
     assert [r.replica_id for r in registry.candidates({"type": "chat"}, "")] == ["r"]
     assert len(registry._ranked) <= 256
+    # So are the replicas listed in all: the same large answer under many
+    # orders of its pairs does not pile up.
+    monkeypatch.setattr(registry_module, "_RANKED_REPLICAS", 15)
+    for i in range(10):
+        registry.upsert(f"s{i}", f"s{i}:1", [Capability(type="chat", size="s", n=str(i))])
+    pairs = [("type", "chat"), ("size", "s")]
+    for n in range(20):
+        query = dict(pairs if n % 2 else pairs[::-1])
+        found = {r.replica_id for r in registry.candidates(query, "")}
+        assert found == {f"s{i}" for i in range(10)}
+        assert registry._ranked_replicas <= 15
