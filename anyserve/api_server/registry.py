@@ -29,7 +29,7 @@ from anyserve.capability import Capability, rank
 
 # Rank of a replica for one request: lower is better.
 Rank = tuple[int, ...]
-# What candidates() looks a request up by: its query's pairs and model name.
+# What serving() looks a request up by: its query's pairs and model name.
 Key = tuple[tuple[tuple[str, str], ...], str]
 # Rankings kept at once (Registry.serving): at most this many queries, and
 # this many replicas listed in all. A client asking for ever new queries (or
@@ -124,9 +124,9 @@ class Registry:
         # replicas that can match it: with 1,000 replicas of 10 capabilities,
         # scanning them all cost ~6 ms per request.
         self._index: dict[tuple[str, str], set[str]] = {}
-        # (query pairs, name) -> the replicas that can serve it with their
-        # rank, best first: ranked once per change of who serves what, not
-        # once per request (see candidates). Cleared by every such change.
+        # (query pairs, name) -> the replicas that can serve it, each with its
+        # rank and capability: worked out once per change of who serves what,
+        # not once per request (see serving). Cleared by every such change.
         self._ranked: dict[Key, list[Served]] = {}
         self._ranked_replicas = 0  # the lengths of _ranked's lists, summed
 
