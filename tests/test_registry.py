@@ -54,7 +54,7 @@ def test_loaded_before_loadable_then_least_in_flight() -> None:
     a.in_flight = b.in_flight = 0
     firsts = {ids(reg.candidates({"type": "chat"}, ""))[0] for _ in range(200)}
     assert firsts == {"a", "b"}  # ties at random
-    assert cold.rank({"type": "chat"}, "") == (0, 0, 1)
+    assert cold.ranked_best({"type": "chat"}, "") == ((0, 0, 1), Capability(type="chat"))
 
 
 def test_model_names_address_model_then_type() -> None:

@@ -60,20 +60,10 @@ class ReplicaEntry:
     # Its local lane's socket (anyserve.replica.lane), used from this host only.
     lane: str = ""
 
-    def rank(self, query: Mapping[str, str], name: str) -> Rank | None:
-        """``(capability rank, loadable?)`` of this replica's best capability
-        for a request (see :func:`anyserve.capability.rank`), or None."""
-        found = self.ranked_best(query, name)
-        return None if found is None else found[0]
-
-    def best(self, query: Mapping[str, str], name: str) -> Capability | None:
-        """The capability of this replica that answers a request best (the one
-        :meth:`rank` ranks by), or None."""
-        found = self.ranked_best(query, name)
-        return None if found is None else found[1]
-
     def ranked_best(self, query: Mapping[str, str], name: str) -> tuple[Rank, Capability] | None:
-        """:meth:`rank` and :meth:`best` at once, or None when nothing matches."""
+        """``(rank, capability)`` of this replica's best capability for a
+        request, or None when none matches. The rank is ``(capability rank,
+        loadable?)`` (see :func:`anyserve.capability.rank`): lower is better."""
         best: tuple[Rank, Capability] | None = None
         for loadable, caps in ((0, self.capabilities), (1, self.loadable)):
             for cap in caps:

@@ -21,7 +21,7 @@ def some_capability(rng: random.Random) -> Capability:
 
 def scanned(registry: Registry, query: dict[str, str], name: str) -> set[str]:
     """What a full scan of every live replica's capabilities finds."""
-    return {r.replica_id for r in registry if r.rank(query, name) is not None}
+    return {r.replica_id for r in registry if r.ranked_best(query, name) is not None}
 
 
 def test_index_agrees_with_a_full_scan() -> None:
@@ -81,8 +81,7 @@ def test_serving_ranks_as_a_scan_does_through_changes() -> None:
         served = registry.serving(query, name)
         assert {s.replica.replica_id for s in served} == scanned(registry, query, name)
         for one in served:
-            assert one.capability == one.replica.best(query, name)
-            assert one.rank == one.replica.rank(query, name)
+            assert (one.rank, one.capability) == one.replica.ranked_best(query, name)
         order = [(s.rank, s.replica.in_flight) for s in served]
         assert order == sorted(order), (step, order)
 
