@@ -36,6 +36,10 @@ Key = tuple[tuple[tuple[str, str], ...], str]
 # the same pairs in ever new orders) makes the registry rank again, not grow.
 _RANKED_QUERIES = 256
 _RANKED_REPLICAS = 16384
+# A model name comes from the request's bytes, of any length: one longer than
+# this is ranked for its request alone, not kept (the query is bounded by
+# meta.parse_meta already).
+_RANKED_NAME = 1024
 
 
 @dataclass(eq=False, slots=True)
@@ -228,11 +232,8 @@ class Registry:
         served = self._ranked.get(key)
         if served is None:
             served = self._rank(query, name)
-            self._ranked_replicas += len(served)
-            if len(self._ranked) >= _RANKED_QUERIES or self._ranked_replicas > _RANKED_REPLICAS:
-                self._ranked.clear()
-                self._ranked_replicas = len(served)
-            self._ranked[key] = served
+            if len(name) <= _RANKED_NAME:
+                self._keep(key, served)
         now = self._clock()
         if len(served) == 1:  # most requests: nothing to sort
             replica = served[0].replica
@@ -248,6 +249,14 @@ class Registry:
         ]
         ranked.sort(key=lambda item: item[:3])
         return [item[3] for item in ranked]
+
+    def _keep(self, key: Key, served: list[Served]) -> None:
+        """Keep a ranking, within the bounds (_RANKED_QUERIES, _RANKED_REPLICAS)."""
+        self._ranked_replicas += len(served)
+        if len(self._ranked) >= _RANKED_QUERIES or self._ranked_replicas > _RANKED_REPLICAS:
+            self._ranked.clear()
+            self._ranked_replicas = len(served)
+        self._ranked[key] = served
 
     def _rank(self, query: Mapping[str, str], name: str) -> list[Served]:
         """Every registered replica that can serve the query or name, with its

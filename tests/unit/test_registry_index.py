@@ -104,3 +104,16 @@ def test_ranked_queries_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         found = {r.replica_id for r in registry.candidates(query, "")}
         assert found == {f"s{i}" for i in range(10)}
         assert registry._ranked_replicas <= 15
+
+
+def test_a_long_model_name_is_ranked_for_its_request_but_not_kept() -> None:
+    """A model name comes from the request's bytes and may be of any length:
+    the registry must not keep what a client makes up."""
+    registry = Registry(ttl=10)
+    long_name = "m" * 5000
+    registry.upsert("r", "r:1", [Capability(model=long_name)])
+    for _ in range(2):
+        assert [r.replica_id for r in registry.candidates({}, long_name)] == ["r"]
+        assert registry.candidates({}, long_name + "x") == []
+    assert registry._ranked == {}
+    assert [r.replica_id for r in registry.candidates({"model": long_name}, "")] == ["r"]
