@@ -6,7 +6,10 @@ memory read-only; the worker attaches the list to the request
 views of the mapping, not copies. Outputs: :func:`place_outputs` writes an
 output the client asked for in one of its regions into that region, and an
 output of at least the request's :data:`~anyserve.shm.OUTPUTS_MIN` bytes into
-a new segment the API server will read and delete.
+a new segment the API server will read and delete. A numpy output of that size
+goes into its segment as the response is built (:func:`output_diverter`),
+from the array's own memory: one copy, not the four of taking its bytes,
+putting them in the response, reading them back and writing them out.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import re
 from typing import Any
 
 from anyserve import shm
-from anyserve.codec.responses import use_raw_outputs
+from anyserve.codec.responses import Divert, use_raw_outputs
 from anyserve.errors import InvalidArgument
 from anyserve.proto import ModelInferRequest, ModelInferResponse
 
-__all__ = ["input_buffers", "place_outputs"]
+__all__ = ["input_buffers", "output_diverter", "place_outputs"]
 
 log = logging.getLogger("anyserve.shm")
 
@@ -82,6 +85,39 @@ def _output_prefix(request: ModelInferRequest) -> tuple[str, int]:
     return prefix, max(minimum, 1)
 
 
+def _to_segment(prefix: str, index: int, data: Any, name: str, parameters: Any) -> bool:
+    """Write ``data`` (bytes-like) into output ``index``'s segment of the call
+    and stamp where it is on ``parameters``; False, with nothing written,
+    when ``/dev/shm`` cannot take it (the bytes then go in the answer)."""
+    path = os.path.join(shm.SHM_DIR, f"{prefix}-{index}")
+    try:
+        size = shm.create(path, [data])
+    except OSError as exc:  # /dev/shm full
+        log.warning("output %r stays in the answer: %s: %s", name, path, exc)
+        return False
+    shm.Ref(path, 0, size).stamp(parameters)
+    return True
+
+
+def output_diverter(request: ModelInferRequest) -> Divert | None:
+    """What ``codec.to_infer_response(divert=...)`` takes: numpy outputs of at
+    least the request's :data:`~anyserve.shm.OUTPUTS_MIN` bytes written into
+    their segments from the arrays' memory. None when the request asks for no
+    segments, or names its outputs (some may then be dropped and the rest
+    renumbered: :func:`place_outputs` places those). Raises InvalidArgument
+    for a malformed segment prefix."""
+    if request.outputs or shm.OUTPUTS not in request.parameters:
+        return None
+    prefix, minimum = _output_prefix(request)
+
+    def divert(index: int, tensor: Any, array: Any) -> bool:
+        if array.nbytes < minimum:
+            return False
+        return _to_segment(prefix, index, array, tensor.name, tensor.parameters)
+
+    return divert
+
+
 def place_outputs(request: ModelInferRequest, response: ModelInferResponse) -> None:
     """Move outputs into shared memory where the request says so, in place:
     their bytes leave ``raw_output_contents`` (the entry stays, empty) and
@@ -116,12 +152,9 @@ def place_outputs(request: ModelInferRequest, response: ModelInferResponse) -> N
             raw[index] = b""
             out.parameters[shm.REGION].string_param = region
             out.parameters[shm.REGION_SIZE].int64_param = size
-        elif prefix and len(data) >= minimum:
-            path = os.path.join(shm.SHM_DIR, f"{prefix}-{index}")
-            try:
-                size = shm.create(path, [data])
-            except OSError as exc:  # /dev/shm full: the bytes go the usual way
-                log.warning("output %r stays in the answer: %s: %s", out.name, path, exc)
-                continue
-            shm.Ref(path, 0, size).stamp(out.parameters)
+        elif (
+            prefix
+            and len(data) >= minimum
+            and _to_segment(prefix, index, data, out.name, out.parameters)
+        ):
             raw[index] = b""

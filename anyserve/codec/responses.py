@@ -19,6 +19,7 @@ raw on demand (for clients, such as tritonclient, that sent raw inputs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from anyserve.codec.datatypes import numpy_datatype, pack_raw, spec
@@ -29,18 +30,27 @@ from anyserve.proto import ModelInferRequest, ModelInferResponse, ModelStreamInf
 __all__ = ["to_infer_response", "to_stream_response", "use_raw_outputs"]
 
 OutputTensor = ModelInferResponse.InferOutputTensor
+#: ``(index, tensor, array)`` -> whether the array's bytes went elsewhere: see
+#: :func:`to_infer_response`.
+Divert = Callable[[int, OutputTensor, Any], bool]
 
 
-def _numpy_raw(tensor: OutputTensor, name: str, array: Any) -> bytes | None:
-    """Describe a numeric numpy array in ``tensor`` and return its raw bytes;
-    None (tensor untouched) for a BYTES array."""
+def _numpy_raw(
+    tensor: OutputTensor, name: str, array: Any, index: int, divert: Divert | None
+) -> bytes | None:
+    """Describe a numeric numpy array in ``tensor`` and return its raw bytes
+    (empty when ``divert`` took them); None (tensor untouched) for a BYTES
+    array."""
     datatype = numpy_datatype(array.dtype, f"output {name!r}")
     if datatype == "BYTES":
         return None
     tensor.name = name
     tensor.datatype = datatype
     tensor.shape.extend(list(array.shape) if array.ndim else [1])
-    data: bytes = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    if divert is not None and little.flags.c_contiguous and divert(index, tensor, little):
+        return b""
+    data: bytes = little.tobytes()
     return data
 
 
@@ -71,7 +81,9 @@ def _stamp(response: ModelInferResponse, request: ModelInferRequest) -> None:
         response.model_name = request.model_name
 
 
-def _build_dict(response: ModelInferResponse, result: dict[Any, Any]) -> None:
+def _build_dict(
+    response: ModelInferResponse, result: dict[Any, Any], divert: Divert | None
+) -> None:
     raw: dict[int, bytes] = {}
     for key, value in result.items():
         if not isinstance(key, str):
@@ -82,20 +94,21 @@ def _build_dict(response: ModelInferResponse, result: dict[Any, Any]) -> None:
             if not tensor.name:
                 tensor.name = key
             continue
-        blob = _numpy_raw(tensor, key, value) if is_numpy(value) else None
+        index = len(response.outputs) - 1
+        blob = _numpy_raw(tensor, key, value, index, divert) if is_numpy(value) else None
         if blob is None:
             encode_into(tensor, key, value)
         else:
-            raw[len(response.outputs) - 1] = blob
+            raw[index] = blob
     if raw:
         _move_to_raw(response, raw)
 
 
-def _build(response: ModelInferResponse, result: Any) -> None:
+def _build(response: ModelInferResponse, result: Any, divert: Divert | None = None) -> None:
     if isinstance(result, str | bytes):
         encode_into(response.outputs.add(), "text_output", result)
     elif isinstance(result, dict):
-        _build_dict(response, result)
+        _build_dict(response, result, divert)
     elif isinstance(result, OutputTensor):
         response.outputs.add().CopyFrom(result)
     elif result is None:
@@ -107,7 +120,9 @@ def _build(response: ModelInferResponse, result: Any) -> None:
         )
 
 
-def to_infer_response(result: Any, request: ModelInferRequest) -> ModelInferResponse:
+def to_infer_response(
+    result: Any, request: ModelInferRequest, *, divert: Divert | None = None
+) -> ModelInferResponse:
     """Turn a handler's result into a ModelInferResponse.
 
     A ModelInferResponse is returned itself (not copied); str/bytes becomes
@@ -117,12 +132,19 @@ def to_infer_response(result: Any, request: ModelInferRequest) -> ModelInferResp
     docstring). ``id`` and ``model_name`` are filled from the request when
     empty. Raises TypeError for None and unsupported results, ValueError for
     values that do not fit their datatype.
+
+    ``divert`` is offered each numeric, C-contiguous numpy array of a dict
+    result, little-endian, with its output's index and its described tensor,
+    before the array's bytes are copied: when it returns True it has put
+    them elsewhere (and said where in the tensor), and the output's
+    ``raw_output_contents`` entry stays empty. The worker uses it to write a
+    big output straight into shared memory (:mod:`anyserve.shm_tensors`).
     """
     if isinstance(result, ModelInferResponse):
         response = result
     else:
         response = ModelInferResponse()
-        _build(response, result)
+        _build(response, result, divert)
     _stamp(response, request)
     return response
 

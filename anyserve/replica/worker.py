@@ -291,7 +291,8 @@ class WorkerServer:
         batched handler's results (failing that request alone) is raised."""
         if isinstance(result, Exception):
             raise result
-        response = codec.to_infer_response(result, request)
+        divert = shm_tensors.output_diverter(request)  # big numpy outputs: to their segments
+        response = codec.to_infer_response(result, request, divert=divert)
         if self.check_outputs:
             check_response(self.handler.info.outputs, response)
         select_outputs(request, response)
