@@ -36,3 +36,14 @@ def test_a_deeply_nested_body_is_invalid_argument() -> None:
         codec.request_from_json(b'{"inputs":' + deep + b"}")
     with pytest.raises(InvalidArgument, match="nests too deeply"):
         codec.request_from_json(deep)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_an_integer_too_big_for_any_float_is_invalid_argument(datatype: str) -> None:
+    huge = b"1" + b"0" * 400  # json reads it as a Python int; float() of it overflows
+    body = b'{"inputs":[{"name":"x","datatype":"%s","shape":[1],"data":[%s]}]}' % (
+        datatype.encode(),
+        huge,
+    )
+    with pytest.raises(InvalidArgument, match=f"does not fit {datatype}"):
+        codec.request_from_json(body)
