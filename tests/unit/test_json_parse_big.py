@@ -119,6 +119,13 @@ async def test_whitespace_and_spacing_of_numbers() -> None:
     np.testing.assert_array_equal(got, np.array([[1, 25, -3], [4, 5, 0.6]], np.float32))
 
 
+async def test_numbers_read_as_the_one_shot_parser_reads_them() -> None:
+    # Written as bytes: json.dumps has no 1e400 (an overflow, read as inf) or -0.
+    data = b"1e400, -1e400, -0, 1E5, 2.5e-3, 7" + b", 1" * 40
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [46], "data": [%s]}]}' % data
+    same_inputs(await big(body), codec.request_from_json(body))
+
+
 async def test_one_long_string_is_sliced_from_the_body() -> None:
     text = "h\u00e9llo world " * 1000
     got = await big({"inputs": [tensor("s", "BYTES", [1], [text])]})
@@ -143,6 +150,30 @@ BAD: dict[str, tuple[Any, str]] = {
     "out of range": (
         {"inputs": [tensor("x", "INT8", [30], [1] * 29 + [300])]},
         "out of range",
+    ),
+    "an integer too big for a float": (
+        b'{"inputs":[{"name":"x","datatype":"FP64","shape":[30],"data":['
+        + b"1," * 29
+        + b"1"
+        + b"0" * 400
+        + b"]}]}",
+        "FP64 data out of range of a 64-bit float",
+    ),
+    "an integer past 64 bits": (
+        {"inputs": [tensor("x", "INT64", [30], [1] * 29 + [2**64 + 5])]},
+        "INT64 data out of range of a 64-bit signed integer",
+    ),
+    "an integer past int64": (
+        {"inputs": [tensor("x", "INT64", [30], [1] * 29 + [2**63])]},
+        "INT64 data out of range of a 64-bit signed integer",
+    ),
+    "a whole float for an int": (
+        {"inputs": [tensor("x", "INT32", [30], [1.0] * 30)]},
+        "INT32 data must be integers",
+    ),
+    "a number JSON does not allow": (
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[30],"data":[' + b"1," * 29 + b"+1]}]}",
+        "FP32 data must be numbers",
     ),
     "count": (
         {"inputs": [tensor("x", "FP32", [31], [1.0] * 30)]},
