@@ -12,8 +12,9 @@ body. :func:`request_from_big_json` instead
    "skeleton" where each data array became a marker) with the usual
    :func:`~anyserve.codec.v2json.parse_request_doc`;
 3. converts each data array in bounded pieces, yielding between pieces:
-   numbers with numpy (``fromstring`` over a slice of text) straight into
-   Triton's raw little-endian layout; strings (BYTES) piece by piece, and one
+   numbers read by the body's JSON parser (orjson, a piece of the array at
+   a time) and made numpy arrays in Triton's raw little-endian layout;
+   strings (BYTES) piece by piece, and one
    huge string without escapes by slicing the body (UTF-8 checked in pieces);
 4. puts every input in ``raw_input_contents`` (as the binary extension
    does) and writes the serialized request around those blobs, the body
@@ -21,9 +22,9 @@ body. :func:`request_from_big_json` instead
 
 What it does not speed up it still parses correctly, only inline: a data
 array of booleans, nested strings, UINT64, or a huge string with escapes.
-Leniencies over ``json.loads`` inside numeric data arrays: numpy also reads
-``+1``, ``.5`` and ``1.``, and does not check that nested rows are regular
-(the element count must still fill the shape).
+Numbers are read as ``json.loads`` reads them (``+1``, ``.5`` and ``1.`` are
+refused). The one leniency: nested rows of a numeric array are not checked to
+be regular (the element count must still fill the shape).
 """
 
 from __future__ import annotations
